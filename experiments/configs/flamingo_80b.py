@@ -1,0 +1,17 @@
+"""Flamingo-80B: Chinchilla-70B-shaped LM, xattn every 7th block, 16-way Megatron (PAPER.md §1.5, Table 13).
+
+LM FFW width 36608 (not in the paper): chosen so the LM count lands on Table 1 (PAPER.md §10.6).
+"""
+
+from flamingo_jax import config_base
+
+
+def get_config(arg=None):
+  model = config_base.model_config(
+      vocab_size=32_000, image_size=320, vision_variant="F6",
+      lm=config_base.paper_lm(num_layers=80, dim=8192, num_heads=64, ffw_size=36608),
+      xattn_every=7, xattn_num_heads=64)
+  config = config_base.base_config(model, streams=config_base.PAPER_STREAMS, image_size=320)
+  config.model.remat = True
+  config.mesh.model = 16     # PAPER.md §4: 16-way Megatron; data = the remaining chips
+  return config_base.apply_variant(config, arg)

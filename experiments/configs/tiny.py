@@ -1,0 +1,30 @@
+"""Tiny Flamingo for CPU: every part of the real model, a few hundred thousand parameters.
+
+Every stream's global batch is a multiple of 8, so any mesh of up to 8 devices runs it.
+Layers 5 with xattn every 2: two scanned groups plus a tail, like the 80B layout.
+"""
+
+from flamingo_jax import config_base
+
+
+def get_config(arg=None):
+  model = config_base.model_config(
+      vocab_size=512, image_size=64, vision_variant="tiny",
+      lm=config_base.paper_lm(num_layers=5, dim=64, num_heads=4, ffw_size=256) | dict(key_size=16),
+      xattn_every=2, xattn_num_heads=4, xattn_key_size=16,
+      resampler=dict(num_layers=2, dim=32, num_heads=2, key_size=16, ffw_mult=4,
+                     num_latents=8, num_time_embeddings=4, max_frames=12))
+  streams = {
+      "m3w": dict(source="synthetic_m3w", batch_size=8, weight=1.0, max_tokens=32, max_media=3, frames=1),
+      "align": dict(source="synthetic_pairs", batch_size=8, weight=0.2, max_tokens=16, max_media=1, frames=1),
+      "ltip": dict(source="synthetic_pairs", batch_size=8, weight=0.2, max_tokens=16, max_media=1, frames=1),
+      "vtp": dict(source="synthetic_video", batch_size=8, weight=0.03, max_tokens=16, max_media=1, frames=4),
+  }
+  config = config_base.base_config(model, streams=streams, image_size=64, steps=300)
+  config.train.log_every = 10
+  config.train.checkpoint_every = 100
+  config.optim.learning_rate = 1e-3
+  config.optim.warmup_steps = 20
+  config.precision.compute = "float32"       # bf16 matmuls are slow on CPU
+  config.precision.frozen_params = "float32"
+  return config_base.apply_variant(config, arg)

@@ -1,0 +1,104 @@
+"""Building blocks for experiments/configs/*.py. Imports only ml_collections (cheap).
+
+Every number that comes from the paper cites PAPER.md; the rest are our defaults.
+"""
+
+from typing import Optional
+
+import ml_collections
+
+# Token ids of the special tokens (PAPER.md §10.1): one id each, fixed for all tokenizers.
+PAD_ID, UNK_ID, BOS_ID, EOS_ID, IMAGE_ID, EOC_ID = 0, 1, 2, 3, 4, 5
+
+# PAPER.md §1.3 / Table 13: identical resampler for 3B, 9B and 80B.
+PAPER_RESAMPLER = dict(num_layers=6, dim=1536, num_heads=16, key_size=128, ffw_mult=4,
+                       num_latents=64, num_time_embeddings=8, max_frames=32)
+
+# PAPER.md §3, §4: per-stream weights λ and the ablation batch sizes.
+PAPER_STREAMS = {
+    "m3w": dict(source="m3w", batch_size=256, weight=1.0, max_tokens=256, max_media=5, frames=1),
+    "align": dict(source="align", batch_size=512, weight=0.2, max_tokens=32, max_media=1, frames=1),
+    "ltip": dict(source="ltip", batch_size=512, weight=0.2, max_tokens=64, max_media=1, frames=1),
+    "vtp": dict(source="vtp", batch_size=64, weight=0.03, max_tokens=64, max_media=1, frames=8),
+}
+
+
+def model_config(*, vocab_size: int, image_size: int, vision_variant: str, lm: dict,
+                 xattn_every: int, xattn_num_heads: int, xattn_key_size: int = 128,
+                 resampler: Optional[dict] = None) -> ml_collections.ConfigDict:
+  """config.model: vision encoder, resampler, LM and gated xattn shapes."""
+  return ml_collections.ConfigDict(dict(
+      vocab_size=vocab_size,
+      image_token_id=IMAGE_ID,
+      eoc_token_id=EOC_ID,
+      image_size=image_size,          # pixels, square (320 training, 480 fine-tuning)
+      remat=False,                    # rematerialise every LM / xattn block
+      vision=dict(variant=vision_variant, activation="gelu", stochdepth_rate=0.1,
+                  trainable=False,    # True: the paper's fine-tuning recipe (PAPER.md §8)
+                  init_checkpoint=""),
+      resampler=dict(resampler or PAPER_RESAMPLER),
+      lm=dict(activation="gelu", rotary_max_wavelength=10_000.0, init_checkpoint="", **lm),
+      xattn=dict(every=xattn_every, num_heads=xattn_num_heads, key_size=xattn_key_size,
+                 ffw_mult=4,
+                 only_attend_immediate_media=True),  # False: attend to all earlier media
+  ))
+
+
+def base_config(model: ml_collections.ConfigDict, *, streams: dict, image_size: int,
+                steps: int = 500_000) -> ml_collections.ConfigDict:
+  """The whole recipe around a model config: data, optimisation, mesh, precision."""
+  config = ml_collections.ConfigDict()
+  config.seed = 0
+  config.model = model
+  config.data = ml_collections.ConfigDict(dict(
+      streams={name: dict(resolution=image_size, **spec) for name, spec in streams.items()},
+      p_next=0.5,                     # PAPER.md §3.1 (App. A.1.2)
+      leading_space_prob=0.5,         # PAPER.md §3.3
+      tokenizer_path="",
+  ))
+  config.train = ml_collections.ConfigDict(dict(
+      steps=steps, log_every=100, checkpoint_every=1000, keep_checkpoints=3,
+      mixing="accumulate",            # "accumulate" (PAPER.md §4) | "round_robin" (ablation)
+      microbatches={name: 1 for name in streams},
+  ))
+  config.optim = ml_collections.ConfigDict(dict(   # PAPER.md §4
+      learning_rate=1e-4, warmup_steps=5000, b1=0.9, b2=0.999, eps=1e-8,
+      weight_decay=0.1, resampler_weight_decay=0.0, clip_global_norm=1.0,
+  ))
+  config.mesh = ml_collections.ConfigDict(dict(data=-1, model=1))  # -1: all remaining devices
+  config.precision = ml_collections.ConfigDict(dict(
+      compute="bfloat16",             # activations and gradients
+      frozen_params="bfloat16",       # storage of the frozen towers (PAPER.md §4)
+  ))
+  return config
+
+
+def paper_lm(num_layers: int, dim: int, num_heads: int, ffw_size: int) -> dict:
+  """Chinchilla-style LM shape; key size 128 everywhere (PAPER.md §1.5)."""
+  return dict(num_layers=num_layers, dim=dim, num_heads=num_heads, key_size=128,
+              ffw_size=ffw_size)
+
+
+def apply_variant(config: ml_collections.ConfigDict, arg: Optional[str]) -> ml_collections.ConfigDict:
+  """`arg="runlocal"`: same model, batch 8 per stream and a few steps (a quick look)."""
+  if arg in (None, ""):
+    return config
+  if arg != "runlocal":
+    raise ValueError(f"unknown config variant {arg!r}; known: 'runlocal'")
+  for stream in config.data.streams.values():
+    stream.batch_size = 8
+  config.train.steps = 10
+  config.train.log_every = 1
+  return config
+
+
+def load_config(spec: str) -> ml_collections.ConfigDict:
+  """Loads `path/to/config.py[:arg]` the way `--config=` does (for tests and tools)."""
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  path, _, arg = spec.partition(":")
+  module_spec = importlib.util.spec_from_file_location("flamingo_config", path)
+  if module_spec is None:
+    raise ValueError(f"cannot load config file {path!r}")
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  return module.get_config(arg or None)

@@ -1,0 +1,7 @@
+"""Pure-functional Haiku modules for Flamingo. Imports nothing else of ours."""
+
+from flamingo_jax.models.flamingo import (COMPONENTS, Flamingo, FlamingoStages, component_of,
+                                          count_by_component, count_params, is_trainable, make_flamingo,
+                                          make_flamingo_stages, param_shapes,
+                                          split_trainable)
+from flamingo_jax.models.gated_xattn import media_attention_mask, media_positions

@@ -1,0 +1,212 @@
+"""Flamingo (PAPER.md §1): frozen NFNet -> Perceiver Resampler -> frozen LM with gated xattn.
+
+    visual = resampler(stop_gradient(nfnet(normalise(media))))   # [B, N, R, D_resampler]
+    logits = lm(input_ids, visual, φ(input_ids))                  # [B, L, V] float32
+
+`make_flamingo(config.model)` is the DESIGN.md §5 contract; `make_flamingo_stages` gives the
+same parameters as separate "encode media" and "decode text" functions (encode once,
+decode many times: generation, scoring, RICES).
+"""
+
+import re
+from typing import Any, Mapping, NamedTuple, Optional
+
+import haiku as hk
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from flamingo_jax.models import gated_xattn
+from flamingo_jax.models import language_model
+from flamingo_jax.models import perceiver
+from flamingo_jax.models.vision import nfnet
+
+# Per-channel pixel statistics (ImageNet, in [0, 255]): the paper normalises to mean 0,
+# variance 1 without saying with which statistics (PAPER.md §1.8).
+PIXEL_MEAN = np.array([0.485, 0.456, 0.406], np.float32) * 255.0
+PIXEL_STD = np.array([0.229, 0.224, 0.225], np.float32) * 255.0
+
+
+def _is_concrete(x) -> bool:
+  return not isinstance(x, jax.core.Tracer)
+
+
+class Flamingo(hk.Module):
+  """The whole model. Submodules are built inside methods: paths are `flamingo/<child>/...`."""
+
+  def __init__(self, config: Any, *, compute_dtype: Any = jnp.float32,
+               name: Optional[str] = "flamingo"):
+    super().__init__(name=name)
+    self.config = config
+    self.compute_dtype = jnp.dtype(compute_dtype)
+
+  def _check_media(self, media: jax.Array) -> None:
+    cfg = self.config
+    if media.ndim != 6 or media.shape[-1] != 3:
+      raise ValueError(f"media must be [B, N, T, H, W, 3] uint8, got shape {media.shape}")
+    t, h, w = media.shape[2:5]
+    if (h, w) != (cfg.image_size, cfg.image_size):
+      raise ValueError(
+          f"media {media.shape} has {h}x{w} frames but config.model.image_size="
+          f"{cfg.image_size} (square {cfg.image_size}x{cfg.image_size} expected)")
+    r = cfg.resampler
+    if t > max(r.max_frames, r.num_time_embeddings):
+      raise ValueError(
+          f"media {media.shape} has T={t} frames per item; the resampler has "
+          f"{r.num_time_embeddings} temporal embeddings, interpolated up to "
+          f"max_frames={r.max_frames}")
+
+  def _check_image_tokens(self, input_ids: jax.Array, num_slots: int) -> None:
+    """Eager calls check values; under jit, rows past the last slot get no media."""
+    if not _is_concrete(input_ids):
+      return
+    counts = np.sum(np.asarray(input_ids) == self.config.image_token_id, axis=-1)
+    if counts.size and counts.max() > num_slots:
+      raise ValueError(
+          f"a row of input_ids {tuple(input_ids.shape)} has {counts.max()} <image> tokens "
+          f"(id {self.config.image_token_id}) but media has only {num_slots} slots")
+
+  @hk.name_like("__call__")
+  def encode_media(self, media: jax.Array, *, is_training: bool = False) -> jax.Array:
+    """media uint8 [B, N, T, H, W, 3] -> visual tokens [B, N, R, D_resampler]."""
+    self._check_media(media)
+    cfg = self.config
+    b, n, t, h, w, c = media.shape
+    r = cfg.resampler
+    frames = media.reshape(b * n * t, h, w, c)                                   # [BNT, H, W, 3]
+    frames = ((frames.astype(jnp.float32) - PIXEL_MEAN) / PIXEL_STD).astype(self.compute_dtype)
+    vision_trainable = cfg.vision.trainable
+    encoder = nfnet.NFNet(cfg.vision.variant, activation=cfg.vision.activation,
+                          stochdepth_rate=cfg.vision.stochdepth_rate, name="vision_encoder")
+    grid = encoder(frames, is_training=is_training and vision_trainable)         # [BNT, h, w, C]
+    if not vision_trainable:
+      grid = jax.lax.stop_gradient(grid)  # frozen tower: no backward pass through it
+    features = grid.reshape(b, n, t, -1, grid.shape[-1])                         # [B, N, T, S, C]
+    return perceiver.PerceiverResampler(
+        num_layers=r.num_layers, dim=r.dim, num_heads=r.num_heads, key_size=r.key_size,
+        ffw_mult=r.ffw_mult, num_latents=r.num_latents,
+        num_time_embeddings=r.num_time_embeddings, max_frames=r.max_frames,
+        name="perceiver_resampler")(features)
+
+  @hk.name_like("__call__")
+  def decode(self, input_ids: jax.Array, visual: Optional[jax.Array]) -> jax.Array:
+    """input_ids int32 [B, L], visual [B, N, R, D] or None (text only) -> logits [B, L, V]."""
+    cfg = self.config
+    if input_ids.ndim != 2:
+      raise ValueError(f"input_ids must be [B, L], got shape {input_ids.shape}")
+    phi = None
+    if visual is not None:
+      if visual.ndim != 4 or visual.shape[0] != input_ids.shape[0]:
+        raise ValueError(f"visual tokens {visual.shape} do not match input_ids {input_ids.shape}")
+      self._check_image_tokens(input_ids, visual.shape[1])
+      phi = gated_xattn.media_positions(input_ids, cfg.image_token_id)
+    lm, x = cfg.lm, cfg.xattn
+    return language_model.LanguageModel(
+        vocab_size=cfg.vocab_size, num_layers=lm.num_layers, dim=lm.dim,
+        num_heads=lm.num_heads, key_size=lm.key_size, ffw_size=lm.ffw_size,
+        activation=lm.activation, rotary_max_wavelength=lm.rotary_max_wavelength,
+        xattn_every=x.every, xattn_num_heads=x.num_heads, xattn_key_size=x.key_size,
+        xattn_ffw_mult=x.ffw_mult,
+        only_attend_immediate_media=x.only_attend_immediate_media,
+        new_token_ids=(cfg.image_token_id, cfg.eoc_token_id), remat=cfg.remat,
+        name="language_model")(input_ids, visual, phi)
+
+  def __call__(self, input_ids: jax.Array, media: Optional[jax.Array], *,
+               is_training: bool = False) -> jax.Array:
+    if media is not None:  # fail fast, before the vision tower runs
+      self._check_media(media)
+      self._check_image_tokens(input_ids, media.shape[1])
+    visual = None if media is None else self.encode_media(media, is_training=is_training)
+    return self.decode(input_ids, visual)
+
+
+def make_flamingo(config: Any, *, compute_dtype: Any = jnp.float32) -> hk.Transformed:
+  """DESIGN.md §5: init(rng, input_ids, media); apply(params, rng, input_ids, media, is_training)."""
+
+  def forward(input_ids, media, is_training: bool = False):
+    return Flamingo(config, compute_dtype=compute_dtype)(input_ids, media,
+                                                          is_training=is_training)
+
+  return hk.transform(forward)
+
+
+class FlamingoStages(NamedTuple):
+  encode_media: Any  # (params, rng, media, is_training=False) -> visual [B, N, R, D]
+  decode: Any        # (params, rng, input_ids, visual) -> logits [B, L, V]
+
+
+def make_flamingo_stages(config: Any, *, compute_dtype: Any = jnp.float32) -> hk.MultiTransformed:
+  """Same parameters as `make_flamingo`, split into `apply.encode_media` and `apply.decode`."""
+
+  def stages():
+    model = Flamingo(config, compute_dtype=compute_dtype)
+    return model.__call__, FlamingoStages(model.encode_media, model.decode)
+
+  return hk.multi_transform(stages)
+
+
+# --- which parameters train -------------------------------------------------------------
+
+COMPONENTS = ("vision", "resampler", "xattn", "lm")
+_COMPONENT_PATTERNS = (
+    ("vision", re.compile(r"(^|/)vision_encoder(/|$)")),
+    ("resampler", re.compile(r"(^|/)perceiver_resampler(/|$)")),
+    ("xattn", re.compile(r"(^|/)(tail_)?xattn(/|$)")),
+    ("lm", re.compile(r"(^|/)language_model(/|$)")),
+)
+# LM modules that train although the LM is frozen: the rows of <image> and <EOC>.
+_NEW_TOKEN_PATTERN = re.compile(r"(^|/)new_token_(un)?embed(/|$)")
+
+
+def component_of(module_path: str) -> str:
+  """'vision' | 'resampler' | 'xattn' | 'lm' for a Haiku module path."""
+  for component, pattern in _COMPONENT_PATTERNS:
+    if pattern.search(module_path):
+      return component
+  raise ValueError(f"parameter path {module_path!r} belongs to no Flamingo component")
+
+
+def is_trainable(module_path: str, *, train_vision: bool = False) -> bool:
+  """The one predicate for trainable vs frozen (DESIGN.md §5).
+
+  Trainable: resampler, gated xattn blocks, the new-token rows; the vision encoder too
+  with `train_vision` (the paper's fine-tuning recipe, PAPER.md §8). Frozen: the LM.
+  """
+  component = component_of(module_path)
+  if component in ("resampler", "xattn"):
+    return True
+  if component == "vision":
+    return train_vision
+  return bool(_NEW_TOKEN_PATTERN.search(module_path))
+
+
+def split_trainable(params: Mapping, config: Any) -> tuple[hk.Params, hk.Params]:
+  """(trainable, frozen) Haiku param dicts, by `is_trainable` on each module path."""
+  train_vision = config.vision.trainable
+  return hk.data_structures.partition(
+      lambda module, name, value: is_trainable(module, train_vision=train_vision), params)
+
+
+def count_by_component(params: Mapping, config: Any) -> dict[str, int]:
+  """Parameter counts {lm, vision, resampler, xattn, total, trainable, frozen} (shapes suffice)."""
+  counts = dict.fromkeys(COMPONENTS + ("total", "trainable", "frozen"), 0)
+  for module, name, value in hk.data_structures.traverse(params):
+    size = int(np.prod(value.shape))
+    counts[component_of(module)] += size
+    counts["total"] += size
+    trainable = is_trainable(module, train_vision=config.vision.trainable)
+    counts["trainable" if trainable else "frozen"] += size
+  return counts
+
+
+def param_shapes(config: Any) -> hk.Params:
+  """ShapeDtypeStructs of all parameters (`jax.eval_shape`: nothing is allocated)."""
+  size = config.image_size
+  return jax.eval_shape(make_flamingo(config).init, jax.random.key(0),
+                        jax.ShapeDtypeStruct((1, 8), jnp.int32),
+                        jax.ShapeDtypeStruct((1, 1, 1, size, size, 3), jnp.uint8))
+
+
+def count_params(config: Any) -> dict[str, int]:
+  """{"lm", "vision", "resampler", "xattn", "total", "trainable", "frozen"} from shapes."""
+  return count_by_component(param_shapes(config), config)

@@ -1,0 +1,75 @@
+"""GATED XATTN-DENSE (PAPER.md §1.4, Fig. 5) and the media mask φ (PAPER.md §2, §10.2).
+
+    y = y + tanh(alpha_xattn) * cross_attn(q=LN(y), kv=LN(visual), mask=φ)
+    y = y + tanh(alpha_dense) * ffw(LN(y))            # squared ReLU, hidden 4·D
+
+φ(t) is the 1-based index of the last `<image>` token at a position <= t (0: none), so an
+`<image>` token already belongs to its own image. By default a token attends only to the
+R visual tokens of media φ(t); `only_attend_immediate_media=False` lets it attend to all
+media 1..φ(t) (the paper's ablation, Table 7 row viii). Rows with no media to attend to
+get an exact zero cross-attention output (no softmax over an empty set, no NaN).
+"""
+
+from typing import Optional
+
+import haiku as hk
+import jax
+import jax.numpy as jnp
+
+from flamingo_jax.models import attention
+
+
+def media_positions(input_ids: jax.Array, image_token_id: int) -> jax.Array:
+  """φ [B, L] int32: count of `<image>` tokens at positions <= t."""
+  return jnp.cumsum(input_ids == image_token_id, axis=-1, dtype=jnp.int32)
+
+
+def media_attention_mask(phi: jax.Array, num_media: int, num_visual_tokens: int, *,
+                         only_attend_immediate_media: bool) -> tuple[jax.Array, jax.Array]:
+  """Returns (mask bool [B, 1, L, N*R], row_has_media bool [B, L]).
+
+  Key j belongs to media j // R + 1 (1-based). Tokens whose φ is 0, or beyond the N media
+  slots, attend to nothing and are zeroed by the caller.
+  """
+  key_media = jnp.repeat(jnp.arange(1, num_media + 1, dtype=jnp.int32), num_visual_tokens)  # [N*R]
+  row_has_media = (phi >= 1) & (phi <= num_media)                                           # [B, L]
+  if only_attend_immediate_media:
+    mask = phi[:, :, None] == key_media                                                     # [B, L, N*R]
+  else:
+    mask = key_media <= phi[:, :, None]
+  mask = mask & row_has_media[:, :, None]
+  return mask[:, None], row_has_media
+
+
+class GatedCrossAttentionDense(hk.Module):
+  """One GATED XATTN-DENSE block; both tanh gates start at 0 (output = input)."""
+
+  def __init__(self, *, num_heads: int, key_size: int, ffw_mult: int,
+               only_attend_immediate_media: bool = True, name: Optional[str] = None):
+    super().__init__(name=name)
+    self.num_heads = num_heads
+    self.key_size = key_size
+    self.ffw_mult = ffw_mult
+    self.only_attend_immediate_media = only_attend_immediate_media
+
+  def __call__(self, y: jax.Array, visual: jax.Array, phi: jax.Array) -> jax.Array:
+    """y [B, L, D] text, visual [B, N, R, Dv] resampler tokens, phi [B, L] -> [B, L, D]."""
+    b, n, r, dv = visual.shape
+    dim = y.shape[-1]
+    mask, row_has_media = media_attention_mask(
+        phi, n, r, only_attend_immediate_media=self.only_attend_immediate_media)
+    kv = attention.LayerNorm(name="media_norm")(
+        visual.astype(y.dtype).reshape(b, n * r, dv))                      # [B, N*R, Dv], one LN for K and V
+    q = attention.LayerNorm(name="query_norm")(y)
+    attn = attention.MultiHeadAttention(
+        num_heads=self.num_heads, key_size=self.key_size, model_size=dim,
+        name="cross_attention")(q, kv, mask=mask)
+    attn = jnp.where(row_has_media[:, :, None], attn, jnp.zeros_like(attn))
+    alpha_xattn = hk.get_parameter("alpha_xattn", [], init=jnp.zeros)
+    y = y + jnp.tanh(alpha_xattn).astype(y.dtype) * attn
+
+    h = attention.LayerNorm(name="ffw_norm")(y)
+    h = attention.FeedForward(hidden_size=self.ffw_mult * dim, activation="squared_relu",
+                              name="ffw")(h)
+    alpha_dense = hk.get_parameter("alpha_dense", [], init=jnp.zeros)
+    return y + jnp.tanh(alpha_dense).astype(y.dtype) * h

@@ -1,0 +1,131 @@
+"""Frozen decoder-only LM (Chinchilla-style, PAPER.md §10.6) with GATED XATTN-DENSE blocks.
+
+Layer layout for `num_layers` L and `xattn_every` k (PAPER.md §1.5): a gated xattn block
+before LM block 0 and then before every k-th block. The LM blocks run as G = L // k groups
+of [xattn, k blocks] under `hk.layer_stack` (one traced body, a scan), then, if k does not
+divide L, a tail [xattn, L mod k blocks] (80B: 11 groups of 7, tail of 3, 12 xattn blocks).
+
+Parameter paths (the sharding, freezing and weight-import contract):
+  language_model/token_embed/embeddings               [V, D]        frozen
+  language_model/new_token_embed/embeddings           [2, D]        trainable (<image>, <EOC>)
+  language_model/groups/blocks/block/...              [G, k, ...]   frozen
+  language_model/groups/xattn/...                     [G, ...]      trainable
+  language_model/tail_blocks/block/..., tail_xattn/... [L mod k, ...]
+  language_model/final_norm, unembed                                frozen
+  language_model/new_token_unembed/w                  [D, 2]        trainable
+"""
+
+from typing import Optional, Sequence
+
+import haiku as hk
+import jax
+import jax.numpy as jnp
+
+from flamingo_jax.models import attention
+from flamingo_jax.models import gated_xattn
+
+
+class DecoderBlock(hk.Module):
+  """Pre-norm LM block: causal self-attention with rotary positions, then a GeLU FFW."""
+
+  def __init__(self, *, num_heads: int, key_size: int, ffw_size: int, activation: str,
+               rotary_max_wavelength: float, name: Optional[str] = None):
+    super().__init__(name=name)
+    self.num_heads = num_heads
+    self.key_size = key_size
+    self.ffw_size = ffw_size
+    self.activation = activation
+    self.rotary_max_wavelength = rotary_max_wavelength
+
+  def __call__(self, x: jax.Array, positions: jax.Array, mask: jax.Array) -> jax.Array:
+    h = attention.RMSNorm(name="attention_norm")(x)
+    x = x + attention.MultiHeadAttention(
+        num_heads=self.num_heads, key_size=self.key_size, model_size=x.shape[-1],
+        name="self_attention")(h, h, mask=mask, positions=positions,
+                               rotary_max_wavelength=self.rotary_max_wavelength)
+    h = attention.RMSNorm(name="ffw_norm")(x)
+    return x + attention.FeedForward(hidden_size=self.ffw_size, activation=self.activation,
+                                     name="ffw")(h)
+
+
+class LanguageModel(hk.Module):
+  """Token ids (+ optional visual tokens) -> float32 logits [B, L, V]."""
+
+  def __init__(self, *, vocab_size: int, num_layers: int, dim: int, num_heads: int,
+               key_size: int, ffw_size: int, activation: str, rotary_max_wavelength: float,
+               xattn_every: int, xattn_num_heads: int, xattn_key_size: int,
+               xattn_ffw_mult: int, only_attend_immediate_media: bool,
+               new_token_ids: Sequence[int], remat: bool = False,
+               name: Optional[str] = "language_model"):
+    super().__init__(name=name)
+    if not 1 <= xattn_every <= num_layers:
+      raise ValueError(f"xattn_every={xattn_every} must be in [1, num_layers={num_layers}]")
+    bad = [i for i in new_token_ids if not 0 <= i < vocab_size]
+    if bad or len(set(new_token_ids)) != len(new_token_ids):
+      raise ValueError(f"new token ids {tuple(new_token_ids)} must be distinct and in [0, {vocab_size})")
+    self.vocab_size = vocab_size
+    self.num_layers = num_layers
+    self.dim = dim
+    self.xattn_every = xattn_every
+    self.new_token_ids = tuple(new_token_ids)
+    self.remat = remat
+    self._block_kwargs = dict(num_heads=num_heads, key_size=key_size, ffw_size=ffw_size,
+                              activation=activation,
+                              rotary_max_wavelength=rotary_max_wavelength)
+    self._xattn_kwargs = dict(num_heads=xattn_num_heads, key_size=xattn_key_size,
+                              ffw_mult=xattn_ffw_mult,
+                              only_attend_immediate_media=only_attend_immediate_media)
+
+  @property
+  def num_xattn_layers(self) -> int:
+    return -(-self.num_layers // self.xattn_every)
+
+  @hk.name_like("__call__")
+  def embed(self, input_ids: jax.Array) -> jax.Array:
+    """Frozen table lookup; the rows of the new tokens come from a trainable table."""
+    x = hk.Embed(self.vocab_size, self.dim, name="token_embed")(input_ids)        # [B, L, D]
+    new_index = jnp.zeros_like(input_ids)
+    for row, token_id in enumerate(self.new_token_ids):
+      new_index = jnp.where(input_ids == token_id, row, new_index)
+    new_x = hk.Embed(len(self.new_token_ids), self.dim, name="new_token_embed")(new_index)
+    is_new = jnp.isin(input_ids, jnp.asarray(self.new_token_ids))[..., None]      # [B, L, 1]
+    x = jnp.where(is_new, new_x.astype(x.dtype), x)
+    return x
+
+  def __call__(self, input_ids: jax.Array, visual: Optional[jax.Array] = None,
+               phi: Optional[jax.Array] = None) -> jax.Array:
+    """input_ids [B, L]; visual [B, N, R, Dv] or None (text only); phi [B, L]."""
+    b, length = input_ids.shape
+    x = self.embed(input_ids)
+    positions = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (b, length))
+    causal = jnp.tril(jnp.ones((length, length), dtype=bool))[None, None]       # [1, 1, L, L]
+
+    def maybe_remat(f):
+      return hk.remat(f) if self.remat else f
+
+    def xattn(x, name):
+      if visual is None:
+        return x
+      block = gated_xattn.GatedCrossAttentionDense(name=name, **self._xattn_kwargs)
+      return maybe_remat(block)(x, visual, phi)
+
+    def lm_blocks(x, count, name):
+      def one(x):
+        return maybe_remat(DecoderBlock(name="block", **self._block_kwargs))(x, positions, causal)
+      return hk.layer_stack(count, name=name)(one)(x)
+
+    num_groups, tail = divmod(self.num_layers, self.xattn_every)
+
+    def group(x):
+      return lm_blocks(xattn(x, "xattn"), self.xattn_every, "blocks")
+
+    x = hk.layer_stack(num_groups, name="groups")(group)(x)
+    if tail:
+      x = lm_blocks(xattn(x, "tail_xattn"), tail, "tail_blocks")
+
+    x = attention.RMSNorm(name="final_norm")(x)
+    logits = hk.Linear(self.vocab_size, with_bias=False, name="unembed")(x)      # [B, L, V]
+    new_logits = hk.Linear(len(self.new_token_ids), with_bias=False,
+                           name="new_token_unembed")(x)                          # [B, L, 2]
+    logits = logits.astype(jnp.float32)
+    return logits.at[..., jnp.asarray(self.new_token_ids)].set(new_logits.astype(jnp.float32))
