@@ -60,6 +60,7 @@ def base_config(model: ml_collections.ConfigDict, *, streams: dict, image_size: 
       steps=steps, log_every=100, checkpoint_every=1000, keep_checkpoints=3,
       mixing="accumulate",            # "accumulate" (PAPER.md §4) | "round_robin" (ablation)
       microbatches={name: 1 for name in streams},
+      zero1=True,                     # shard optimizer state over 'data' (ZeRO stage 1)
   ))
   config.optim = ml_collections.ConfigDict(dict(   # PAPER.md §4
       learning_rate=1e-4, warmup_steps=5000, b1=0.9, b2=0.999, eps=1e-8,

@@ -12,7 +12,7 @@ def get_config(arg=None):
       vocab_size=512, image_size=64, vision_variant="tiny",
       lm=config_base.paper_lm(num_layers=5, dim=64, num_heads=4, ffw_size=256) | dict(key_size=16),
       xattn_every=2, xattn_num_heads=4, xattn_key_size=16,
-      resampler=dict(num_layers=2, dim=32, num_heads=2, key_size=16, ffw_mult=4,
+      resampler=dict(num_layers=2, dim=32, num_heads=4, key_size=8, ffw_mult=4,
                      num_latents=8, num_time_embeddings=4, max_frames=12))
   streams = {
       "m3w": dict(source="synthetic_m3w", batch_size=8, weight=1.0, max_tokens=32, max_media=3, frames=1),

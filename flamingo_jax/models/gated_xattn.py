@@ -65,11 +65,16 @@ class GatedCrossAttentionDense(hk.Module):
         num_heads=self.num_heads, key_size=self.key_size, model_size=dim,
         name="cross_attention")(q, kv, mask=mask)
     attn = jnp.where(row_has_media[:, :, None], attn, jnp.zeros_like(attn))
-    alpha_xattn = hk.get_parameter("alpha_xattn", [], init=jnp.zeros)
-    y = y + jnp.tanh(alpha_xattn).astype(y.dtype) * attn
+    y = _gated_add(y, attn, hk.get_parameter("alpha_xattn", [], init=jnp.zeros))
 
     h = attention.LayerNorm(name="ffw_norm")(y)
     h = attention.FeedForward(hidden_size=self.ffw_mult * dim, activation="squared_relu",
                               name="ffw")(h)
-    alpha_dense = hk.get_parameter("alpha_dense", [], init=jnp.zeros)
-    return y + jnp.tanh(alpha_dense).astype(y.dtype) * h
+    return _gated_add(y, h, hk.get_parameter("alpha_dense", [], init=jnp.zeros))
+
+
+def _gated_add(y: jax.Array, branch: jax.Array, alpha: jax.Array) -> jax.Array:
+  """y + tanh(alpha)·branch, in float32: alpha's gradient is a sum over every element of the
+  batch, which bfloat16 accumulation would garble."""
+  gated = jnp.tanh(alpha.astype(jnp.float32)) * branch.astype(jnp.float32)
+  return (y.astype(jnp.float32) + gated).astype(y.dtype)

@@ -98,7 +98,7 @@ class NFBlock(hk.Module):
     self.stochdepth_rate = stochdepth_rate
 
   def __call__(self, x: jax.Array, is_training: bool) -> jax.Array:
-    out = self.act(x) * self.beta
+    out = self.act(x) * jnp.asarray(self.beta, x.dtype)
     use_projection = self.stride > 1 or self.in_ch != self.out_ch
     shortcut = x
     if self.stride > 1:
@@ -113,7 +113,7 @@ class NFBlock(hk.Module):
     out = WSConv2D(self.width, 3, feature_group_count=self.groups, name="conv1b")(self.act(out))
     out = WSConv2D(self.out_ch, 1, name="conv2")(self.act(out))
     out = 2.0 * SqueezeExcite(self.out_ch, self.se_ratio, name="squeeze_excite")(out) * out
-    if is_training and self.stochdepth_rate > 0:
+    if is_training and (isinstance(self.stochdepth_rate, jax.Array) or self.stochdepth_rate > 0):
       keep = 1.0 - self.stochdepth_rate
       drop_mask = jax.random.bernoulli(hk.next_rng_key(), keep, (x.shape[0], 1, 1, 1))
       out = out * drop_mask.astype(out.dtype) / keep
@@ -152,18 +152,32 @@ class NFNet(hk.Module):
     x = WSConv2D(32, 3, name="stem_conv1")(self.act(x))
     x = WSConv2D(64, 3, name="stem_conv2")(self.act(x))
     x = WSConv2D(widths[0] // 2, 3, stride=2, name="stem_conv3")(self.act(x))
-    in_ch, expected_std, index, num_blocks = widths[0] // 2, 1.0, 0, sum(depths)
+    in_ch, index, num_blocks, expected_var = widths[0] // 2, 0, sum(depths), 1.0
     for stage, (width, depth, stride) in enumerate(zip(widths, depths, STAGE_STRIDES)):
-      for block_index in range(depth):
-        x = NFBlock(in_ch=in_ch, out_ch=width, group_size=self.variant["group_size"],
-                    stride=stride if block_index == 0 else 1, beta=1.0 / expected_std,
-                    alpha=self.alpha, activation=self.activation, se_ratio=self.se_ratio,
-                    stochdepth_rate=self.stochdepth_rate * index / num_blocks,
-                    name=f"stage{stage}_block{block_index}")(x, is_training)
-        in_ch, index = width, index + 1
-        # Variance grows by alpha^2 per block; transition blocks reset it (new shortcut).
-        expected_std = 1.0 if block_index == 0 else expected_std
-        expected_std = (expected_std ** 2 + self.alpha ** 2) ** 0.5
+      block_args = dict(group_size=self.variant["group_size"], alpha=self.alpha,
+                        activation=self.activation, se_ratio=self.se_ratio)
+      # Transition block: beta from the variance the previous stage accumulated; its new
+      # shortcut resets the variance to 1 (expected-variance tracking, Brock et al.).
+      x = NFBlock(in_ch=in_ch, out_ch=width, stride=stride, beta=expected_var ** -0.5,
+                  stochdepth_rate=self.stochdepth_rate * index / num_blocks,
+                  name=f"stage{stage}_block0", **block_args)(x, is_training)
+      in_ch, index = width, index + 1
+      if depth > 1:
+        # The other blocks share one shape: one scanned body (F6 stage 2: 41 blocks).
+        # Block i >= 1 sees variance 1 + i·alpha² (expected-variance tracking).
+        i = np.arange(1, depth)
+        betas = (1.0 / np.sqrt(1.0 + i * self.alpha ** 2)).astype(np.float32)
+        rates = (self.stochdepth_rate * (index + i - 1) / num_blocks).astype(np.float32)
+
+        def block(x, beta, rate):
+          return NFBlock(in_ch=width, out_ch=width, stride=1, beta=beta, stochdepth_rate=rate,
+                         name="block", **block_args)(x, is_training), None
+
+        x, _ = hk.layer_stack(depth - 1, with_per_layer_inputs=True,
+                              name=f"stage{stage}_blocks")(block)(x, jnp.asarray(betas),
+                                                                  jnp.asarray(rates))
+        index += depth - 1
+      expected_var = 1.0 + depth * self.alpha ** 2
     x = WSConv2D(self.output_channels, 1, name="final_conv")(x)
     return self.act(x)
 

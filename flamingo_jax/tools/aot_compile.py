@@ -1,0 +1,125 @@
+r"""Compile the real train step ahead of time for a TPU topology (or the local devices) and
+report per-device memory, whether it fits, compiled vs analytic FLOPs and compile time.
+
+  python -m flamingo_jax.tools.aot_compile --config=experiments/configs/flamingo_80b.py \
+      --topology=v4:8x12x16 --mesh=data=96,model=16 --json
+
+Needs libtpu (the `tpu` extra) for TPU topologies; no TPU is needed. v4 topologies are taken
+with chip_config_name="megacore" (one device per chip, as on a real v4 pod).
+"""
+
+import json
+import math
+import time
+
+from absl import app
+from absl import flags
+import jax
+from ml_collections import config_flags
+
+from flamingo_jax.training import flops as flops_lib
+from flamingo_jax.training import hlo_flops
+from flamingo_jax.training import sharding
+from flamingo_jax.training import train_step
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file.", lock_config=False)
+_TOPOLOGY = flags.DEFINE_string("topology", "cpu", "TPU topology (v4:8x12x16, v5p:..., v5e:..., "
+                                "v6e:...) or 'cpu' for the local devices.")
+_MESH = flags.DEFINE_string("mesh", "", "data=D,model=M (default: config.mesh).")
+_ROUND = flags.DEFINE_bool("round_batches", True, "Round each stream's batch up to a multiple "
+                           "of data x microbatches (the paper's sizes rarely divide a pod).")
+_JSON = flags.DEFINE_bool("json", False, "Print one JSON object.")
+
+GIB = 1 << 30
+# HBM per chip (bytes) by device_kind, from the public TPU specs.
+HBM_BYTES = {"TPU v4": 32 * GIB, "TPU v5 lite": 16 * GIB, "TPU v5e": 16 * GIB,
+             "TPU v5p": 95 * GIB, "TPU v5": 95 * GIB, "TPU v6 lite": 32 * GIB, "TPU v6e": 32 * GIB}
+
+
+def parse_mesh(text: str, default_data: int, default_model: int) -> tuple[int, int]:
+  values = {"data": default_data, "model": default_model}
+  for part in filter(None, text.split(",")):
+    key, _, value = part.partition("=")
+    if key not in values or not value.lstrip("-").isdigit():
+      raise ValueError(f"--mesh={text!r}: expected data=D,model=M")
+    values[key] = int(value)
+  return values["data"], values["model"]
+
+
+def topology_devices(topology: str) -> list:
+  if topology == "cpu":
+    return jax.devices()
+  from jax.experimental import topologies  # pylint: disable=g-import-not-at-top
+  kwargs = {"chip_config_name": "megacore"} if topology.startswith("v4") else {}
+  return list(topologies.get_topology_desc(topology_name=topology, platform="tpu", **kwargs).devices)
+
+
+def round_batches(config, data_axis: int) -> dict[str, int]:
+  """Rounds each stream's batch up to a multiple of data x microbatches; returns the sizes."""
+  sizes = {}
+  for name, spec in config.data.streams.items():
+    unit = data_axis * int(config.train.microbatches.get(name, 1))
+    spec.batch_size = math.ceil(spec.batch_size / unit) * unit
+    sizes[name] = spec.batch_size
+  return sizes
+
+
+def compile_report(config, topology: str, mesh_text: str = "", round_to_mesh: bool = True) -> dict:
+  """Compiles the train step for `topology` and returns the report (see module doc)."""
+  devices = topology_devices(topology)
+  data, model = parse_mesh(mesh_text, config.mesh.data, config.mesh.model)
+  mesh = sharding.make_mesh(data, model, devices)
+  data_axis = mesh.shape[sharding.DATA]
+  sizes = (round_batches(config, data_axis) if round_to_mesh else
+           {n: s.batch_size for n, s in config.data.streams.items()})
+  start = time.perf_counter()
+  setup = train_step.make_train_setup(config, mesh)
+  lowered = setup.step.lower(setup.abstract_state, setup.abstract_frozen, setup.abstract_batches)
+  compiled = lowered.compile()
+  seconds = time.perf_counter() - start
+  memory = compiled.memory_analysis()
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  num_devices = len(devices)
+  total = (memory.argument_size_in_bytes + memory.output_size_in_bytes
+           + memory.temp_size_in_bytes - memory.alias_size_in_bytes)
+  kind = devices[0].device_kind
+  hbm = HBM_BYTES.get(kind)
+  analytic = flops_lib.train_step_flops(config)
+  # Per-device SPMD program; loops counted by trip count (XLA's cost_analysis counts a
+  # scanned layer once, so its figure is reported too but is not the step's FLOPs).
+  compiled_flops = hlo_flops.count(compiled.as_text()) * num_devices
+  return {
+      "topology": topology, "device_kind": kind, "devices": num_devices,
+      "mesh": {"data": data_axis, "model": mesh.shape[sharding.MODEL]},
+      "batch_sizes": sizes,
+      "argument_bytes": memory.argument_size_in_bytes,
+      "output_bytes": memory.output_size_in_bytes,
+      "temp_bytes": memory.temp_size_in_bytes,
+      "alias_bytes": memory.alias_size_in_bytes,
+      "total_bytes": total,
+      "total_gib": round(total / GIB, 3),
+      "hbm_bytes": hbm,
+      "fits": None if hbm is None else bool(total <= hbm),
+      "compiled_flops_per_step": compiled_flops,
+      "analytic_flops_per_step": analytic["total"],
+      "compiled_over_analytic": compiled_flops / analytic["total"] if analytic["total"] else None,
+      "xla_cost_analysis_flops_loops_once": float(cost.get("flops", 0.0)) * num_devices,
+      "analytic_flops_by_component": analytic["by_component"],
+      "compile_seconds": round(seconds, 1),
+  }
+
+
+def main(argv):
+  del argv
+  report = compile_report(_CONFIG.value, _TOPOLOGY.value, _MESH.value, _ROUND.value)
+  if _JSON.value:
+    print(json.dumps(report))
+    return
+  for key, value in report.items():
+    print(f"{key:>28}: {value}")
+
+
+if __name__ == "__main__":
+  flags.mark_flag_as_required("config")
+  app.run(main)

@@ -1,0 +1,79 @@
+r"""Benchmark the train step on the local devices: steps/s, tokens/s, examples/s, TFLOP/s and
+model-FLOPs utilisation (analytic FLOPs / step time / chip peak). A benchmark, not a test.
+
+  python -m flamingo_jax.tools.bench_step --config=experiments/configs/tiny.py --steps=20
+  python -m flamingo_jax.tools.bench_step --config=experiments/configs/bench_1b.py --peak_tflops=989
+"""
+
+import json
+import time
+
+from absl import app
+from absl import flags
+import jax
+import numpy as np
+from ml_collections import config_flags
+
+from flamingo_jax import models
+from flamingo_jax.data import schema
+from flamingo_jax.training import flops as flops_lib
+from flamingo_jax.training import train_step
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file.", lock_config=False)
+_STEPS = flags.DEFINE_integer("steps", 10, "Timed steps (after one compile + warm-up step).")
+_PEAK = flags.DEFINE_float("peak_tflops", 0.0, "Peak TFLOP/s of one device, for MFU (0: skip). "
+                           "H100 SXM dense bf16: 989.")
+_JSON = flags.DEFINE_bool("json", False, "Print one JSON object.")
+
+
+def benchmark(config, steps: int, peak_tflops: float = 0.0) -> dict:
+  setup = train_step.make_train_setup(config)
+  start = time.perf_counter()
+  state, frozen = setup.init(jax.random.key(config.seed))
+  jax.block_until_ready(state)
+  init_seconds = time.perf_counter() - start
+  batches = [train_step.put_batches(setup, schema.random_batches(config, seed=i)) for i in range(2)]
+  start = time.perf_counter()
+  state, metrics = setup.step(state, frozen, batches[0])
+  jax.block_until_ready(metrics)
+  first_seconds = time.perf_counter() - start
+  start = time.perf_counter()
+  for i in range(steps):
+    state, metrics = setup.step(state, frozen, batches[i % 2])
+  jax.block_until_ready((state, metrics))
+  seconds = (time.perf_counter() - start) / steps
+  streams = config.data.streams
+  tokens = sum(s.batch_size * s.max_tokens for s in streams.values())
+  examples = sum(s.batch_size for s in streams.values())
+  analytic = flops_lib.train_step_flops(config)["total"]
+  devices = jax.device_count()
+  tflops_per_device = analytic / seconds / devices / 1e12
+  report = {
+      "device_kind": jax.devices()[0].device_kind, "devices": devices,
+      "params": models.count_params(config.model)["total"],
+      "init_seconds": round(init_seconds, 2),
+      "first_step_seconds (compile)": round(first_seconds, 2),
+      "step_seconds": seconds, "steps_per_sec": 1 / seconds,
+      "tokens_per_sec": tokens / seconds, "examples_per_sec": examples / seconds,
+      "analytic_tflops_per_step": analytic / 1e12,
+      "tflops_per_sec_per_device": tflops_per_device,
+      "loss": float(metrics["loss"]),
+  }
+  if peak_tflops:
+    report["mfu"] = tflops_per_device / peak_tflops
+  return report
+
+
+def main(argv):
+  del argv
+  report = benchmark(_CONFIG.value, _STEPS.value, _PEAK.value)
+  if _JSON.value:
+    print(json.dumps(report))
+  else:
+    for key, value in report.items():
+      print(f"{key:>30}: {value:.6g}" if isinstance(value, float) else f"{key:>30}: {value}")
+
+
+if __name__ == "__main__":
+  flags.mark_flag_as_required("config")
+  app.run(main)

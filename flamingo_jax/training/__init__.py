@@ -1,0 +1,1 @@
+"""Distributed training: mesh and partition rules, precision, optimizer, losses, train step."""

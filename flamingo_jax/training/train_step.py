@@ -1,0 +1,203 @@
+"""One train state, one step function (DESIGN.md §8; PAPER.md §3.2.3, §4).
+
+    state = TrainState(step, params (trainable, f32), opt_state, rng)     # donated
+    frozen = frozen params (LM, NFNet), stored in bf16 by default          # read-only
+    state, metrics = step(state, frozen, {stream: batch})
+
+Per-dataset accumulation: each stream m gives g_m = ∇ mean-NLL_m (over microbatches under
+`lax.scan` when asked), the update uses Σ λ_m g_m (one AdamW step). `train.mixing =
+"round_robin"` instead takes stream (step mod M) alone each step (the paper's ablation,
+unweighted: Adam's normalisation would undo λ anyway). Non-finite loss or gradient: the
+update is skipped (state unchanged but the step counter) and `skipped` = 1 in the metrics.
+"""
+
+import dataclasses
+from typing import Any, Callable, NamedTuple
+
+import haiku as hk
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from flamingo_jax import models
+from flamingo_jax.data import schema
+from flamingo_jax.training import losses
+from flamingo_jax.training import optimizer as optimizer_lib
+from flamingo_jax.training import precision
+from flamingo_jax.training import sharding
+
+
+class TrainState(NamedTuple):
+  step: jax.Array            # int32 []
+  params: hk.Params          # trainable parameters, float32
+  opt_state: optax.OptState  # float32, ZeRO-1 sharded over 'data'
+  rng: jax.Array             # PRNG key
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainSetup:
+  """Everything the loop (or the AOT compiler) needs, built once per config and mesh."""
+  config: Any
+  mesh: Mesh
+  model: hk.Transformed
+  optimizer: optax.GradientTransformation
+  param_specs: hk.Params                # every parameter (trainable and frozen)
+  state_shardings: TrainState
+  frozen_shardings: hk.Params
+  batch_shardings: dict
+  abstract_state: TrainState
+  abstract_frozen: hk.Params
+  abstract_batches: dict
+  init: Callable[[jax.Array], tuple[TrainState, hk.Params]]   # jitted, sharded outputs
+  step: Callable[..., tuple[TrainState, dict]]                  # jitted, state donated
+
+
+def _microbatch(batch: dict, count: int) -> dict:
+  """[B, ...] -> [count, B/count, ...], microbatch m = rows m, m+count, ... so that every
+  data shard holds an equal part of each microbatch."""
+  def split(x):
+    b = x.shape[0]
+    return x.reshape(b // count, count, *x.shape[1:]).swapaxes(0, 1)  # [M, B/M, ...]
+  return jax.tree.map(split, batch)
+
+
+def make_loss_and_grads(config: Any, model: hk.Transformed) -> Callable:
+  """(params, frozen, batch, rng, microbatches) -> (mean NLL, token count, mean grads)."""
+  compute = precision.dtype(config.precision.compute)
+
+  def nll_sum(params, frozen, batch, rng):
+    merged = hk.data_structures.merge(precision.cast(params, compute),
+                                      precision.cast(frozen, compute))
+    logits = model.apply(merged, rng, batch["input_ids"], batch["media"], is_training=True)
+    return losses.masked_nll_sum(logits, batch["target_ids"], batch["loss_mask"])
+
+  grad_fn = jax.value_and_grad(nll_sum, has_aux=True)
+
+  def loss_and_grads(params, frozen, batch, rng, microbatches: int):
+    if microbatches == 1:
+      (total, count), grads = grad_fn(params, frozen, batch, rng)
+    else:
+      def body(carry, xs):
+        mb, index = xs
+        (total, count), grads = grad_fn(params, frozen, mb, jax.random.fold_in(rng, index))
+        acc_total, acc_count, acc_grads = carry
+        return (acc_total + total, acc_count + count,
+                jax.tree.map(jnp.add, acc_grads, grads)), None
+      zeros = jax.tree.map(jnp.zeros_like, params)
+      (total, count, grads), _ = jax.lax.scan(
+          body, (jnp.float32(0), jnp.float32(0), zeros),
+          (_microbatch(batch, microbatches), jnp.arange(microbatches)))
+    denom = jnp.maximum(count, 1.0)
+    return total / denom, count, jax.tree.map(lambda g: g / denom, grads)
+
+  return loss_and_grads
+
+
+def make_train_setup(config: Any, mesh: Mesh | None = None,
+                     rules=sharding.PARTITION_RULES) -> TrainSetup:
+  """Builds model, optimizer, shardings and the jitted init and step for `config` on `mesh`."""
+  mesh = mesh or sharding.make_mesh(config.mesh.data, config.mesh.model)
+  data_axis, model_axis = mesh.shape[sharding.DATA], mesh.shape[sharding.MODEL]
+  streams = list(config.data.streams.keys())
+  microbatches = {name: int(config.train.microbatches.get(name, 1)) for name in streams}
+  sharding.check_model_fits_mesh(config.model, model_axis)
+  sharding.check_batches_fit_mesh(config.data.streams, data_axis, microbatches)
+  if config.train.mixing not in ("accumulate", "round_robin"):
+    raise ValueError(f"train.mixing={config.train.mixing!r}; expected 'accumulate' or 'round_robin'")
+
+  model = models.make_flamingo(config.model, compute_dtype=precision.dtype(config.precision.compute))
+  tx = optimizer_lib.make_optimizer(config.optim)
+  frozen_dtype = precision.dtype(config.precision.frozen_params)
+  zero1_axis = data_axis if config.train.zero1 else 1
+  size = config.model.image_size
+
+  def init(rng):
+    init_rng, state_rng = jax.random.split(rng)
+    params = model.init(init_rng, jnp.zeros((1, 8), jnp.int32),
+                        jnp.zeros((1, 1, 1, size, size, 3), jnp.uint8))
+    trainable, frozen = models.split_trainable(params, config.model)
+    state = TrainState(step=jnp.int32(0), params=trainable, opt_state=tx.init(trainable),
+                       rng=state_rng)
+    return state, precision.cast(frozen, frozen_dtype)
+
+  abstract_state, abstract_frozen = jax.eval_shape(init, jax.random.key(0))
+  specs = sharding.param_specs(hk.data_structures.merge(abstract_state.params, abstract_frozen), rules)
+  param_sh = sharding.named(mesh, sharding.state_specs(abstract_state.params, specs))
+  zero_sh = sharding.named(mesh, sharding.state_specs(abstract_state.params, specs,
+                                                      zero1_data_axis=zero1_axis))
+  state_shardings = TrainState(
+      step=NamedSharding(mesh, P()), params=param_sh,
+      opt_state=sharding.named(mesh, sharding.state_specs(abstract_state.opt_state, specs,
+                                                          zero1_data_axis=zero1_axis)),
+      rng=NamedSharding(mesh, P()))
+  frozen_shardings = sharding.named(mesh, sharding.state_specs(abstract_frozen, specs))
+  abstract_batches = schema.batch_shapes(config)
+  batch_shardings = jax.tree.map(lambda _: NamedSharding(mesh, P(sharding.DATA)), abstract_batches)
+
+  loss_and_grads = make_loss_and_grads(config, model)
+  weights = {name: float(config.data.streams[name].weight) for name in streams}
+  wsc = jax.lax.with_sharding_constraint
+
+  def accumulate(params, frozen, batches, rng):
+    losses_, counts, total = {}, {}, None
+    for index, name in enumerate(streams):
+      loss, count, grads = loss_and_grads(params, frozen, batches[name],
+                                          jax.random.fold_in(rng, index), microbatches[name])
+      losses_[name], counts[name] = loss, count
+      scaled = jax.tree.map(lambda g, w=weights[name]: w * g, grads)
+      total = scaled if total is None else jax.tree.map(jnp.add, total, scaled)
+    loss = sum(weights[name] * losses_[name] for name in streams)
+    return loss, losses_, counts, total
+
+  def round_robin(params, frozen, batches, rng, step):
+    def branch(index):
+      name = streams[index]
+      def run():
+        loss, count, grads = loss_and_grads(params, frozen, batches[name],
+                                            jax.random.fold_in(rng, index), microbatches[name])
+        zero = jnp.float32(0)
+        per_loss = {n: loss if n == name else zero for n in streams}
+        per_count = {n: count if n == name else zero for n in streams}
+        return loss, per_loss, per_count, grads
+      return run
+    return jax.lax.switch(step % len(streams), [branch(i) for i in range(len(streams))])
+
+  def step_fn(state: TrainState, frozen: hk.Params, batches: dict):
+    rng = jax.random.fold_in(state.rng, state.step)
+    if config.train.mixing == "accumulate":
+      loss, per_loss, per_count, grads = accumulate(state.params, frozen, batches, rng)
+    else:
+      loss, per_loss, per_count, grads = round_robin(state.params, frozen, batches, rng, state.step)
+    grad_norm = optax.global_norm(grads)
+    # ZeRO-1: reduce-scatter the gradients, update the optimizer-state shards, all-gather.
+    grads = wsc(grads, zero_sh)
+    params_shard = wsc(state.params, zero_sh)
+    updates, opt_state = tx.update(grads, state.opt_state, params_shard)
+    params = wsc(optax.apply_updates(params_shard, updates), param_sh)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+    new_state = TrainState(step=state.step + 1, params=keep(params, state.params),
+                           opt_state=keep(opt_state, state.opt_state), rng=state.rng)
+    metrics = {"loss": loss, "grad_norm": grad_norm,
+               "learning_rate": optimizer_lib.learning_rate_schedule(config.optim)(state.step),
+               "skipped": 1 - finite.astype(jnp.int32)}
+    for name in streams:
+      metrics[f"loss/{name}"] = per_loss[name]
+      metrics[f"tokens/{name}"] = per_count[name]
+    return new_state, metrics
+
+  replicated = NamedSharding(mesh, P())
+  jit_init = jax.jit(init, out_shardings=(state_shardings, frozen_shardings))
+  jit_step = jax.jit(step_fn, in_shardings=(state_shardings, frozen_shardings, batch_shardings),
+                     out_shardings=(state_shardings, replicated), donate_argnums=(0,))
+  return TrainSetup(config=config, mesh=mesh, model=model, optimizer=tx, param_specs=specs,
+                    state_shardings=state_shardings, frozen_shardings=frozen_shardings,
+                    batch_shardings=batch_shardings, abstract_state=abstract_state,
+                    abstract_frozen=abstract_frozen, abstract_batches=abstract_batches,
+                    init=jit_init, step=jit_step)
+
+
+def put_batches(setup: TrainSetup, batches: dict) -> dict:
+  """Host numpy batches (the whole global batch, single process) -> sharded global arrays."""
+  return jax.device_put(batches, setup.batch_shardings)
