@@ -87,7 +87,10 @@ class LanguageModel(hk.Module):
     new_index = jnp.zeros_like(input_ids)
     for row, token_id in enumerate(self.new_token_ids):
       new_index = jnp.where(input_ids == token_id, row, new_index)
-    new_x = hk.Embed(len(self.new_token_ids), self.dim, name="new_token_embed")(new_index)
+    # One-hot matmul, not a gather: the gather's backward is a scatter-add of every token
+    # into 2 rows, which serialises on accelerators (measured 5 s/step for 1B in bf16 on GPU).
+    new_x = hk.Embed(len(self.new_token_ids), self.dim, lookup_style="ONE_HOT",
+                     name="new_token_embed")(new_index)
     is_new = jnp.isin(input_ids, jnp.asarray(self.new_token_ids))[..., None]      # [B, L, 1]
     x = jnp.where(is_new, new_x.astype(x.dtype), x)
     return x
@@ -127,5 +130,9 @@ class LanguageModel(hk.Module):
     logits = hk.Linear(self.vocab_size, with_bias=False, name="unembed")(x)      # [B, L, V]
     new_logits = hk.Linear(len(self.new_token_ids), with_bias=False,
                            name="new_token_unembed")(x)                          # [B, L, 2]
-    logits = logits.astype(jnp.float32)
-    return logits.at[..., jnp.asarray(self.new_token_ids)].set(new_logits.astype(jnp.float32))
+    logits, new_logits = logits.astype(jnp.float32), new_logits.astype(jnp.float32)
+    # Select over the vocabulary iota (not a scatter) to put the new tokens' columns in place.
+    vocab = jnp.arange(self.vocab_size, dtype=jnp.int32)
+    for row, token_id in enumerate(self.new_token_ids):
+      logits = jnp.where(vocab == token_id, new_logits[..., row:row + 1], logits)
+    return logits

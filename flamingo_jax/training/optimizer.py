@@ -15,7 +15,10 @@ _DECAYED_NAMES = ("w", "embeddings")
 
 
 def learning_rate_schedule(optim: Any) -> optax.Schedule:
-  return optax.linear_schedule(0.0, optim.learning_rate, max(1, optim.warmup_steps))
+  """0 at step 0, rising linearly to `learning_rate` at `warmup_steps`; constant when 0."""
+  if optim.warmup_steps <= 0:
+    return optax.constant_schedule(optim.learning_rate)
+  return optax.linear_schedule(0.0, optim.learning_rate, optim.warmup_steps)
 
 
 def _decay_mask(params: hk.Params, *, resampler: bool) -> hk.Params:

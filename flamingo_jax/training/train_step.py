@@ -51,6 +51,9 @@ class TrainSetup:
   abstract_batches: dict
   init: Callable[[jax.Array], tuple[TrainState, hk.Params]]   # jitted, sharded outputs
   step: Callable[..., tuple[TrainState, dict]]                  # jitted, state donated
+  # (params, frozen, batches, rng, step) -> (loss, {stream: loss}, {stream: tokens}, grads):
+  # the gradient the step's update uses (jitted; for tests and debugging).
+  gradients: Callable[..., tuple]
 
 
 def _microbatch(batch: dict, count: int) -> dict:
@@ -163,12 +166,14 @@ def make_train_setup(config: Any, mesh: Mesh | None = None,
       return run
     return jax.lax.switch(step % len(streams), [branch(i) for i in range(len(streams))])
 
+  def gradients(params, frozen, batches, rng, step):
+    if config.train.mixing == "accumulate":
+      return accumulate(params, frozen, batches, rng)
+    return round_robin(params, frozen, batches, rng, step)
+
   def step_fn(state: TrainState, frozen: hk.Params, batches: dict):
     rng = jax.random.fold_in(state.rng, state.step)
-    if config.train.mixing == "accumulate":
-      loss, per_loss, per_count, grads = accumulate(state.params, frozen, batches, rng)
-    else:
-      loss, per_loss, per_count, grads = round_robin(state.params, frozen, batches, rng, state.step)
+    loss, per_loss, per_count, grads = gradients(state.params, frozen, batches, rng, state.step)
     grad_norm = optax.global_norm(grads)
     # ZeRO-1: reduce-scatter the gradients, update the optimizer-state shards, all-gather.
     grads = wsc(grads, zero_sh)
@@ -195,7 +200,7 @@ def make_train_setup(config: Any, mesh: Mesh | None = None,
                     state_shardings=state_shardings, frozen_shardings=frozen_shardings,
                     batch_shardings=batch_shardings, abstract_state=abstract_state,
                     abstract_frozen=abstract_frozen, abstract_batches=abstract_batches,
-                    init=jit_init, step=jit_step)
+                    init=jit_init, step=jit_step, gradients=jax.jit(gradients))
 
 
 def put_batches(setup: TrainSetup, batches: dict) -> dict:
