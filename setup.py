@@ -7,6 +7,7 @@ setuptools.setup(
     version="0.1.0",
     description="Train and evaluate Flamingo visual language models with JAX + Haiku.",
     packages=setuptools.find_packages(include=["flamingo_jax", "flamingo_jax.*"]),
+    package_data={"flamingo_jax.data": ["assets/*.model"]},
     python_requires=">=3.11",
     install_requires=[
         "jax==0.10.2",
@@ -19,6 +20,13 @@ setuptools.setup(
         "jmp==0.0.4",
         "absl-py==2.5.1",
         "numpy==2.4.6",
+        # Data pipeline (flamingo_jax/data): TFDS builders read with tf.data; TF also writes
+        # the TensorBoard event files.
+        "tensorflow-cpu==2.21.0",
+        "tensorflow-datasets==4.9.10",
+        "sentencepiece==0.2.3",
+        "pillow==12.0.0",
+        "importlib-resources==7.1.0",   # TFDS (etils) needs it for builders defined in a package
     ],
     extras_require={
         "dev": ["pytest==9.2.0"],

@@ -3,6 +3,7 @@
 Every number that comes from the paper cites PAPER.md; the rest are our defaults.
 """
 
+import os
 from typing import Optional
 
 import ml_collections
@@ -14,12 +15,17 @@ PAD_ID, UNK_ID, BOS_ID, EOS_ID, IMAGE_ID, EOC_ID = 0, 1, 2, 3, 4, 5
 PAPER_RESAMPLER = dict(num_layers=6, dim=1536, num_heads=16, key_size=128, ffw_mult=4,
                        num_latents=64, num_time_embeddings=8, max_frames=32)
 
-# PAPER.md §3, §4: per-stream weights λ and the ablation batch sizes.
+# The SentencePiece model of the tiny configs (synthetic captions; tools/train_tokenizer.py).
+SYNTHETIC_TOKENIZER = os.path.join(os.path.dirname(__file__), "data", "assets", "synthetic_sp.model")
+
+# PAPER.md §3, §4: per-stream weights λ and the ablation batch sizes. `source` is the kind of
+# raw data (data/sources.py): interleaved | image_text | video_text.
 PAPER_STREAMS = {
-    "m3w": dict(source="m3w", batch_size=256, weight=1.0, max_tokens=256, max_media=5, frames=1),
-    "align": dict(source="align", batch_size=512, weight=0.2, max_tokens=32, max_media=1, frames=1),
-    "ltip": dict(source="ltip", batch_size=512, weight=0.2, max_tokens=64, max_media=1, frames=1),
-    "vtp": dict(source="vtp", batch_size=64, weight=0.03, max_tokens=64, max_media=1, frames=8),
+    "m3w": dict(source="interleaved", batch_size=256, weight=1.0, max_tokens=256, max_media=5, frames=1),
+    "align": dict(source="image_text", batch_size=512, weight=0.2, max_tokens=32, max_media=1, frames=1),
+    "ltip": dict(source="image_text", batch_size=512, weight=0.2, max_tokens=64, max_media=1, frames=1),
+    "vtp": dict(source="video_text", batch_size=64, weight=0.03, max_tokens=64, max_media=1,
+                frames=8, frame_rate=1.0),  # 8 frames at 1 fps (evaluation: 30 at 3 fps)
 }
 
 
@@ -51,10 +57,17 @@ def base_config(model: ml_collections.ConfigDict, *, streams: dict, image_size: 
   config.seed = 0
   config.model = model
   config.data = ml_collections.ConfigDict(dict(
-      streams={name: dict(resolution=image_size, **spec) for name, spec in streams.items()},
+      # Per stream: manual_dir = folder of raw files, or "synthetic" (data/synthetic.py).
+      streams={name: dict(resolution=image_size, manual_dir="", frame_rate=1.0) | spec
+               for name, spec in streams.items()},
+      data_dir="",                    # prepared TFDS datasets (one folder per stream)
+      tokenizer_path="",              # SentencePiece .model with our special ids
       p_next=0.5,                     # PAPER.md §3.1 (App. A.1.2)
       leading_space_prob=0.5,         # PAPER.md §3.3
-      tokenizer_path="",
+      augment=dict(flip=False, color_jitter=0.0),
+      synthetic_examples=2000,        # per stream, when manual_dir == "synthetic"
+      prefetch=2,                     # batches queued ahead of the step
+      workers=0,                      # decode threads; 0 = one per CPU
   ))
   config.train = ml_collections.ConfigDict(dict(
       steps=steps, log_every=100, checkpoint_every=1000, keep_checkpoints=3,

@@ -28,10 +28,10 @@ def get_config(arg=None):
                      **size["resampler"]))
   b = size["batch"]
   streams = {
-      "m3w": dict(source="m3w", batch_size=b, weight=1.0, max_tokens=size["m3w_tokens"], max_media=5, frames=1),
-      "align": dict(source="align", batch_size=2 * b, weight=0.2, max_tokens=size["pair_tokens"], max_media=1, frames=1),
-      "ltip": dict(source="ltip", batch_size=2 * b, weight=0.2, max_tokens=size["pair_tokens"], max_media=1, frames=1),
-      "vtp": dict(source="vtp", batch_size=b // 4 if b >= 32 else b, weight=0.03, max_tokens=size["pair_tokens"], max_media=1, frames=size["frames"]),
+      "m3w": dict(source="interleaved", batch_size=b, weight=1.0, max_tokens=size["m3w_tokens"], max_media=5, frames=1),
+      "align": dict(source="image_text", batch_size=2 * b, weight=0.2, max_tokens=size["pair_tokens"], max_media=1, frames=1),
+      "ltip": dict(source="image_text", batch_size=2 * b, weight=0.2, max_tokens=size["pair_tokens"], max_media=1, frames=1),
+      "vtp": dict(source="video_text", batch_size=b // 4 if b >= 32 else b, weight=0.03, max_tokens=size["pair_tokens"], max_media=1, frames=size["frames"]),
   }
   config = config_base.base_config(model, streams=streams, image_size=size["image_size"])
   if arg in (None, "100m"):

@@ -15,12 +15,13 @@ def get_config(arg=None):
       resampler=dict(num_layers=2, dim=32, num_heads=4, key_size=8, ffw_mult=4,
                      num_latents=8, num_time_embeddings=4, max_frames=12))
   streams = {
-      "m3w": dict(source="synthetic_m3w", batch_size=8, weight=1.0, max_tokens=32, max_media=3, frames=1),
-      "align": dict(source="synthetic_pairs", batch_size=8, weight=0.2, max_tokens=16, max_media=1, frames=1),
-      "ltip": dict(source="synthetic_pairs", batch_size=8, weight=0.2, max_tokens=16, max_media=1, frames=1),
-      "vtp": dict(source="synthetic_video", batch_size=8, weight=0.03, max_tokens=16, max_media=1, frames=4),
+      "m3w": dict(source="interleaved", manual_dir="synthetic", batch_size=8, weight=1.0, max_tokens=32, max_media=3, frames=1),
+      "align": dict(source="image_text", manual_dir="synthetic", batch_size=8, weight=0.2, max_tokens=16, max_media=1, frames=1),
+      "ltip": dict(source="image_text", manual_dir="synthetic", batch_size=8, weight=0.2, max_tokens=16, max_media=1, frames=1),
+      "vtp": dict(source="video_text", manual_dir="synthetic", batch_size=8, weight=0.03, max_tokens=16, max_media=1, frames=4),
   }
   config = config_base.base_config(model, streams=streams, image_size=64, steps=300)
+  config.data.tokenizer_path = config_base.SYNTHETIC_TOKENIZER
   config.train.log_every = 10
   config.train.checkpoint_every = 100
   config.optim.learning_rate = 1e-3

@@ -1,0 +1,130 @@
+"""TFDS builders: raw files in a manual dir (sources.py formats) -> a prepared TFDS dataset.
+
+One builder per source kind. Datasets are written as ArrayRecord so that the pipeline reads
+them by index (`as_data_source`): per-process sharding by index and an exactly resumable
+iterator follow from that (pipeline.py). Images (and video frames) are stored as JPEG bytes
+that we encode and decode with PIL (`encode_image` / `sources.decode_image`), so reading needs
+no TensorFlow ops; the skip counts of the build go into the dataset's `metadata.json`
+(`info.metadata["skipped"]`).
+
+    builder = builders.make_builder("image_text", manual_dir="raw/laion", data_dir="tfds/laion")
+    builder.download_and_prepare()           # once; later runs reuse it
+"""
+
+import collections
+import io
+import os
+
+from absl import logging
+import numpy as np
+import tensorflow_datasets as tfds
+from PIL import Image
+
+from flamingo_jax.data import sources
+
+_JPEG_QUALITY = 95
+
+
+class _RawSourceBuilder(tfds.core.GeneratorBasedBuilder):
+  """Shared logic: read sources.read_source(KIND, manual_dir) into the 'train' split."""
+
+  KIND = ""
+  VERSION = tfds.core.Version("1.0.0")
+  MANUAL_DOWNLOAD_INSTRUCTIONS = "Point manual_dir at the folder of raw files (sources.py)."
+
+  def _info(self) -> tfds.core.DatasetInfo:
+    return tfds.core.DatasetInfo(builder=self, features=self._features(),
+                                 metadata=tfds.core.MetadataDict())
+
+  def _features(self) -> tfds.features.FeaturesDict:
+    raise NotImplementedError
+
+  def _split_generators(self, dl_manager):
+    return {"train": self._generate_examples(dl_manager.manual_dir)}
+
+  def _generate_examples(self, manual_dir):
+    counts = collections.Counter()
+    usable = 0
+    for key, example in sources.read_source(self.KIND, os.fspath(manual_dir), counts):
+      usable += 1
+      yield key, _encoded(example)
+    skipped = {reason: counts[reason] for reason in sources.SKIP_REASONS if counts[reason]}
+    self.info.metadata["skipped"] = skipped
+    self.info.metadata["usable"] = usable
+    logging.info("%s source %s: %d usable examples; skipped %s", self.KIND, manual_dir,
+                 usable, skipped or "none")
+    if not usable:
+      raise ValueError(f"{self.KIND} source {os.fspath(manual_dir)!r} has no usable example "
+                       f"(skipped: {skipped})")
+
+
+def _image() -> tfds.features.Tensor:
+  return tfds.features.Tensor(shape=(), dtype=np.object_)     # JPEG bytes
+
+
+def encode_image(image: np.ndarray) -> bytes:
+  buffer = io.BytesIO()
+  Image.fromarray(image).save(buffer, format="JPEG", quality=_JPEG_QUALITY)
+  return buffer.getvalue()
+
+
+def _encoded(example: dict) -> dict:
+  """Arrays of a canonical example (sources.py) -> JPEG bytes."""
+  example = dict(example)
+  for key in ("image",):
+    if key in example:
+      example[key] = encode_image(example[key])
+  for key in ("images", "frames"):
+    if key in example:
+      example[key] = [encode_image(x) for x in example[key]]
+  return example
+
+
+class Interleaved(_RawSourceBuilder):
+  """M3W-like documents: texts, images and where each image sits among the texts."""
+  KIND = "interleaved"
+
+  def _features(self):
+    return tfds.features.FeaturesDict({
+        "texts": tfds.features.Sequence(tfds.features.Text()),
+        "images": tfds.features.Sequence(_image()),
+        "image_index": tfds.features.Sequence(np.int32),
+    })
+
+
+class ImageText(_RawSourceBuilder):
+  """ALIGN / LTIP-like image-caption pairs."""
+  KIND = "image_text"
+
+  def _features(self):
+    return tfds.features.FeaturesDict({"image": _image(), "text": tfds.features.Text()})
+
+
+class VideoText(_RawSourceBuilder):
+  """VTP-like clips: all frames of the clip, its frame rate and a caption."""
+  KIND = "video_text"
+
+  def _features(self):
+    return tfds.features.FeaturesDict({
+        "frames": tfds.features.Sequence(_image()),
+        "fps": np.float32,
+        "text": tfds.features.Text(),
+    })
+
+
+BUILDERS = {cls.KIND: cls for cls in (Interleaved, ImageText, VideoText)}
+
+
+def make_builder(kind: str, manual_dir: str, data_dir: str) -> tfds.core.DatasetBuilder:
+  if kind not in BUILDERS:
+    raise ValueError(f"source kind {kind!r}; expected one of {sorted(BUILDERS)}")
+  del manual_dir  # given to download_and_prepare
+  return BUILDERS[kind](data_dir=data_dir, file_format="array_record")
+
+
+def prepare(kind: str, manual_dir: str, data_dir: str) -> tfds.core.DatasetBuilder:
+  """Builds the dataset unless `data_dir` already holds it; returns the builder."""
+  builder = make_builder(kind, manual_dir, data_dir)
+  builder.download_and_prepare(
+      download_config=tfds.download.DownloadConfig(manual_dir=manual_dir))
+  return builder
