@@ -27,6 +27,7 @@ setuptools.setup(
         "sentencepiece==0.2.3",
         "pillow==12.0.0",
         "importlib-resources==7.1.0",   # TFDS (etils) needs it for builders defined in a package
+        "etils==1.15.0",                # epath: workdirs on gs:// or local disk
     ],
     extras_require={
         "dev": ["pytest==9.2.0"],

@@ -66,6 +66,7 @@ def base_config(model: ml_collections.ConfigDict, *, streams: dict, image_size: 
       leading_space_prob=0.5,         # PAPER.md §3.3
       augment=dict(flip=False, color_jitter=0.0),
       synthetic_examples=2000,        # per stream, when manual_dir == "synthetic"
+      synthetic_image_size=96,        # their pixels (square; video frames too)
       prefetch=2,                     # batches queued ahead of the step
       workers=0,                      # decode threads; 0 = one per CPU
   ))
@@ -74,6 +75,8 @@ def base_config(model: ml_collections.ConfigDict, *, streams: dict, image_size: 
       mixing="accumulate",            # "accumulate" (PAPER.md §4) | "round_robin" (ablation)
       microbatches={name: 1 for name in streams},
       zero1=True,                     # shard optimizer state over 'data' (ZeRO stage 1)
+      max_consecutive_nonfinite=20,   # skipped (NaN/Inf) updates in a row that stop the run
+      peak_tflops_per_device=0.0,     # for MFU; 0 = known chips by device_kind (trainer.py)
   ))
   config.optim = ml_collections.ConfigDict(dict(   # PAPER.md §4
       learning_rate=1e-4, warmup_steps=5000, b1=0.9, b2=0.999, eps=1e-8,

@@ -29,3 +29,8 @@ def get_config(arg=None):
   config.precision.compute = "float32"       # bf16 matmuls are slow on CPU
   config.precision.frozen_params = "float32"
   return config_base.apply_variant(config, arg)
+
+
+def get_sweep():
+  """A 2 x 2 example sweep: learning rate x seed (launch/sweep.py)."""
+  return [{"optim.learning_rate": lr, "seed": seed} for lr in (1e-3, 3e-4) for seed in (0, 1)]

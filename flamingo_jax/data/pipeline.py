@@ -46,16 +46,17 @@ def synthetic_raw_dir(config: Any, name: str) -> str:
   return os.path.join(config.data.data_dir, "raw", name)
 
 
-def _write_synthetic(kind: str, directory: str, count: int, seed: int, spec: Any) -> None:
+def _write_synthetic(kind: str, directory: str, count: int, seed: int, spec: Any,
+                     size: int) -> None:
   if os.path.exists(os.path.join(directory, "_COMPLETE")):
     return
   if kind == "interleaved":
-    synthetic.write_interleaved(directory, count, seed)
+    synthetic.write_interleaved(directory, count, seed, size=size)
   elif kind == "image_text":
-    synthetic.write_image_text(directory, count, seed)
+    synthetic.write_image_text(directory, count, seed, size=size)
   else:
     synthetic.write_video_text(directory, count, seed, frames=max(8, spec.frames),
-                               fps=float(spec.get("frame_rate", 1.0)))
+                               fps=float(spec.get("frame_rate", 1.0)), size=size)
   open(os.path.join(directory, "_COMPLETE"), "w").close()
 
 
@@ -69,7 +70,8 @@ def prepare_stream(config: Any, name: str):
     manual_dir = synthetic_raw_dir(config, name)
     index = list(config.data.streams).index(name)
     _write_synthetic(spec.source, manual_dir, config.data.synthetic_examples,
-                     seed=1000 * config.seed + index, spec=spec)
+                     seed=1000 * config.seed + index, spec=spec,
+                     size=int(config.data.synthetic_image_size))
   elif not manual_dir:
     raise ValueError(f"config.data.streams.{name}.manual_dir is empty: the folder of raw "
                      f"{spec.source} files (sources.py), or {SYNTHETIC!r}")

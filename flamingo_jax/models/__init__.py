@@ -2,6 +2,6 @@
 
 from flamingo_jax.models.flamingo import (COMPONENTS, Flamingo, FlamingoStages, component_of,
                                           count_by_component, count_params, is_trainable, make_flamingo,
-                                          make_flamingo_stages, param_shapes,
+                                          make_flamingo_stages, param_shapes, VisionBatching,
                                           split_trainable)
 from flamingo_jax.models.gated_xattn import media_attention_mask, media_positions

@@ -9,7 +9,7 @@ decode many times: generation, scoring, RICES).
 """
 
 import re
-from typing import Any, Mapping, NamedTuple, Optional
+from typing import Any, Callable, Mapping, NamedTuple, Optional
 
 import haiku as hk
 import jax
@@ -31,14 +31,26 @@ def _is_concrete(x) -> bool:
   return not isinstance(x, jax.core.Tracer)
 
 
+# vision_batching(encode, frames) -> encode(frames): lets the caller lay the frozen encoder's
+# batch out on its mesh (training/train_step.py spreads it over every device); the model
+# itself knows no mesh. frames [BNT, H, W, 3] -> grid [BNT, h, w, C].
+VisionBatching = Callable[[Callable[[jax.Array], jax.Array], jax.Array], jax.Array]
+
+
+def _direct(encode: Callable[[jax.Array], jax.Array], frames: jax.Array) -> jax.Array:
+  return encode(frames)
+
+
 class Flamingo(hk.Module):
   """The whole model. Submodules are built inside methods: paths are `flamingo/<child>/...`."""
 
   def __init__(self, config: Any, *, compute_dtype: Any = jnp.float32,
+               vision_batching: Optional[VisionBatching] = None,
                name: Optional[str] = "flamingo"):
     super().__init__(name=name)
     self.config = config
     self.compute_dtype = jnp.dtype(compute_dtype)
+    self.vision_batching = vision_batching or _direct
 
   def _check_media(self, media: jax.Array) -> None:
     cfg = self.config
@@ -74,11 +86,15 @@ class Flamingo(hk.Module):
     b, n, t, h, w, c = media.shape
     r = cfg.resampler
     frames = media.reshape(b * n * t, h, w, c)                                   # [BNT, H, W, 3]
-    frames = ((frames.astype(jnp.float32) - PIXEL_MEAN) / PIXEL_STD).astype(self.compute_dtype)
     vision_trainable = cfg.vision.trainable
     encoder = nfnet.NFNet(cfg.vision.variant, activation=cfg.vision.activation,
                           stochdepth_rate=cfg.vision.stochdepth_rate, name="vision_encoder")
-    grid = encoder(frames, is_training=is_training and vision_trainable)         # [BNT, h, w, C]
+
+    def encode(frames):
+      x = ((frames.astype(jnp.float32) - PIXEL_MEAN) / PIXEL_STD).astype(self.compute_dtype)
+      return encoder(x, is_training=is_training and vision_trainable)          # [BNT, h, w, C]
+
+    grid = self.vision_batching(encode, frames)
     if not vision_trainable:
       grid = jax.lax.stop_gradient(grid)  # frozen tower: no backward pass through it
     features = grid.reshape(b, n, t, -1, grid.shape[-1])                         # [B, N, T, S, C]
@@ -120,12 +136,13 @@ class Flamingo(hk.Module):
     return self.decode(input_ids, visual)
 
 
-def make_flamingo(config: Any, *, compute_dtype: Any = jnp.float32) -> hk.Transformed:
+def make_flamingo(config: Any, *, compute_dtype: Any = jnp.float32,
+                  vision_batching: Optional[VisionBatching] = None) -> hk.Transformed:
   """DESIGN.md §5: init(rng, input_ids, media); apply(params, rng, input_ids, media, is_training)."""
 
   def forward(input_ids, media, is_training: bool = False):
-    return Flamingo(config, compute_dtype=compute_dtype)(input_ids, media,
-                                                          is_training=is_training)
+    return Flamingo(config, compute_dtype=compute_dtype, vision_batching=vision_batching)(
+        input_ids, media, is_training=is_training)
 
   return hk.transform(forward)
 

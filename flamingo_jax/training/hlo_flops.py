@@ -3,8 +3,12 @@
 XLA's `cost_analysis()` counts a `while` body once, so a model whose layers run under
 `lax.scan` (ours: hk.layer_stack) reports a fraction of its real FLOPs. This walks the
 optimised HLO text instead: every `dot` and `convolution`, in every computation reachable from
-ENTRY, times the `known_trip_count` of each enclosing while loop. Elementwise work is not
-counted — the same convention as the analytic count (training/flops.py).
+ENTRY, times the trip count of each enclosing while loop. Elementwise work is not counted —
+the same convention as the analytic count (training/flops.py).
+
+Trip counts: the loop's `known_trip_count` backend config where XLA keeps it (CPU, GPU);
+otherwise (TPU strips it) the bound of its condition, `i < N` against a scalar constant, for a
+counter that starts at 0 and steps by 1 (what `lax.scan` lowers to).
 """
 
 import math
@@ -16,6 +20,9 @@ _PARAM = re.compile(r"([\w.\-]+):\s*([a-z]\w*)\[([\d,]*)\]")
 _INSTR = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*(?:\(.*?\)|([a-z]\w*)\[([\d,]*)\])\S*\s+([\w\-]+)\((.*)$")
 _CALLS = re.compile(r"\b(calls|body|to_apply|branch_computations|called_computations)=\{?%?([\w.\-, %]+)\}?")
 _TRIP = re.compile(r'"known_trip_count":\{"n":"(\d+)"\}')
+_CONDITION = re.compile(r"condition=%?([\w.\-]+)")
+_CONSTANT = re.compile(r"^\s*%?([\w.\-]+)\s*=\s*s32\[\]\S*\s+constant\((\d+)\)")
+_LESS_THAN = re.compile(r"compare\(%?[\w.\-]+,\s*%?([\w.\-]+)\),\s*direction=LT")
 
 
 def _dims(text: str) -> tuple[int, ...]:
@@ -32,7 +39,9 @@ class _Computation:
     self.name = name
     self.shapes: dict[str, tuple[int, ...]] = {}
     self.flops = 0.0
-    self.calls: list[tuple[str, float]] = []  # (callee, multiplier)
+    self.calls: list[tuple[str, float | str]] = []  # (callee, multiplier | condition name)
+    self.constants: dict[str, int] = {}
+    self.loop_bound: Optional[int] = None    # N of a condition computation `i < N`
 
 
 def _dot_flops(out, lhs, attrs: str) -> float:
@@ -64,6 +73,12 @@ def parse(hlo_text: str) -> dict[str, _Computation]:
       continue
     if current is None:
       continue
+    constant = _CONSTANT.match(line)
+    if constant:
+      current.constants[constant.group(1)] = int(constant.group(2))
+    less = _LESS_THAN.search(line)
+    if less and less.group(1) in current.constants:
+      current.loop_bound = current.constants[less.group(1)]
     instr = _INSTR.match(line)
     if not instr:
       continue
@@ -76,12 +91,15 @@ def parse(hlo_text: str) -> dict[str, _Computation]:
     elif op == "convolution" and len(operands) >= 2 and operands[1] in current.shapes:
       current.flops += _conv_flops(out, current.shapes[operands[1]], rest)
     trip = _TRIP.search(rest)
+    condition = _CONDITION.search(rest)
     for kind, callees in _CALLS.findall(rest):
       for callee in re.split(r"[,\s]+", callees):
         callee = callee.strip().lstrip("%")
         if not callee:
           continue
-        multiplier = float(trip.group(1)) if (kind == "body" and trip) else 1.0
+        multiplier = 1.0
+        if kind == "body":
+          multiplier = float(trip.group(1)) if trip else (condition.group(1) if condition else 1.0)
         current.calls.append((callee, multiplier))
   computations["__entry__"] = computations[entry]
   return computations
@@ -92,13 +110,19 @@ def count(hlo_text: str) -> float:
   computations = parse(hlo_text)
   memo: dict[str, float] = {}
 
+  def trips(multiplier) -> float:
+    if isinstance(multiplier, str):            # a while loop without known_trip_count
+      condition = computations.get(multiplier)
+      return float(condition.loop_bound) if condition and condition.loop_bound else 1.0
+    return multiplier
+
   def total(name: str, depth: int = 0) -> float:
     if name in memo:
       return memo[name]
     comp: Optional[_Computation] = computations.get(name)
     if comp is None or depth > 200:
       return 0.0
-    value = comp.flops + sum(m * total(callee, depth + 1) for callee, m in comp.calls)
+    value = comp.flops + sum(trips(m) * total(callee, depth + 1) for callee, m in comp.calls)
     memo[name] = value
     return value
 

@@ -97,6 +97,31 @@ def make_loss_and_grads(config: Any, model: hk.Transformed) -> Callable:
   return loss_and_grads
 
 
+def spread_vision_batch(mesh: Mesh) -> models.VisionBatching:
+  """The frozen NFNet is replicated over 'model' (partition rules), so left alone every model
+  shard would encode the same images (16x the vision FLOPs on the 80B mesh). Instead each
+  data shard's images are padded to a multiple of the model axis and split over it; the
+  features are gathered back to the 'data' layout the resampler expects."""
+  data, model = mesh.shape[sharding.DATA], mesh.shape[sharding.MODEL]
+  both = NamedSharding(mesh, P((sharding.DATA, sharding.MODEL)))
+  by_data = NamedSharding(mesh, P(sharding.DATA))
+
+  def batching(encode, frames):
+    total = frames.shape[0]
+    if model == 1 or total % data:
+      return encode(frames)
+    per_shard = total // data
+    padded = -(-per_shard // model) * model
+    x = frames.reshape(data, per_shard, *frames.shape[1:])                     # [D, n, H, W, 3]
+    x = jnp.pad(x, [(0, 0), (0, padded - per_shard)] + [(0, 0)] * (x.ndim - 2))
+    x = x.reshape(data * padded, *frames.shape[1:])                            # [D*n', H, W, 3]
+    grid = encode(jax.lax.with_sharding_constraint(x, both))
+    grid = jax.lax.with_sharding_constraint(grid, by_data)
+    grid = grid.reshape(data, padded, *grid.shape[1:])[:, :per_shard]         # [D, n, h, w, C]
+    return grid.reshape(total, *grid.shape[2:])
+  return batching
+
+
 def make_train_setup(config: Any, mesh: Mesh | None = None,
                      rules=sharding.PARTITION_RULES) -> TrainSetup:
   """Builds model, optimizer, shardings and the jitted init and step for `config` on `mesh`."""
@@ -109,7 +134,8 @@ def make_train_setup(config: Any, mesh: Mesh | None = None,
   if config.train.mixing not in ("accumulate", "round_robin"):
     raise ValueError(f"train.mixing={config.train.mixing!r}; expected 'accumulate' or 'round_robin'")
 
-  model = models.make_flamingo(config.model, compute_dtype=precision.dtype(config.precision.compute))
+  model = models.make_flamingo(config.model, compute_dtype=precision.dtype(config.precision.compute),
+                               vision_batching=spread_vision_batch(mesh))
   tx = optimizer_lib.make_optimizer(config.optim)
   frozen_dtype = precision.dtype(config.precision.frozen_params)
   zero1_axis = data_axis if config.train.zero1 else 1

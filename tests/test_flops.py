@@ -1,0 +1,60 @@
+"""Compiled-FLOPs counting (hlo_flops) and the spreading of the frozen encoder's batch."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from flamingo_jax.training import hlo_flops
+from flamingo_jax.training import sharding
+from flamingo_jax.training import train_step
+
+
+def test_scanned_matmuls_are_counted_by_trip_count():
+  def f(x, ws):                       # 7 layers of [4, 32] @ [32, 32] under scan
+    return jax.lax.scan(lambda h, w: (h @ w, None), x, ws)[0]
+  compiled = jax.jit(f).lower(jnp.zeros((4, 32)), jnp.zeros((7, 32, 32))).compile()
+  assert hlo_flops.count(compiled.as_text()) == 7 * 2 * 4 * 32 * 32
+
+
+def test_trip_count_from_the_loop_condition_when_xla_drops_it():
+  """TPU executables carry no known_trip_count: the bound comes from `i < N`."""
+  hlo = """
+%body (p: (s32[], f32[4,8])) -> (s32[], f32[4,8]) {
+  %p = (s32[], f32[4,8]) parameter(0)
+  %w = f32[8,8] constant({...})
+  %h = f32[4,8] get-tuple-element(%p), index=1
+  %d = f32[4,8] dot(%h, %w), lhs_contracting_dims={1}, rhs_contracting_dims={0}
+  ROOT %t = (s32[], f32[4,8]) tuple(%p, %d)
+}
+
+%cond (q: (s32[], f32[4,8])) -> pred[] {
+  %c = s32[]{:T(128)} constant(12)
+  %q = (s32[], f32[4,8]) parameter(0)
+  %i = s32[] get-tuple-element(%q), index=0
+  ROOT %lt = pred[] compare(%i, %c), direction=LT
+}
+
+ENTRY %main (x: f32[4,8]) -> f32[4,8] {
+  %x = f32[4,8] parameter(0)
+  %init = (s32[], f32[4,8]) tuple(%x, %x)
+  %loop = (s32[], f32[4,8]) while(%init), condition=%cond, body=%body
+  ROOT %out = f32[4,8] get-tuple-element(%loop), index=1
+}
+"""
+  assert hlo_flops.count(hlo) == 12 * 2 * 4 * 8 * 8
+
+
+def test_vision_batch_is_spread_over_every_device_and_padded():
+  """data=2 x model=4, 6 frames per data shard (padded to 8): each device encodes 2 frames,
+  and the result equals encoding all frames in one place."""
+  mesh = sharding.make_mesh(2, 4)
+  batching = train_step.spread_vision_batch(mesh)
+  weights = jnp.asarray(np.random.RandomState(0).randn(16, 16), jnp.float32)
+  encode = lambda frames: frames @ weights                         # [BNT, 16] -> [BNT, 16]
+  frames = jnp.asarray(np.random.RandomState(1).randn(12, 16), jnp.float32)
+  frames = jax.device_put(frames, NamedSharding(mesh, P("data")))
+  spread = jax.jit(lambda f: batching(encode, f))
+  np.testing.assert_allclose(spread(frames), encode(frames), rtol=1e-6)
+  per_device = hlo_flops.count(spread.lower(frames).compile().as_text())
+  assert per_device == 2 * 16 * 16 * 2                             # 2 frames per device
