@@ -14,6 +14,7 @@ no TensorFlow ops; the skip counts of the build go into the dataset's `metadata.
 import collections
 import io
 import os
+import sys
 
 from absl import logging
 import numpy as np
@@ -125,6 +126,8 @@ def make_builder(kind: str, manual_dir: str, data_dir: str) -> tfds.core.Dataset
 def prepare(kind: str, manual_dir: str, data_dir: str) -> tfds.core.DatasetBuilder:
   """Builds the dataset unless `data_dir` already holds it; returns the builder."""
   builder = make_builder(kind, manual_dir, data_dir)
+  if not sys.stderr.isatty():
+    tfds.disable_progress_bar()       # progress bars only on a terminal, not in logs
   builder.download_and_prepare(
       download_config=tfds.download.DownloadConfig(manual_dir=manual_dir))
   return builder

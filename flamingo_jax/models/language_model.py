@@ -25,6 +25,15 @@ from flamingo_jax.models import attention
 from flamingo_jax.models import gated_xattn
 
 
+# Rematerialisation of each LM / xattn block in the backward pass:
+#   none  keep every activation (fastest, most memory)
+#   full  keep only block inputs, recompute the block (one extra forward: ~+33-50% FLOPs)
+#   dots  keep matmul outputs, recompute only elementwise work and attention scores
+#         (about the FLOPs of "none", activations ~ one [tokens, width] per matmul)
+REMAT_POLICIES = {"none": None, "full": None,
+                  "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable}
+
+
 class DecoderBlock(hk.Module):
   """Pre-norm LM block: causal self-attention with rotary positions, then a GeLU FFW."""
 
@@ -55,7 +64,7 @@ class LanguageModel(hk.Module):
                key_size: int, ffw_size: int, activation: str, rotary_max_wavelength: float,
                xattn_every: int, xattn_num_heads: int, xattn_key_size: int,
                xattn_ffw_mult: int, only_attend_immediate_media: bool,
-               new_token_ids: Sequence[int], remat: bool = False,
+               new_token_ids: Sequence[int], remat: str = "none",
                name: Optional[str] = "language_model"):
     super().__init__(name=name)
     if not 1 <= xattn_every <= num_layers:
@@ -68,7 +77,10 @@ class LanguageModel(hk.Module):
     self.dim = dim
     self.xattn_every = xattn_every
     self.new_token_ids = tuple(new_token_ids)
-    self.remat = remat
+    # Bools accepted for older configs: True = "full", False = "none".
+    self.remat = {True: "full", False: "none"}.get(remat, remat)
+    if self.remat not in REMAT_POLICIES:
+      raise ValueError(f"remat={remat!r}; expected one of {sorted(REMAT_POLICIES)}")
     self._block_kwargs = dict(num_heads=num_heads, key_size=key_size, ffw_size=ffw_size,
                               activation=activation,
                               rotary_max_wavelength=rotary_max_wavelength)
@@ -104,7 +116,9 @@ class LanguageModel(hk.Module):
     causal = jnp.tril(jnp.ones((length, length), dtype=bool))[None, None]       # [1, 1, L, L]
 
     def maybe_remat(f):
-      return hk.remat(f) if self.remat else f
+      if self.remat == "none":
+        return f
+      return hk.remat(f, policy=REMAT_POLICIES[self.remat])
 
     def xattn(x, name):
       if visual is None:

@@ -88,7 +88,8 @@ def compile_report(config, topology: str, mesh_text: str = "", round_to_mesh: bo
   analytic = flops_lib.train_step_flops(config)
   # Per-device SPMD program; loops counted by trip count (XLA's cost_analysis counts a
   # scanned layer once, so its figure is reported too but is not the step's FLOPs).
-  compiled_flops = hlo_flops.count(compiled.as_text()) * num_devices
+  by_part = hlo_flops.breakdown(compiled.as_text())
+  compiled_flops = sum(by_part.values()) * num_devices
   return {
       "topology": topology, "device_kind": kind, "devices": num_devices,
       "mesh": {"data": data_axis, "model": mesh.shape[sharding.MODEL]},
@@ -106,6 +107,7 @@ def compile_report(config, topology: str, mesh_text: str = "", round_to_mesh: bo
       "compiled_over_analytic": compiled_flops / analytic["total"] if analytic["total"] else None,
       "xla_cost_analysis_flops_loops_once": float(cost.get("flops", 0.0)) * num_devices,
       "analytic_flops_by_component": analytic["by_component"],
+      "compiled_flops_by_part": {k: v * num_devices for k, v in sorted(by_part.items())},
       "compile_seconds": round(seconds, 1),
   }
 

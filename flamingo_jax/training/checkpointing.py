@@ -43,6 +43,12 @@ def _abstract_savable(setup: train_step.TrainSetup) -> train_step.TrainState:
   return state
 
 
+def restore_args(setup: train_step.TrainSetup) -> ocp.args.Composite:
+  """Restores a step's train state (rng as key data) into `setup`'s shardings, and its data."""
+  return ocp.args.Composite(**{_STATE: ocp.args.StandardRestore(_abstract_savable(setup)),
+                               _DATA: ocp.args.JsonRestore()})
+
+
 def gather_process_states(local_state: dict) -> list[dict]:
   """Every process's iterator state, on every process (a JSON string per process)."""
   data = json.dumps(local_state).encode()
@@ -83,11 +89,9 @@ class Checkpointer:
   def restore(self, setup: train_step.TrainSetup) -> tuple[train_step.TrainState, dict] | None:
     """(state, this process's iterator state) of the newest loadable step, or None if none."""
     steps = self.all_steps()
-    target = _abstract_savable(setup)
     for step in reversed(steps):
       try:
-        restored = self.manager.restore(step, args=ocp.args.Composite(**{
-            _STATE: ocp.args.StandardRestore(target), _DATA: ocp.args.JsonRestore()}))
+        restored = self.manager.restore(step, args=restore_args(setup))
         state, data = restored[_STATE], restored[_DATA]
         if int(state.step) != step:
           raise ValueError(f"state.step {int(state.step)} != directory step {step}")

@@ -39,6 +39,7 @@ class _Computation:
     self.name = name
     self.shapes: dict[str, tuple[int, ...]] = {}
     self.flops = 0.0
+    self.flops_by: dict[str, float] = {}      # by classify(op_name)
     self.calls: list[tuple[str, float | str]] = []  # (callee, multiplier | condition name)
     self.constants: dict[str, int] = {}
     self.loop_bound: Optional[int] = None    # N of a condition computation `i < N`
@@ -57,6 +58,21 @@ def _conv_flops(out, rhs, attrs: str) -> float:
   kernel_labels = match.group(1)
   out_features = rhs[kernel_labels.index("o")]
   return 2.0 * math.prod(out) * math.prod(rhs) / out_features
+
+
+_OP_NAME = re.compile(r'op_name="([^"]*)"')
+
+
+def classify(op_name: str) -> str:
+  """'<component>/<forward|backward>' from an instruction's op_name (the Haiku path in it)."""
+  component = "other"
+  for key, pattern in (("vision", "vision_encoder"), ("resampler", "perceiver_resampler"),
+                       ("xattn", "xattn"), ("lm", "language_model")):
+    if pattern in op_name:
+      component = key
+      break
+  direction = "backward" if "transpose(" in op_name else "forward"
+  return f"{component}/{direction}"
 
 
 def parse(hlo_text: str) -> dict[str, _Computation]:
@@ -86,10 +102,16 @@ def parse(hlo_text: str) -> dict[str, _Computation]:
     out = _dims(dims) if dims is not None else ()
     current.shapes[name] = out
     operands = _operands(rest)
+    flops = 0.0
     if op == "dot" and len(operands) >= 2 and operands[0] in current.shapes:
-      current.flops += _dot_flops(out, current.shapes[operands[0]], rest)
+      flops = _dot_flops(out, current.shapes[operands[0]], rest)
     elif op == "convolution" and len(operands) >= 2 and operands[1] in current.shapes:
-      current.flops += _conv_flops(out, current.shapes[operands[1]], rest)
+      flops = _conv_flops(out, current.shapes[operands[1]], rest)
+    if flops:
+      current.flops += flops
+      op_name = _OP_NAME.search(rest)
+      key = classify(op_name.group(1) if op_name else "")
+      current.flops_by[key] = current.flops_by.get(key, 0.0) + flops
     trip = _TRIP.search(rest)
     condition = _CONDITION.search(rest)
     for kind, callees in _CALLS.findall(rest):
@@ -107,8 +129,13 @@ def parse(hlo_text: str) -> dict[str, _Computation]:
 
 def count(hlo_text: str) -> float:
   """Total dot + convolution FLOPs of the program (per device for an SPMD program)."""
+  return sum(breakdown(hlo_text).values())
+
+
+def breakdown(hlo_text: str) -> dict[str, float]:
+  """Dot + convolution FLOPs by `classify` key ('lm/backward', ...), loops counted."""
   computations = parse(hlo_text)
-  memo: dict[str, float] = {}
+  memo: dict[str, dict[str, float]] = {}
 
   def trips(multiplier) -> float:
     if isinstance(multiplier, str):            # a while loop without known_trip_count
@@ -116,13 +143,16 @@ def count(hlo_text: str) -> float:
       return float(condition.loop_bound) if condition and condition.loop_bound else 1.0
     return multiplier
 
-  def total(name: str, depth: int = 0) -> float:
+  def total(name: str, depth: int = 0) -> dict[str, float]:
     if name in memo:
       return memo[name]
     comp: Optional[_Computation] = computations.get(name)
     if comp is None or depth > 200:
-      return 0.0
-    value = comp.flops + sum(trips(m) * total(callee, depth + 1) for callee, m in comp.calls)
+      return {}
+    value = dict(comp.flops_by)
+    for callee, multiplier in comp.calls:
+      for key, flops in total(callee, depth + 1).items():
+        value[key] = value.get(key, 0.0) + trips(multiplier) * flops
     memo[name] = value
     return value
 

@@ -197,6 +197,11 @@ def train(config: Any, workdir: str, allow_config_change: bool = False) -> dict:
   mesh = sharding.make_mesh(config.mesh.data, config.mesh.model)
   setup = train_step.make_train_setup(config, mesh)
   ckpt = checkpointing.Checkpointer(workdir, config.train.keep_checkpoints)
+  if jax.process_count() > 1:          # one process builds the datasets, the others wait
+    if jax.process_index() == 0:
+      for name in config.data.streams:
+        pipeline_lib.prepare_stream(config, name)
+    multihost_utils.sync_global_devices("datasets prepared")
   pipe = pipeline_lib.InputPipeline(config, jax.process_index(), jax.process_count())
   state, frozen, data_state = _initial_state(config, setup, ckpt)
   if data_state is not None:
