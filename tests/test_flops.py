@@ -58,3 +58,17 @@ def test_vision_batch_is_spread_over_every_device_and_padded():
   np.testing.assert_allclose(spread(frames), encode(frames), rtol=1e-6)
   per_device = hlo_flops.count(spread.lower(frames).compile().as_text())
   assert per_device == 2 * 16 * 16 * 2                             # 2 frames per device
+
+
+def test_grouped_convolution_as_tpu_writes_it():
+  """TPU: a 2-group 3x3 conv (8 -> 16 channels per group) as a dense conv over a group
+  dimension of window 2 with lhs_dilate 2: only the taps on real inputs count."""
+  hlo = """
+ENTRY %main (x: f32[1,4,4,2,8], w: f32[3,3,8,2,16]) -> f32[1,4,4,2,16] {
+  %x = f32[1,4,4,2,8] parameter(0)
+  %w = f32[3,3,8,2,16] parameter(1)
+  ROOT %c = f32[1,4,4,2,16]{4,3,2,1,0} convolution(%x, %w), window={size=3x3x2 pad=1_1x1_1x0_0 lhs_dilate=1x1x2}, dim_labels=b012f_01i2o->b012f
+}
+"""
+  outputs, taps = 4 * 4 * 2 * 16, 3 * 3 * 8           # per output: 3x3 window x 8 inputs
+  assert hlo_flops.count(hlo) == 2 * outputs * taps

@@ -211,3 +211,24 @@ def test_config_change_in_the_same_workdir_is_an_error_naming_the_keys(tiny_conf
   trainer.check_config(changed, workdir, allow_change=True)
   with open(os.path.join(workdir, "config.json")) as f:
     assert json.load(f)["optim"]["learning_rate"] == 3e-4
+
+
+def test_frozen_towers_load_from_init_checkpoints(tiny_config, tmp_path):
+  import haiku as hk  # pylint: disable=g-import-not-at-top
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  from flamingo_jax import models  # pylint: disable=g-import-not-at-top
+  config = small_config(tiny_config, tmp_path)
+  setup = train_step.make_train_setup(config, sharding.make_mesh(-1, 1))
+  _, frozen = setup.init(jax.random.key(0))
+  _, other = setup.init(jax.random.key(1))               # "pretrained" towers: other values
+  lm, _ = hk.data_structures.partition(
+      lambda module, name, value: models.component_of(module) == "lm", other)
+  path = str(tmp_path / "lm_ckpt")
+  saver = ocp.StandardCheckpointer()
+  saver.save(path, lm)
+  saver.wait_until_finished()
+  config.model.lm.init_checkpoint = path
+  loaded = trainer.load_init_checkpoints(config.model, frozen, setup)
+  for module, name, value in hk.data_structures.traverse(loaded):
+    source = other if models.component_of(module) == "lm" else frozen
+    np.testing.assert_array_equal(value, source[module][name], err_msg=f"{module}/{name}")

@@ -11,6 +11,7 @@ import json
 
 from absl import app
 from absl import flags
+from absl import logging
 import haiku as hk
 import jax
 import jax.numpy as jnp
@@ -77,6 +78,8 @@ def probe(config, workdir: str, count: int, seed: int) -> dict:
 
 def main(argv):
   del argv
+  if not flags.FLAGS["verbosity"].present:
+    logging.set_verbosity(logging.WARNING)     # orbax logs every file it reads at INFO
   report = probe(_CONFIG.value, _WORKDIR.value, _EXAMPLES.value, _SEED.value)
   if _JSON.value:
     print(json.dumps(report))

@@ -52,12 +52,18 @@ def _dot_flops(out, lhs, attrs: str) -> float:
 
 
 def _conv_flops(out, rhs, attrs: str) -> float:
+  """2 x outputs x kernel taps that meet real input. An input dilated by d (lhs_dilate) puts
+  d-1 zeros between elements, so only 1/d of a window's taps do work: TPU rewrites a grouped
+  convolution as a dense one over a group dimension dilated by the group count, and the
+  data-gradient of a strided convolution dilates by the stride."""
   match = re.search(r"dim_labels=\w+_(\w+)->", attrs)
   if not match:
     return 0.0
   kernel_labels = match.group(1)
   out_features = rhs[kernel_labels.index("o")]
-  return 2.0 * math.prod(out) * math.prod(rhs) / out_features
+  dilation = re.search(r"lhs_dilate=([\dx]+)", attrs)
+  dilated = math.prod(int(d) for d in dilation.group(1).split("x")) if dilation else 1
+  return 2.0 * math.prod(out) * math.prod(rhs) / out_features / dilated
 
 
 _OP_NAME = re.compile(r'op_name="([^"]*)"')

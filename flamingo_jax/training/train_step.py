@@ -116,7 +116,8 @@ def spread_vision_batch(mesh: Mesh) -> models.VisionBatching:
     x = jnp.pad(x, [(0, 0), (0, padded - per_shard)] + [(0, 0)] * (x.ndim - 2))
     x = x.reshape(data * padded, *frames.shape[1:])                            # [D*n', H, W, 3]
     grid = encode(jax.lax.with_sharding_constraint(x, both))
-    grid = jax.lax.with_sharding_constraint(grid, by_data)
+    grid = jax.lax.with_sharding_constraint(grid, both)       # computed spread out, then
+    grid = jax.lax.with_sharding_constraint(grid, by_data)    # gathered over 'model'
     grid = grid.reshape(data, padded, *grid.shape[1:])[:, :per_shard]         # [D, n, h, w, C]
     return grid.reshape(total, *grid.shape[2:])
   return batching
