@@ -7,8 +7,8 @@ that we encode and decode with PIL (`encode_image` / `sources.decode_image`), so
 no TensorFlow ops; the skip counts of the build go into the dataset's `metadata.json`
 (`info.metadata["skipped"]`).
 
-    builder = builders.make_builder("image_text", manual_dir="raw/laion", data_dir="tfds/laion")
-    builder.download_and_prepare()           # once; later runs reuse it
+    builder = builders.prepare("image_text", manual_dir="raw/laion", data_dir="tfds/laion")
+    source = builder.as_data_source(split="train")   # built once; later calls reuse it
 """
 
 import collections
@@ -116,16 +116,15 @@ class VideoText(_RawSourceBuilder):
 BUILDERS = {cls.KIND: cls for cls in (Interleaved, ImageText, VideoText)}
 
 
-def make_builder(kind: str, manual_dir: str, data_dir: str) -> tfds.core.DatasetBuilder:
+def make_builder(kind: str, data_dir: str) -> tfds.core.DatasetBuilder:
   if kind not in BUILDERS:
     raise ValueError(f"source kind {kind!r}; expected one of {sorted(BUILDERS)}")
-  del manual_dir  # given to download_and_prepare
   return BUILDERS[kind](data_dir=data_dir, file_format="array_record")
 
 
 def prepare(kind: str, manual_dir: str, data_dir: str) -> tfds.core.DatasetBuilder:
   """Builds the dataset unless `data_dir` already holds it; returns the builder."""
-  builder = make_builder(kind, manual_dir, data_dir)
+  builder = make_builder(kind, data_dir)
   if not sys.stderr.isatty():
     tfds.disable_progress_bar()       # progress bars only on a terminal, not in logs
   builder.download_and_prepare(
