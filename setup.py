@@ -20,9 +20,11 @@ setuptools.setup(
         "jmp==0.0.4",
         "absl-py==2.5.1",
         "numpy==2.4.6",
-        # Data pipeline (flamingo_jax/data): TFDS builders read with tf.data; TF also writes
-        # the TensorBoard event files.
+        # Data pipeline (flamingo_jax/data): TFDS builders read with tf.data.
         "tensorflow-cpu==2.21.0",
+        # tf.summary's implementation (trainer's TensorBoard event files); TF no longer
+        # depends on it.
+        "tensorboard==2.21.0",
         "tensorflow-datasets==4.9.10",
         "sentencepiece==0.2.3",
         "pillow==12.0.0",

@@ -35,6 +35,12 @@ def env(devices):
               JAX_PLATFORMS="cpu")
 
 
+def train(command, devices):
+  """Runs train.py to completion; a failure shows the run's own output, not just its status."""
+  result = subprocess.run(command, env=env(devices), cwd=REPO, capture_output=True, text=True)
+  assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+
+
 def losses(workdir):
   with open(os.path.join(workdir, "metrics.jsonl")) as f:
     records = [json.loads(line) for line in f]
@@ -47,8 +53,7 @@ def losses(workdir):
 def test_sigterm_and_resume_log_exactly_the_same_losses(tmp_path):
   data = str(tmp_path / "data")
   straight, resumed = str(tmp_path / "straight"), str(tmp_path / "resumed")
-  subprocess.run(train_command(straight, data, 40), env=env(1), check=True, cwd=REPO,
-                 capture_output=True)
+  train(train_command(straight, data, 40), devices=1)
   proc = subprocess.Popen(train_command(resumed, data, 40), env=env(1), cwd=REPO,
                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
   metrics = os.path.join(resumed, "metrics.jsonl")
@@ -62,8 +67,7 @@ def test_sigterm_and_resume_log_exactly_the_same_losses(tmp_path):
   stopped_at = max(losses(resumed))
   assert 15 <= stopped_at < 40, stopped_at
   assert stopped_at in [int(d) for d in os.listdir(os.path.join(resumed, "checkpoints"))]
-  subprocess.run(train_command(resumed, data, 40), env=env(1), check=True, cwd=REPO,
-                 capture_output=True)
+  train(train_command(resumed, data, 40), devices=1)
   expected, got = losses(straight), losses(resumed)
   assert sorted(got) == list(range(1, 41))
   assert got == expected                                 # float equality, data order included
@@ -74,8 +78,7 @@ def test_two_processes_match_one_process(tmp_path):
   """2 processes x 2 devices (gloo) vs 1 process x 4 devices: same losses for 10 steps."""
   data = str(tmp_path / "data")
   one = str(tmp_path / "one")
-  subprocess.run(train_command(one, data, 10), env=env(4), check=True, cwd=REPO,
-                 capture_output=True)
+  train(train_command(one, data, 10), devices=4)
   with socket.socket() as s:
     s.bind(("127.0.0.1", 0))
     port = s.getsockname()[1]
