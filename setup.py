@@ -32,7 +32,7 @@ setuptools.setup(
         "etils==1.15.0",                # epath: workdirs on gs:// or local disk
     ],
     extras_require={
-        "dev": ["pytest==9.2.0"],
+        "dev": ["pytest==9.2.0", "pytest-xdist==3.8.0"],   # tests/run.sh runs files in parallel
         # libtpu lets a CPU-only machine compile for TPU topologies (tools/aot_compile.py).
         "tpu": ["libtpu==0.0.42.1"],
         "convert": ["torch", "transformers"],

@@ -1,8 +1,14 @@
 #!/usr/bin/env bash
 # The README's test command: installs into .venv if needed, then runs the whole suite.
-# Fails on any failing test and when no test ran (pytest exit 5). Extra args go to pytest.
+# Fails on any failing test and when no test ran (pytest exit 5). Extra args go to pytest
+# (e.g. a file, -k NAME, -m "not slow"); TEST_WORKERS=1 runs in one process.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source launch/install.sh dev,tpu
 export JAX_PLATFORMS=cpu
-exec "$PYTHON" -m pytest tests -q --durations=10 "$@"
+# One file per worker (module fixtures computed once); the two heaviest files first, so they
+# start together instead of queueing behind the quick ones.
+if [[ $# -eq 0 ]]; then
+  set -- tests/test_trainer.py tests/test_train_step.py tests
+fi
+exec "$PYTHON" -m pytest -q --durations=10 -n "${TEST_WORKERS:-auto}" --dist loadfile "$@"

@@ -15,14 +15,14 @@ from train_helpers import global_relative_error, leaves_by_path, max_leaf_relati
 
 @pytest.fixture(scope="module")
 def reference(tiny_config):
-  """Tiny config, float32 compute, one device, 3 steps."""
-  return run(tiny_config, 1, 1)
+  """Tiny config (m3w images + vtp video), float32 compute, one device, 3 steps."""
+  return run(two_stream(tiny_config), 1, 1)
 
 
 @pytest.mark.parametrize("data,model", [(4, 2), (2, 4)])
 def test_sharded_runs_match_one_device_float32(tiny_config, reference, data, model):
   ref_metrics, ref_state, *_ = reference
-  metrics, state, _, _, setup = run(tiny_config, data, model)
+  metrics, state, _, _, setup = run(two_stream(tiny_config), data, model)
   for ref, got in zip(ref_metrics, metrics):
     for key in ("loss", "grad_norm", "loss/m3w", "loss/vtp"):
       assert relative_error(got[key], ref[key]) < 1e-5, (key, got[key], ref[key])
@@ -38,14 +38,18 @@ def test_sharded_runs_match_one_device_float32(tiny_config, reference, data, mod
   assert "data" in mu.spec and "model" in mu.spec
 
 
-def test_sharded_run_matches_one_device_bfloat16(tiny_config):
+def test_sharded_bfloat16_run_tracks_one_device_float32(tiny_config, reference):
+  """bf16 activations and frozen towers on a 4x2 mesh against the float32 one-device run:
+  loss and gradient norm within bf16 accuracy (its 8-bit mantissa: ~4e-3 per rounding)."""
   config = with_overrides(two_stream(tiny_config), **{"precision.compute": "bfloat16",
                                                        "precision.frozen_params": "bfloat16"})
-  ref_metrics, ref_state, *_ = run(config, 1, 1)
-  metrics, state, *_ = run(config, 4, 2)
+  ref_metrics, ref_state, *_ = reference
+  metrics, state, _, frozen, _ = run(config, 4, 2)
+  assert {x.dtype for x in jax.tree.leaves(frozen)} == {np.dtype(jnp.bfloat16)}
+  assert {x.dtype for x in jax.tree.leaves(state.params)} == {np.dtype(np.float32)}
   for ref, got in zip(ref_metrics, metrics):
-    assert relative_error(got["loss"], ref["loss"]) < 2e-2
-    assert relative_error(got["grad_norm"], ref["grad_norm"]) < 2e-2
+    assert relative_error(got["loss"], ref["loss"]) < 2e-2, (got["loss"], ref["loss"])
+    assert relative_error(got["grad_norm"], ref["grad_norm"]) < 5e-2, (got, ref)
   # Whole parameter vector: zero-initialised leaves are pure Adam steps (see float32 test).
   assert global_relative_error(state.params, ref_state.params) < 2e-2
 
@@ -90,9 +94,6 @@ def test_update_is_sum_of_weighted_stream_gradients(tiny_config):
   expected_grads = jax.tree.map(lambda *g: sum(weights[n] * x for n, x in zip(weights, g)),
                                 *stream_grads.values())
 
-  _, _, _, grads = setup.gradients(state.params, frozen, sharded, rng, 0)
-  assert max_leaf_relative_error(jax.device_get(grads), expected_grads) < 1e-5
-
   # The step applies one AdamW update with those gradients. (Updates are ~1e-4 of the
   # parameters, so compare parameters to float32 rounding rather than differences.)
   updates, _ = setup.optimizer.update(expected_grads, opt0, params0)
@@ -101,12 +102,12 @@ def test_update_is_sum_of_weighted_stream_gradients(tiny_config):
   assert max_leaf_relative_error(jax.device_get(new_state.params),
                                  optax.apply_updates(params0, updates)) < 1e-6
 
-  # Microbatches change nothing: 2 for m3w, 4 for vtp, on a 2-way data mesh.
+  # The accumulated gradients, split into microbatches (2 for m3w, 4 for vtp) on a 2-way data
+  # mesh, are the weighted sum: microbatching and the mesh change nothing.
   micro = with_overrides(config, **{"train.microbatches.m3w": 2, "train.microbatches.vtp": 4})
   micro_setup = train_step.make_train_setup(micro, sharding.make_mesh(2, 1, jax.devices()[:2]))
-  micro_state, micro_frozen = micro_setup.init(jax.random.key(0))
   micro_loss, _, micro_counts, micro_grads = micro_setup.gradients(
-      micro_state.params, micro_frozen, train_step.put_batches(micro_setup, batches), rng, 0)
+      params0, jax.device_get(frozen), train_step.put_batches(micro_setup, batches), rng, 0)
   assert relative_error(micro_loss, metrics["loss"]) < 1e-5
   assert float(micro_counts["vtp"]) == float(metrics["tokens/vtp"])
   assert max_leaf_relative_error(jax.device_get(micro_grads), expected_grads) < 1e-5

@@ -15,12 +15,13 @@ import jax
 import numpy as np
 import pytest
 
-from conftest import REPO, config_path
+from conftest import REPO, XLA_TEST_FLAGS, config_path
 from flamingo_jax.data import pipeline
 from flamingo_jax.training import checkpointing
 from flamingo_jax.training import sharding
 from flamingo_jax.training import train_step
 from flamingo_jax.training import trainer
+from train_helpers import two_stream
 
 
 def train_command(workdir, data_dir, steps, *extra):
@@ -31,8 +32,8 @@ def train_command(workdir, data_dir, steps, *extra):
 
 
 def env(devices):
-  return dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
-              JAX_PLATFORMS="cpu")
+  return dict(os.environ, JAX_PLATFORMS="cpu",
+              XLA_FLAGS=f"--xla_force_host_platform_device_count={devices} {XLA_TEST_FLAGS}")
 
 
 def train(command, devices):
@@ -96,7 +97,8 @@ def test_two_processes_match_one_process(tmp_path):
 
 
 def small_config(tiny_config, tmp_path, **train):
-  config = copy.deepcopy(tiny_config)
+  """Tiny with two streams (m3w, vtp), 64 examples each, logging and saving every step."""
+  config = two_stream(tiny_config)
   config.data.data_dir = str(tmp_path / "data")
   config.data.synthetic_examples = 64
   config.train.log_every = 1

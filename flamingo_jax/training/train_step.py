@@ -137,6 +137,9 @@ def make_train_setup(config: Any, mesh: Mesh | None = None,
 
   model = models.make_flamingo(config.model, compute_dtype=precision.dtype(config.precision.compute),
                                vision_batching=spread_vision_batch(mesh))
+  # Parameters are created by a float32 model: Haiku's Linear takes its input's dtype, so a
+  # bf16 model would create bf16 resampler weights (its input is the bf16 vision features).
+  init_model = models.make_flamingo(config.model, compute_dtype=jnp.float32)
   tx = optimizer_lib.make_optimizer(config.optim)
   frozen_dtype = precision.dtype(config.precision.frozen_params)
   zero1_axis = data_axis if config.train.zero1 else 1
@@ -144,7 +147,7 @@ def make_train_setup(config: Any, mesh: Mesh | None = None,
 
   def init(rng):
     init_rng, state_rng = jax.random.split(rng)
-    params = model.init(init_rng, jnp.zeros((1, 8), jnp.int32),
+    params = init_model.init(init_rng, jnp.zeros((1, 8), jnp.int32),
                         jnp.zeros((1, 1, 1, size, size, 3), jnp.uint8))
     trainable, frozen = models.split_trainable(params, config.model)
     state = TrainState(step=jnp.int32(0), params=trainable, opt_state=tx.init(trainable),
@@ -220,7 +223,13 @@ def make_train_setup(config: Any, mesh: Mesh | None = None,
     return new_state, metrics
 
   replicated = NamedSharding(mesh, P())
-  jit_init = jax.jit(init, out_shardings=(state_shardings, frozen_shardings))
+  # Init runs once and is nearly all PRNG code, which XLA:CPU's optimiser spends ~20 s on for
+  # the tiny config; unoptimised it compiles in half that. (Truncated-normal values may then
+  # differ from an optimised compile in the last bit; every CPU init uses this setting.)
+  init_options = ({"xla_backend_optimization_level": 0} if mesh.devices.flat[0].platform == "cpu"
+                  else None)
+  jit_init = jax.jit(init, out_shardings=(state_shardings, frozen_shardings),
+                     compiler_options=init_options)
   jit_step = jax.jit(step_fn, in_shardings=(state_shardings, frozen_shardings, batch_shardings),
                      out_shardings=(state_shardings, replicated), donate_argnums=(0,))
   return TrainSetup(config=config, mesh=mesh, model=model, optimizer=tx, param_specs=specs,

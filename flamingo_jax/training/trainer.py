@@ -272,5 +272,9 @@ def train(config: Any, workdir: str, allow_config_change: bool = False) -> dict:
     ckpt.close()
     log.close()
     pipe.close()
+  if jax.process_count() > 1:
+    # Leave together: a process that exits while a peer is still saving would otherwise
+    # wait in the coordination service's shutdown barrier, and time out under load.
+    multihost_utils.sync_global_devices("training finished")
   summary["last_step"] = step
   return summary
