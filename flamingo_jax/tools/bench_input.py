@@ -14,6 +14,7 @@ import time
 
 from absl import app
 from absl import flags
+from absl import logging
 from ml_collections import config_flags
 
 from flamingo_jax.data import pipeline
@@ -29,6 +30,8 @@ _DATA_DIR = flags.DEFINE_string("data_dir", "", "Where to build the data (defaul
 
 def main(argv):
   del argv
+  if not flags.FLAGS["verbosity"].present:
+    logging.set_verbosity(logging.WARNING)     # TFDS logs every file it writes at INFO
   config = _CONFIG.value
   config.model.image_size = _IMAGE_SIZE.value
   config.data.synthetic_image_size = _SOURCE_SIZE.value
@@ -52,11 +55,14 @@ def main(argv):
     pipe.close()
     spec = config.data.streams[name]
     examples = _BATCHES.value * spec.batch_size
+    frames = spec.max_media * spec.frames           # frame slots per example (some padding)
     report["streams"][name] = {
         "examples_per_sec": round(examples / seconds, 1),
-        "batch_size": spec.batch_size, "media_per_example": spec.max_media * spec.frames}
-    print(f"{name:6s} {examples / seconds:8.1f} examples/s  (batch {spec.batch_size}, "
-          f"{spec.max_media} x {spec.frames} frames of {_IMAGE_SIZE.value} px)", flush=True)
+        "frame_slots_per_sec": round(examples * frames / seconds, 1),
+        "batch_size": spec.batch_size, "frame_slots_per_example": frames}
+    print(f"{name:6s} {examples / seconds:8.1f} examples/s  {examples * frames / seconds:8.1f} "
+          f"frame slots/s  (batch {spec.batch_size}, {spec.max_media} x {spec.frames} frames "
+          f"of {_IMAGE_SIZE.value} px)", flush=True)
   print(json.dumps(report))
 
 
