@@ -40,7 +40,7 @@ def test_sharded_runs_match_one_device_float32(tiny_config, reference, data, mod
 
 def test_sharded_bfloat16_run_tracks_one_device_float32(tiny_config, reference):
   """bf16 activations and frozen towers on a 4x2 mesh against the float32 one-device run:
-  loss and gradient norm within bf16 accuracy (its 8-bit mantissa: ~4e-3 per rounding)."""
+  loss and gradient norm within 2e-2 (measured: loss 1e-4, gradient norm 1.3e-3)."""
   config = with_overrides(two_stream(tiny_config), **{"precision.compute": "bfloat16",
                                                        "precision.frozen_params": "bfloat16"})
   ref_metrics, ref_state, *_ = reference
@@ -49,7 +49,7 @@ def test_sharded_bfloat16_run_tracks_one_device_float32(tiny_config, reference):
   assert {x.dtype for x in jax.tree.leaves(state.params)} == {np.dtype(np.float32)}
   for ref, got in zip(ref_metrics, metrics):
     assert relative_error(got["loss"], ref["loss"]) < 2e-2, (got["loss"], ref["loss"])
-    assert relative_error(got["grad_norm"], ref["grad_norm"]) < 5e-2, (got, ref)
+    assert relative_error(got["grad_norm"], ref["grad_norm"]) < 2e-2, (got, ref)
   # Whole parameter vector: zero-initialised leaves are pure Adam steps (see float32 test).
   assert global_relative_error(state.params, ref_state.params) < 2e-2
 
