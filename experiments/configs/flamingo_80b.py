@@ -15,6 +15,6 @@ def get_config(arg=None):
   config.model.remat = "dots"
   config.mesh.model = 16     # PAPER.md §4: 16-way Megatron; data = the remaining chips
   # M3W in 3 microbatches: its activations (the largest stream's) then fit next to the
-  # others within a v4 chip's 32 GiB (tools/aot_compile: 31.4 GiB on v4:8x12x16, batch 288).
+  # others within a v4 chip's 32 GiB (tools/aot_compile: 31.5 GiB on v4:8x12x16, batch 288).
   config.train.microbatches.m3w = 3
   return config_base.apply_variant(config, arg)
