@@ -90,8 +90,12 @@ class Flamingo(hk.Module):
     encoder = nfnet.NFNet(cfg.vision.variant, activation=cfg.vision.activation,
                           stochdepth_rate=cfg.vision.stochdepth_rate, name="vision_encoder")
 
+    # Parameters are created in float32 whatever the compute dtype: Haiku layers take their
+    # input's dtype, and every layer after this one sees activations derived from it.
+    dtype = jnp.float32 if hk.running_init() else self.compute_dtype
+
     def encode(frames):
-      x = ((frames.astype(jnp.float32) - PIXEL_MEAN) / PIXEL_STD).astype(self.compute_dtype)
+      x = ((frames.astype(jnp.float32) - PIXEL_MEAN) / PIXEL_STD).astype(dtype)
       return encoder(x, is_training=is_training and vision_trainable)          # [BNT, h, w, C]
 
     grid = self.vision_batching(encode, frames)

@@ -137,9 +137,6 @@ def make_train_setup(config: Any, mesh: Mesh | None = None,
 
   model = models.make_flamingo(config.model, compute_dtype=precision.dtype(config.precision.compute),
                                vision_batching=spread_vision_batch(mesh))
-  # Parameters are created by a float32 model: Haiku's Linear takes its input's dtype, so a
-  # bf16 model would create bf16 resampler weights (its input is the bf16 vision features).
-  init_model = models.make_flamingo(config.model, compute_dtype=jnp.float32)
   tx = optimizer_lib.make_optimizer(config.optim)
   frozen_dtype = precision.dtype(config.precision.frozen_params)
   zero1_axis = data_axis if config.train.zero1 else 1
@@ -147,7 +144,7 @@ def make_train_setup(config: Any, mesh: Mesh | None = None,
 
   def init(rng):
     init_rng, state_rng = jax.random.split(rng)
-    params = init_model.init(init_rng, jnp.zeros((1, 8), jnp.int32),
+    params = model.init(init_rng, jnp.zeros((1, 8), jnp.int32),
                         jnp.zeros((1, 1, 1, size, size, 3), jnp.uint8))
     trainable, frozen = models.split_trainable(params, config.model)
     state = TrainState(step=jnp.int32(0), params=trainable, opt_state=tx.init(trainable),
