@@ -77,9 +77,8 @@ class LanguageModel(hk.Module):
     self.dim = dim
     self.xattn_every = xattn_every
     self.new_token_ids = tuple(new_token_ids)
-    # Bools accepted for older configs: True = "full", False = "none".
-    self.remat = {True: "full", False: "none"}.get(remat, remat)
-    if self.remat not in REMAT_POLICIES:
+    self.remat = remat
+    if remat not in REMAT_POLICIES:
       raise ValueError(f"remat={remat!r}; expected one of {sorted(REMAT_POLICIES)}")
     self._block_kwargs = dict(num_heads=num_heads, key_size=key_size, ffw_size=ffw_size,
                               activation=activation,
