@@ -17,7 +17,6 @@ setuptools.setup(
         "chex==0.1.92",
         "orbax-checkpoint==0.12.8",
         "ml-collections==1.1.0",
-        "jmp==0.0.4",
         "absl-py==2.5.1",
         "numpy==2.4.6",
         # Data pipeline (flamingo_jax/data): TFDS builders read with tf.data.
@@ -30,11 +29,14 @@ setuptools.setup(
         "pillow==12.0.0",
         "importlib-resources==7.1.0",   # TFDS (etils) needs it for builders defined in a package
         "etils==1.15.0",                # epath: workdirs on gs:// or local disk
+        # Pretrained weights (flamingo_jax/weights): safetensors read without pickle, and the
+        # LMs' own Hugging Face tokenizer.json files.
+        "safetensors==0.8.0",
+        "tokenizers==0.23.3",
     ],
     extras_require={
         "dev": ["pytest==9.2.0", "pytest-xdist==3.8.0"],   # tests/run.sh runs files in parallel
         # libtpu lets a CPU-only machine compile for TPU topologies (tools/aot_compile.py).
         "tpu": ["libtpu==0.0.42.1"],
-        "convert": ["torch", "transformers"],
     },
 )

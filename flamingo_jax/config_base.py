@@ -29,6 +29,20 @@ PAPER_STREAMS = {
 }
 
 
+# config.model.lm options that public checkpoints need (models/language_model.py,
+# DecoderOptions); the defaults are Chinchilla's, i.e. the paper's LM.
+LM_OPTIONS = dict(
+    norm="rms", norm_eps=1e-6, norm_bias=False,         # norm: rms | layer
+    ffw="mlp", activation="gelu",                       # ffw: mlp | gated (SwiGLU, GeGLU)
+    num_kv_heads=0,                                     # 0: = num_heads; fewer: GQA / MQA
+    rotary_max_wavelength=10_000.0, rotary_fraction=1.0, rotary_layout="half",
+    qkv_bias=False, output_bias=False, ffw_bias=False,
+    parallel_residual=False, sliding_window=0,
+    tied_embeddings=False, embed_multiplier=1.0,
+    valid_vocab_size=0,                                 # 0: all ids; else ids past it are padding
+)
+
+
 def model_config(*, vocab_size: int, image_size: int, vision_variant: str, lm: dict,
                  xattn_every: int, xattn_num_heads: int, xattn_key_size: int = 128,
                  resampler: Optional[dict] = None) -> ml_collections.ConfigDict:
@@ -43,11 +57,25 @@ def model_config(*, vocab_size: int, image_size: int, vision_variant: str, lm: d
                   trainable=False,    # True: the paper's fine-tuning recipe (PAPER.md §8)
                   init_checkpoint=""),
       resampler=dict(resampler or PAPER_RESAMPLER),
-      lm=dict(activation="gelu", rotary_max_wavelength=10_000.0, init_checkpoint="", **lm),
+      lm=dict(LM_OPTIONS, init_checkpoint="", **lm),
       xattn=dict(every=xattn_every, num_heads=xattn_num_heads, key_size=xattn_key_size,
                  ffw_mult=4,
                  only_attend_immediate_media=True),  # False: attend to all earlier media
   ))
+
+
+def with_imported_lm(model: ml_collections.ConfigDict, fields: dict,
+                     init_checkpoint: str = "") -> ml_collections.ConfigDict:
+  """`model` with the LM an import describes (its `model.json`: vocab, special ids, lm options,
+  xattn.every) and, if given, `lm.init_checkpoint` pointing at its `params/`."""
+  model = model.copy_and_resolve_references()
+  for key in ("vocab_size", "image_token_id", "eoc_token_id"):
+    model[key] = fields[key]
+  model.lm.update(fields["lm"])
+  model.xattn.update(fields.get("xattn", {}))
+  if init_checkpoint:
+    model.lm.init_checkpoint = init_checkpoint
+  return model
 
 
 def base_config(model: ml_collections.ConfigDict, *, streams: dict, image_size: int,

@@ -2,7 +2,8 @@
 # The README's main command: installs into .venv if needed, then trains the tiny Flamingo on
 # synthetic data on CPU (a few hundred steps), then checks that it learned to look: caption
 # loss on held-out pairs with their own images vs shuffled images.
-#   Usage: bash launch/local.sh [WORKDIR] [--config.train.steps=N ...]
+#   Usage: bash launch/local.sh [WORKDIR] [--config=FILE[:ARG]] [--config.train.steps=N ...]
+#   e.g.   bash launch/local.sh runs/pythia --config=experiments/configs/pretrained.py:lm=imports/pythia
 # Re-running with the same WORKDIR resumes from its last checkpoint.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -14,6 +15,14 @@ export TF_CPP_MIN_LOG_LEVEL=2
 WORKDIR="${1:-runs/local}"
 shift || true
 CONFIG=experiments/configs/tiny.py
+OVERRIDES=()
+for arg in "$@"; do
+  case "$arg" in
+    --config=*) CONFIG="${arg#--config=}" ;;
+    *) OVERRIDES+=("$arg") ;;
+  esac
+done
+set -- "${OVERRIDES[@]+"${OVERRIDES[@]}"}"
 "$PYTHON" -m flamingo_jax.train --config="$CONFIG" --workdir="$WORKDIR" "$@"
 t2=$(date +%s)
 "$PYTHON" -m flamingo_jax.tools.summarize_run --workdir="$WORKDIR"

@@ -146,12 +146,13 @@ def process_example(kind: str, raw: dict, spec: Any, data: Any, tokenizer: tok.T
     p_next = rng.random() < float(data.p_next)
     seq = preprocessing.interleaved_tokens([_text(x) for x in raw["texts"]],
                                            [int(i) for i in raw["image_index"]],
-                                           tokenizer.encode, p_next)
-    tokens, kept = preprocessing.window(seq, length, n, rng)
+                                           tokenizer.encode, p_next, tokenizer.special)
+    tokens, kept = preprocessing.window(seq, length, n, rng, tokenizer.special.image)
     images = [[sources.decode_image(raw["images"][i])] for i in kept]
   else:
     leading = rng.random() < float(data.leading_space_prob)
-    tokens = preprocessing.pair_tokens(_text(raw["text"]), tokenizer.encode, leading)
+    tokens = preprocessing.pair_tokens(_text(raw["text"]), tokenizer.encode, leading,
+                                       tokenizer.special)
     if kind == "image_text":
       images = [[sources.decode_image(raw["image"])]]
     else:
@@ -159,10 +160,24 @@ def process_example(kind: str, raw: dict, spec: Any, data: Any, tokenizer: tok.T
       idx = preprocessing.frame_indices(len(all_frames), float(raw["fps"]), t,
                                         float(spec.get("frame_rate", 1.0)), rng)
       images = [[sources.decode_image(all_frames[i]) for i in idx]]
-  row = preprocessing.to_arrays(tokens, length)           # raises Skip("text_too_long")
+  row = preprocessing.to_arrays(tokens, length, tokenizer.special)  # Skip("text_too_long")
   row["media"] = _media(images, n, t, size, data, rng)
   row["media_mask"] = np.arange(n) < len(images)
   return row
+
+
+def load_tokenizer(config: Any):
+  """config.data.tokenizer_path, checked against config.model's vocabulary and special ids."""
+  tokenizer = tok.load(config.data.tokenizer_path)
+  if tokenizer.vocab_size > config.model.vocab_size:
+    raise ValueError(f"tokenizer {tokenizer.path!r} has {tokenizer.vocab_size} pieces, more "
+                     f"than config.model.vocab_size={config.model.vocab_size}")
+  model = config.model
+  if (tokenizer.special.image, tokenizer.special.eoc) != (model.image_token_id, model.eoc_token_id):
+    raise ValueError(f"tokenizer {tokenizer.path!r} puts <image>/<EOC> at ids "
+                     f"{tokenizer.special.image}/{tokenizer.special.eoc} but config.model has "
+                     f"image_token_id={model.image_token_id}, eoc_token_id={model.eoc_token_id}")
+  return tokenizer
 
 
 class InputPipeline(Iterator[dict]):
@@ -171,10 +186,7 @@ class InputPipeline(Iterator[dict]):
   def __init__(self, config: Any, process_index: int = 0, process_count: int = 1,
                prefetch: int | None = None, workers: int | None = None):
     self.config = config
-    tokenizer = tok.Tokenizer(config.data.tokenizer_path)
-    if tokenizer.vocab_size > config.model.vocab_size:
-      raise ValueError(f"tokenizer {tokenizer.path!r} has {tokenizer.vocab_size} pieces, more "
-                       f"than config.model.vocab_size={config.model.vocab_size}")
+    tokenizer = load_tokenizer(config)
     self.streams = {name: _Stream(config, name, tokenizer, process_index, process_count)
                     for name in config.data.streams}
     self._prefetch = int(prefetch if prefetch is not None else config.data.prefetch)

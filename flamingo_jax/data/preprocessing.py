@@ -76,7 +76,8 @@ def frame_indices(num_frames: int, fps: float, frames: int, frame_rate: float,
 
 
 def interleaved_tokens(texts: Sequence[str], image_index: Sequence[int],
-                       encode: Callable[[str], list[int]], p_next: bool) -> list[int]:
+                       encode: Callable[[str], list[int]], p_next: bool,
+                       special: tok.SpecialIds = tok.SENTENCEPIECE_IDS) -> list[int]:
   """The whole document as ids: <BOS> ... <EOS>, one <image> per image, in image order."""
   # Elements in document order: ("image", None) or ("text", ids + <EOC>).
   elements, j = [], 0
@@ -85,7 +86,7 @@ def interleaved_tokens(texts: Sequence[str], image_index: Sequence[int],
       elements.append(("image", None))
       j += 1
     if text is not None:
-      elements.append(("text", encode(text) + [tok.EOC_ID]))
+      elements.append(("text", encode(text) + [special.eoc]))
   if p_next:
     moved, run_start = [], 0                  # run_start: where the current text run began
     for kind, ids in elements:
@@ -95,20 +96,20 @@ def interleaved_tokens(texts: Sequence[str], image_index: Sequence[int],
       else:
         moved.append((kind, ids))
     elements = moved
-  seq = [tok.BOS_ID]
+  seq = [special.bos]
   for kind, ids in elements:
-    seq += [tok.IMAGE_ID] if kind == "image" else ids
-  return seq + [tok.EOS_ID]
+    seq += [special.image] if kind == "image" else ids
+  return seq + [special.eos]
 
 
-def window(seq: Sequence[int], length: int, max_media: int,
-           rng: np.random.Generator) -> tuple[list[int], list[int]]:
+def window(seq: Sequence[int], length: int, max_media: int, rng: np.random.Generator,
+           image_id: int = tok.IMAGE_ID) -> tuple[list[int], list[int]]:
   """A random window of `length` + 1 tokens; returns (tokens, indices of the kept images).
 
   The first `max_media` markers of the window stay; later markers are removed.
   """
   seq = np.asarray(seq)
-  marker_positions = np.flatnonzero(seq == tok.IMAGE_ID)       # marker i <-> image i
+  marker_positions = np.flatnonzero(seq == image_id)       # marker i <-> image i
   start = int(rng.integers(0, max(0, len(seq) - (length + 1)) + 1))
   stop = start + length + 1
   inside = [i for i, p in enumerate(marker_positions) if start <= p < stop]
@@ -117,17 +118,22 @@ def window(seq: Sequence[int], length: int, max_media: int,
   return tokens, kept
 
 
-def pair_tokens(text: str, encode: Callable[[str], list[int]], leading_space: bool) -> list[int]:
-  return ([tok.BOS_ID, tok.IMAGE_ID] + encode((" " if leading_space else "") + text)
-          + [tok.EOC_ID, tok.EOS_ID])
+def pair_tokens(text: str, encode: Callable[[str], list[int]], leading_space: bool,
+                special: tok.SpecialIds = tok.SENTENCEPIECE_IDS) -> list[int]:
+  return ([special.bos, special.image] + encode((" " if leading_space else "") + text)
+          + [special.eoc, special.eos])
 
 
-def to_arrays(seq: Sequence[int], length: int) -> dict[str, np.ndarray]:
-  """`seq` (at most length + 1 tokens) -> input_ids, target_ids, loss_mask, padded."""
+def to_arrays(seq: Sequence[int], length: int,
+              special: tok.SpecialIds = tok.SENTENCEPIECE_IDS) -> dict[str, np.ndarray]:
+  """`seq` (at most length + 1 tokens) -> input_ids, target_ids, loss_mask, padded.
+
+  The mask comes from the length, not from the pad id (a tokenizer's pad may be its EOS)."""
   if len(seq) > length + 1:
     raise sources.Skip("text_too_long", f"{len(seq)} tokens > {length + 1}")
-  padded = np.full(length + 1, tok.PAD_ID, np.int32)
+  padded = np.full(length + 1, special.pad, np.int32)
   padded[:len(seq)] = seq
   targets = padded[1:]
+  real = np.arange(length) < len(seq) - 1
   return {"input_ids": padded[:-1], "target_ids": targets,
-          "loss_mask": ((targets != tok.PAD_ID) & (targets != tok.IMAGE_ID)).astype(np.float32)}
+          "loss_mask": (real & (targets != special.image)).astype(np.float32)}

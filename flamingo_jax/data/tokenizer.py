@@ -1,4 +1,6 @@
-"""SentencePiece tokenizer with Flamingo's special tokens at fixed ids (PAPER.md §10.1).
+"""Tokenizers with Flamingo's special tokens (PAPER.md §10.1): `load(path)` picks one.
+
+SentencePiece `.model` (ours, trained by tools/train_tokenizer.py): fixed ids
 
     PAD 0, UNK 1, BOS 2, EOS 3, <image> 4, <EOC> 5      (= flamingo_jax.config_base ids)
 
@@ -9,11 +11,18 @@ dummy prefix, so a leading space is a real token (the paper's leading-space augm
 PAPER.md §3.3, changes the input).
 
     python -m flamingo_jax.tools.train_tokenizer --corpus=FILE --vocab_size=512 --output=PREFIX
+
+Hugging Face `tokenizer.json` (a pretrained LM's own, copied by tools/import_weights): its
+pad/bos/eos ids, and `<image>` / `<EOC>` at the ids the import gave them (appended after the
+LM's vocabulary), come from `special_tokens.json` beside it. Those two ids are ours alone:
+they are not added to the tokenizer's vocabulary, so text can never produce them (the same
+guarantee as the control symbols above); `decode` writes them as `<image>` / `<EOC>`.
 """
 
 import io
+import json
 import os
-from typing import Iterable
+from typing import Iterable, NamedTuple
 
 import sentencepiece as spm
 
@@ -23,6 +32,20 @@ PAD_ID, UNK_ID, BOS_ID, EOS_ID = (config_base.PAD_ID, config_base.UNK_ID, config
                                   config_base.EOS_ID)
 IMAGE_ID, EOC_ID = config_base.IMAGE_ID, config_base.EOC_ID
 IMAGE_PIECE, EOC_PIECE = "<image>", "<EOC>"
+
+
+
+class SpecialIds(NamedTuple):
+  """The ids the pipeline places itself (preprocessing.py)."""
+  pad: int
+  bos: int
+  eos: int
+  image: int
+  eoc: int
+
+
+SENTENCEPIECE_IDS = SpecialIds(PAD_ID, BOS_ID, EOS_ID, IMAGE_ID, EOC_ID)
+SPECIAL_TOKENS_FILE = "special_tokens.json"    # beside a tokenizer.json
 
 # The committed model for the tiny configs (trained on the synthetic captions).
 TINY_MODEL_PATH = os.path.join(os.path.dirname(__file__), "assets", "synthetic_sp.model")
@@ -38,6 +61,7 @@ class Tokenizer:
     if not os.path.exists(model_path):
       raise FileNotFoundError(f"tokenizer model {model_path!r} not found")
     self.path = model_path
+    self.special = SENTENCEPIECE_IDS
     self._sp = spm.SentencePieceProcessor(model_file=model_path)
     expected = {PAD_ID: "<pad>", UNK_ID: "<unk>", BOS_ID: "<s>", EOS_ID: "</s>",
                 IMAGE_ID: IMAGE_PIECE, EOC_ID: EOC_PIECE}
@@ -71,6 +95,70 @@ class Tokenizer:
         run.append(i)
     out.append(self._sp.decode(run))
     return "".join(out)
+
+
+class HFTokenizer:
+  """A Hugging Face `tokenizer.json` (the `tokenizers` library) with our special ids."""
+
+  def __init__(self, path: str):
+    import tokenizers  # pylint: disable=g-import-not-at-top
+    if not os.path.exists(path):
+      raise FileNotFoundError(f"tokenizer {path!r} not found")
+    ids_path = os.path.join(os.path.dirname(path), SPECIAL_TOKENS_FILE)
+    if not os.path.exists(ids_path):
+      raise ValueError(f"{path} needs {ids_path} ({{'pad', 'bos', 'eos', 'image', 'eoc'}} ids; "
+                       "tools/import_weights writes it)")
+    with open(ids_path) as f:
+      ids = json.load(f)
+    try:
+      self.special = SpecialIds(**{k: int(ids[k]) for k in SpecialIds._fields})
+    except (KeyError, TypeError, ValueError) as e:
+      raise ValueError(f"{ids_path} must map {SpecialIds._fields} to integer ids ({e})") from None
+    self.path = path
+    self._tok = tokenizers.Tokenizer.from_file(path)
+    size = self._tok.get_vocab_size(with_added_tokens=True)
+    ours = (self.special.image, self.special.eoc)
+    if len(set(ours)) != 2 or any(i < size for i in ours):
+      raise ValueError(f"{ids_path}: <image>/<EOC> ids {ours} must be distinct and past the "
+                       f"tokenizer's {size} ids")
+    self._pieces = {self.special.image: IMAGE_PIECE, self.special.eoc: EOC_PIECE}
+
+  @property
+  def vocab_size(self) -> int:
+    return max(self._tok.get_vocab_size(with_added_tokens=True), *self._pieces) + 1
+
+  def piece_to_id(self, piece: str) -> int:
+    for i, p in self._pieces.items():
+      if p == piece:
+        return i
+    found = self._tok.token_to_id(piece)
+    return UNK_ID if found is None else found
+
+  def encode(self, text: str) -> list[int]:
+    return self._tok.encode(text, add_special_tokens=False).ids
+
+  def decode(self, ids: Iterable[int]) -> str:
+    """Text of `ids`; `<image>`/`<EOC>` written as pieces; padding dropped (unless it is EOS)."""
+    out, run = [], []
+    for i in ids:
+      i = int(i)
+      if i == self.special.pad and i != self.special.eos:
+        continue
+      if i in self._pieces:
+        out.append(self._tok.decode(run, skip_special_tokens=False))
+        run = []
+        out.append(self._pieces[i])
+      else:
+        run.append(i)
+    out.append(self._tok.decode(run, skip_special_tokens=False))
+    return "".join(out)
+
+
+def load(path: str):
+  """`Tokenizer` for a SentencePiece `.model`, `HFTokenizer` for a `tokenizer.json`."""
+  if path.endswith(".json"):
+    return HFTokenizer(path)
+  return Tokenizer(path)
 
 
 def train(sentences: Iterable[str], vocab_size: int, model_prefix: str) -> str:

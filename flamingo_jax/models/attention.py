@@ -7,7 +7,7 @@ Projection names are part of the sharding contract (training/sharding.py):
 `query`/`key`/`value`/`ffw_in` are column-parallel, `output`/`ffw_out` row-parallel.
 """
 
-from typing import Callable, Optional
+from typing import Callable, NamedTuple, Optional
 
 import haiku as hk
 import jax
@@ -25,7 +25,9 @@ def squared_relu(x: jax.Array) -> jax.Array:
 
 
 ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
-    "gelu": jax.nn.gelu,
+    "gelu": jax.nn.gelu,                                        # tanh approximation
+    "gelu_exact": lambda x: jax.nn.gelu(x, approximate=False),  # erf (GPT-NeoX, BERT)
+    "silu": jax.nn.silu,                                        # SwiGLU (Llama, Mistral)
     "squared_relu": squared_relu,
     "relu": jax.nn.relu,
 }
@@ -66,68 +68,144 @@ class RMSNorm(hk.Module):
     return (y * scale.astype(jnp.float32)).astype(x.dtype)
 
 
-def apply_rotary(x: jax.Array, positions: jax.Array, max_wavelength: float) -> jax.Array:
-  """Rotary position embedding (Su et al.) on x [B, L, H, K] at positions [B, L]."""
-  half = x.shape[-1] // 2
-  freq = max_wavelength ** (-np.arange(half, dtype=np.float32) / half)       # [K/2]
-  phase = positions.astype(jnp.float32)[..., None] * freq                    # [B, L, K/2]
-  sin, cos = jnp.sin(phase)[:, :, None, :], jnp.cos(phase)[:, :, None, :]   # [B, L, 1, K/2]
-  x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
-  out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
-  return out.astype(x.dtype)
+def make_norm(kind: str, *, eps: float, bias: bool, name: str) -> hk.Module:
+  """kind "rms" (Chinchilla, Llama, Gemma) | "layer" (GPT-NeoX; `bias`: with an offset)."""
+  if kind == "rms":
+    return RMSNorm(eps=eps, name=name)
+  if kind == "layer":
+    return LayerNorm(create_offset=bias, eps=eps, name=name)
+  raise ValueError(f"norm {kind!r}; expected 'rms' or 'layer'")
+
+
+ROTARY_LAYOUTS = ("half", "interleaved")
+
+
+def apply_rotary(x: jax.Array, positions: jax.Array, max_wavelength: float, *,
+                 fraction: float = 1.0, layout: str = "half") -> jax.Array:
+  """Rotary position embedding (Su et al.) on x [B, L, H, K] at positions [B, L].
+
+  The first `int(K * fraction)` dims of each head rotate (GPT-NeoX's partial rotary), the
+  rest pass through. Pair i of the R rotating dims turns at max_wavelength^(-2i/R); the pairs
+  are (i, i + R/2) in the "half" layout (GPT-NeoX, Hugging Face Llama) and (2i, 2i + 1) in
+  the "interleaved" one (GPT-J, Meta's original Llama checkpoints).
+  """
+  if layout not in ROTARY_LAYOUTS:
+    raise ValueError(f"rotary layout {layout!r}; expected one of {ROTARY_LAYOUTS}")
+  rot = int(x.shape[-1] * fraction)
+  if rot % 2 or rot == 0:
+    raise ValueError(f"rotary dims int({x.shape[-1]} * {fraction}) = {rot} must be even and > 0")
+  half = rot // 2
+  freq = max_wavelength ** (-np.arange(half, dtype=np.float32) * 2.0 / rot)  # [R/2]
+  phase = positions.astype(jnp.float32)[..., None] * freq                    # [B, L, R/2]
+  sin, cos = jnp.sin(phase)[:, :, None, :], jnp.cos(phase)[:, :, None, :]   # [B, L, 1, R/2]
+  x32 = x.astype(jnp.float32)
+  x_rot, x_pass = x32[..., :rot], x32[..., rot:]
+  if layout == "half":
+    x1, x2 = x_rot[..., :half], x_rot[..., half:]
+    rotated = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+  else:
+    pairs = x_rot.reshape(*x_rot.shape[:-1], half, 2)                        # [B, L, H, R/2, 2]
+    x1, x2 = pairs[..., 0], pairs[..., 1]
+    rotated = jnp.stack([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    rotated = rotated.reshape(x_rot.shape)                                   # [B, L, H, R]
+  return jnp.concatenate([rotated, x_pass], axis=-1).astype(x.dtype)
+
+
+class Rotary(NamedTuple):
+  """Rotary settings of a self-attention layer (see `apply_rotary`)."""
+  max_wavelength: float
+  fraction: float = 1.0
+  layout: str = "half"
 
 
 class MultiHeadAttention(hk.Module):
-  """Multi-head attention without biases; logits and softmax in float32."""
+  """Multi-head attention (grouped-query when num_kv_heads < num_heads); logits and softmax
+  in float32. Query head h reads key/value head h // (num_heads / num_kv_heads), as in
+  Hugging Face's `repeat_kv`."""
 
   def __init__(self, *, num_heads: int, key_size: int, model_size: int,
-               w_init_scale: float = 1.0, name: Optional[str] = None):
+               num_kv_heads: Optional[int] = None, qkv_bias: bool = False,
+               output_bias: bool = False, w_init_scale: float = 1.0,
+               name: Optional[str] = None):
     super().__init__(name=name)
     self.num_heads = num_heads
+    self.num_kv_heads = num_kv_heads or num_heads
+    if num_heads % self.num_kv_heads:
+      raise ValueError(f"num_kv_heads={self.num_kv_heads} must divide num_heads={num_heads}")
     self.key_size = key_size
     self.model_size = model_size
+    self.qkv_bias = qkv_bias
+    self.output_bias = output_bias
     self.w_init_scale = w_init_scale
 
   def __call__(self, query: jax.Array, key_value: jax.Array, *,
                mask: Optional[jax.Array] = None,
                positions: Optional[jax.Array] = None,
-               rotary_max_wavelength: Optional[float] = None) -> jax.Array:
+               rotary: Optional[Rotary] = None) -> jax.Array:
     """query [B, Lq, D], key_value [B, Lk, Dkv], mask bool [B, 1|H, Lq, Lk] -> [B, Lq, model_size]."""
     w_init = hk.initializers.VarianceScaling(self.w_init_scale)
 
-    def project(x, name):
-      y = hk.Linear(self.num_heads * self.key_size, with_bias=False, w_init=w_init,
+    def project(x, heads, name):
+      y = hk.Linear(heads * self.key_size, with_bias=self.qkv_bias, w_init=w_init,
                     name=name)(x)
-      return y.reshape(*x.shape[:-1], self.num_heads, self.key_size)     # [B, L, H, K]
+      return y.reshape(*x.shape[:-1], heads, self.key_size)              # [B, L, H, K]
 
-    q = project(query, "query")
-    k = project(key_value, "key")
-    v = project(key_value, "value")
-    if rotary_max_wavelength is not None:
-      q = apply_rotary(q, positions, rotary_max_wavelength)
-      k = apply_rotary(k, positions, rotary_max_wavelength)
-    logits = jnp.einsum("bqhk,bthk->bhqt", q, k,
-                        preferred_element_type=jnp.float32) / np.sqrt(self.key_size)
+    q = project(query, self.num_heads, "query")
+    k = project(key_value, self.num_kv_heads, "key")
+    v = project(key_value, self.num_kv_heads, "value")
+    if rotary is not None:
+      q = apply_rotary(q, positions, rotary.max_wavelength, fraction=rotary.fraction,
+                       layout=rotary.layout)
+      k = apply_rotary(k, positions, rotary.max_wavelength, fraction=rotary.fraction,
+                       layout=rotary.layout)
+    b, lq = q.shape[:2]
+    groups = self.num_heads // self.num_kv_heads
+    if groups > 1:                  # grouped-query: no copies of the key/value heads
+      q = q.reshape(b, lq, self.num_kv_heads, groups, self.key_size)       # [B, Lq, Hkv, G, K]
+      logits = jnp.einsum("bqngk,btnk->bngqt", q, k, preferred_element_type=jnp.float32)
+      logits = logits.reshape(b, self.num_heads, lq, -1)                 # [B, H, Lq, Lk]
+    else:
+      logits = jnp.einsum("bqhk,bthk->bhqt", q, k, preferred_element_type=jnp.float32)
+    logits = logits / np.sqrt(self.key_size)
     if mask is not None:
       logits = jnp.where(mask, logits, MASK_VALUE)
     weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)            # [B, H, Lq, Lk]
-    attn = jnp.einsum("bhqt,bthk->bqhk", weights, v)                      # [B, Lq, H, K]
-    attn = attn.reshape(*attn.shape[:2], self.num_heads * self.key_size)  # [B, Lq, H*K]
-    return hk.Linear(self.model_size, with_bias=False, w_init=w_init, name="output")(attn)
+    if groups > 1:
+      weights = weights.reshape(b, self.num_kv_heads, groups, lq, -1)    # [B, Hkv, G, Lq, Lk]
+      attn = jnp.einsum("bngqt,btnk->bqngk", weights, v)                  # [B, Lq, Hkv, G, K]
+    else:
+      attn = jnp.einsum("bhqt,bthk->bqhk", weights, v)                    # [B, Lq, H, K]
+    attn = attn.reshape(b, lq, self.num_heads * self.key_size)            # [B, Lq, H*K]
+    return hk.Linear(self.model_size, with_bias=self.output_bias, w_init=w_init,
+                     name="output")(attn)
+
+
+FFW_KINDS = ("mlp", "gated")
 
 
 class FeedForward(hk.Module):
-  """Two-layer MLP: `ffw_in` (column-parallel) -> activation -> `ffw_out` (row-parallel)."""
+  """MLP `ffw_out(act(ffw_in(x)))`, or gated (SwiGLU / GeGLU): `ffw_out(act(ffw_gate(x)) *
+  ffw_in(x))`. `ffw_in`/`ffw_gate` are column-parallel, `ffw_out` row-parallel."""
 
-  def __init__(self, *, hidden_size: int, activation: str, w_init_scale: float = 1.0,
-               name: Optional[str] = None):
+  def __init__(self, *, hidden_size: int, activation: str, kind: str = "mlp",
+               bias: bool = False, w_init_scale: float = 1.0, name: Optional[str] = None):
     super().__init__(name=name)
+    if activation not in ACTIVATIONS:
+      raise ValueError(f"activation {activation!r}; expected one of {sorted(ACTIVATIONS)}")
+    if kind not in FFW_KINDS:
+      raise ValueError(f"feed-forward kind {kind!r}; expected one of {FFW_KINDS}")
     self.hidden_size = hidden_size
     self.activation = ACTIVATIONS[activation]
+    self.kind = kind
+    self.bias = bias
     self.w_init_scale = w_init_scale
 
   def __call__(self, x: jax.Array) -> jax.Array:
     w_init = hk.initializers.VarianceScaling(self.w_init_scale)
-    h = hk.Linear(self.hidden_size, with_bias=False, w_init=w_init, name="ffw_in")(x)
-    h = self.activation(h)
-    return hk.Linear(x.shape[-1], with_bias=False, w_init=w_init, name="ffw_out")(h)
+    linear = lambda size, name: hk.Linear(size, with_bias=self.bias, w_init=w_init, name=name)
+    if self.kind == "gated":
+      h = self.activation(linear(self.hidden_size, "ffw_gate")(x)) * linear(
+          self.hidden_size, "ffw_in")(x)
+    else:
+      h = self.activation(linear(self.hidden_size, "ffw_in")(x))
+    return linear(x.shape[-1], "ffw_out")(h)

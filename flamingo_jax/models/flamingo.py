@@ -124,11 +124,14 @@ class Flamingo(hk.Module):
     return language_model.LanguageModel(
         vocab_size=cfg.vocab_size, num_layers=lm.num_layers, dim=lm.dim,
         num_heads=lm.num_heads, key_size=lm.key_size, ffw_size=lm.ffw_size,
-        activation=lm.activation, rotary_max_wavelength=lm.rotary_max_wavelength,
         xattn_every=x.every, xattn_num_heads=x.num_heads, xattn_key_size=x.key_size,
         xattn_ffw_mult=x.ffw_mult,
         only_attend_immediate_media=x.only_attend_immediate_media,
-        new_token_ids=(cfg.image_token_id, cfg.eoc_token_id), remat=cfg.remat,
+        new_token_ids=(cfg.image_token_id, cfg.eoc_token_id),
+        options=language_model.DecoderOptions.from_config(lm),
+        tied_embeddings=lm.get("tied_embeddings", False),
+        embed_multiplier=lm.get("embed_multiplier", 1.0),
+        valid_vocab_size=lm.get("valid_vocab_size", 0), remat=cfg.remat,
         name="language_model")(input_ids, visual, phi)
 
   def __call__(self, input_ids: jax.Array, media: Optional[jax.Array], *,

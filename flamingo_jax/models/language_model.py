@@ -15,7 +15,8 @@ Parameter paths (the sharding, freezing and weight-import contract):
   language_model/new_token_unembed/w                  [D, 2]        trainable
 """
 
-from typing import Optional, Sequence
+import dataclasses
+from typing import Any, Optional, Sequence
 
 import haiku as hk
 import jax
@@ -34,37 +35,86 @@ REMAT_POLICIES = {"none": None, "full": None,
                   "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable}
 
 
-class DecoderBlock(hk.Module):
-  """Pre-norm LM block: causal self-attention with rotary positions, then a GeLU FFW."""
+@dataclasses.dataclass(frozen=True)
+class DecoderOptions:
+  """What differs between public decoder-only LMs; every default is Chinchilla's (ours).
 
-  def __init__(self, *, num_heads: int, key_size: int, ffw_size: int, activation: str,
-               rotary_max_wavelength: float, name: Optional[str] = None):
+  Llama/Mistral: rms, gated silu, num_kv_heads; GPT-NeoX: layer norm with bias, exact GELU,
+  biases, rotary_fraction 0.25, parallel_residual; Gemma: rms (scale stored as 1 + w),
+  gated tanh-GELU, tied embeddings, embed_multiplier sqrt(D) (flamingo_jax/weights/).
+  """
+  norm: str = "rms"                    # rms | layer
+  norm_eps: float = 1e-6
+  norm_bias: bool = False              # layer norm with an offset
+  ffw: str = "mlp"                     # mlp | gated (SwiGLU / GeGLU with `activation`)
+  activation: str = "gelu"             # attention.ACTIVATIONS
+  num_kv_heads: int = 0                # 0: num_heads (multi-head); 1: multi-query
+  rotary_max_wavelength: float = 10_000.0
+  rotary_fraction: float = 1.0         # of each head's dims that rotate
+  rotary_layout: str = "half"          # half | interleaved (attention.apply_rotary)
+  qkv_bias: bool = False
+  output_bias: bool = False
+  ffw_bias: bool = False
+  parallel_residual: bool = False      # x + attn(norm1(x)) + ffw(norm2(x))  (GPT-NeoX)
+  sliding_window: int = 0              # 0: full causal; W: attend to the last W positions
+
+  @classmethod
+  def from_config(cls, lm: Any) -> "DecoderOptions":
+    """The fields of `config.model.lm` that name options (missing keys: the default)."""
+    return cls(**{f.name: lm[f.name] for f in dataclasses.fields(cls) if f.name in lm})
+
+
+class DecoderBlock(hk.Module):
+  """Pre-norm LM block: causal self-attention with rotary positions, then the FFW."""
+
+  def __init__(self, *, num_heads: int, key_size: int, ffw_size: int,
+               options: DecoderOptions, name: Optional[str] = None):
     super().__init__(name=name)
     self.num_heads = num_heads
     self.key_size = key_size
     self.ffw_size = ffw_size
-    self.activation = activation
-    self.rotary_max_wavelength = rotary_max_wavelength
+    self.options = options
 
   def __call__(self, x: jax.Array, positions: jax.Array, mask: jax.Array) -> jax.Array:
-    h = attention.RMSNorm(name="attention_norm")(x)
-    x = x + attention.MultiHeadAttention(
+    o = self.options
+    norm = lambda name: attention.make_norm(o.norm, eps=o.norm_eps, bias=o.norm_bias, name=name)
+    h = norm("attention_norm")(x)
+    attn = attention.MultiHeadAttention(
         num_heads=self.num_heads, key_size=self.key_size, model_size=x.shape[-1],
-        name="self_attention")(h, h, mask=mask, positions=positions,
-                               rotary_max_wavelength=self.rotary_max_wavelength)
-    h = attention.RMSNorm(name="ffw_norm")(x)
-    return x + attention.FeedForward(hidden_size=self.ffw_size, activation=self.activation,
-                                     name="ffw")(h)
+        num_kv_heads=o.num_kv_heads or None, qkv_bias=o.qkv_bias, output_bias=o.output_bias,
+        name="self_attention")(
+            h, h, mask=mask, positions=positions,
+            rotary=attention.Rotary(o.rotary_max_wavelength, o.rotary_fraction, o.rotary_layout))
+    ffw = attention.FeedForward(hidden_size=self.ffw_size, activation=o.activation,
+                                kind=o.ffw, bias=o.ffw_bias, name="ffw")
+    if o.parallel_residual:
+      return x + attn + ffw(norm("ffw_norm")(x))
+    x = x + attn
+    return x + ffw(norm("ffw_norm")(x))
+
+
+class EmbeddingTable(hk.Module):
+  """The frozen [V, D] token table (hk.Embed's path and init), shared by the tied unembed."""
+
+  def __init__(self, vocab_size: int, dim: int, name: Optional[str] = None):
+    super().__init__(name=name)
+    self.vocab_size = vocab_size
+    self.dim = dim
+
+  def __call__(self) -> jax.Array:
+    return hk.get_parameter("embeddings", [self.vocab_size, self.dim],
+                            init=hk.initializers.TruncatedNormal())
 
 
 class LanguageModel(hk.Module):
   """Token ids (+ optional visual tokens) -> float32 logits [B, L, V]."""
 
   def __init__(self, *, vocab_size: int, num_layers: int, dim: int, num_heads: int,
-               key_size: int, ffw_size: int, activation: str, rotary_max_wavelength: float,
-               xattn_every: int, xattn_num_heads: int, xattn_key_size: int,
-               xattn_ffw_mult: int, only_attend_immediate_media: bool,
-               new_token_ids: Sequence[int], remat: str = "none",
+               key_size: int, ffw_size: int, xattn_every: int, xattn_num_heads: int,
+               xattn_key_size: int, xattn_ffw_mult: int, only_attend_immediate_media: bool,
+               new_token_ids: Sequence[int], options: DecoderOptions = DecoderOptions(),
+               tied_embeddings: bool = False, embed_multiplier: float = 1.0,
+               valid_vocab_size: int = 0, remat: str = "none",
                name: Optional[str] = "language_model"):
     super().__init__(name=name)
     if not 1 <= xattn_every <= num_layers:
@@ -72,20 +122,26 @@ class LanguageModel(hk.Module):
     bad = [i for i in new_token_ids if not 0 <= i < vocab_size]
     if bad or len(set(new_token_ids)) != len(new_token_ids):
       raise ValueError(f"new token ids {tuple(new_token_ids)} must be distinct and in [0, {vocab_size})")
+    if not 0 <= valid_vocab_size <= vocab_size:
+      raise ValueError(f"valid_vocab_size={valid_vocab_size} must be in [0, vocab_size={vocab_size}]")
     self.vocab_size = vocab_size
     self.num_layers = num_layers
     self.dim = dim
     self.xattn_every = xattn_every
     self.new_token_ids = tuple(new_token_ids)
+    self.tied_embeddings = tied_embeddings
+    self.embed_multiplier = embed_multiplier
+    self.valid_vocab_size = valid_vocab_size
+    self.options = options
     self.remat = remat
     if remat not in REMAT_POLICIES:
       raise ValueError(f"remat={remat!r}; expected one of {sorted(REMAT_POLICIES)}")
     self._block_kwargs = dict(num_heads=num_heads, key_size=key_size, ffw_size=ffw_size,
-                              activation=activation,
-                              rotary_max_wavelength=rotary_max_wavelength)
+                              options=options)
     self._xattn_kwargs = dict(num_heads=xattn_num_heads, key_size=xattn_key_size,
                               ffw_mult=xattn_ffw_mult,
                               only_attend_immediate_media=only_attend_immediate_media)
+    self._table = None
 
   @property
   def num_xattn_layers(self) -> int:
@@ -94,7 +150,9 @@ class LanguageModel(hk.Module):
   @hk.name_like("__call__")
   def embed(self, input_ids: jax.Array) -> jax.Array:
     """Frozen table lookup; the rows of the new tokens come from a trainable table."""
-    x = hk.Embed(self.vocab_size, self.dim, name="token_embed")(input_ids)        # [B, L, D]
+    if self._table is None:
+      self._table = EmbeddingTable(self.vocab_size, self.dim, name="token_embed")
+    x = jnp.take(self._table(), input_ids, axis=0)                               # [B, L, D]
     new_index = jnp.zeros_like(input_ids)
     for row, token_id in enumerate(self.new_token_ids):
       new_index = jnp.where(input_ids == token_id, row, new_index)
@@ -104,6 +162,8 @@ class LanguageModel(hk.Module):
                      name="new_token_embed")(new_index)
     is_new = jnp.isin(input_ids, jnp.asarray(self.new_token_ids))[..., None]      # [B, L, 1]
     x = jnp.where(is_new, new_x.astype(x.dtype), x)
+    if self.embed_multiplier != 1.0:      # Gemma: sqrt(D), in the activation dtype as HF does
+      x = x * jnp.asarray(self.embed_multiplier, x.dtype)
     return x
 
   def __call__(self, input_ids: jax.Array, visual: Optional[jax.Array] = None,
@@ -112,7 +172,7 @@ class LanguageModel(hk.Module):
     b, length = input_ids.shape
     x = self.embed(input_ids)
     positions = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (b, length))
-    causal = jnp.tril(jnp.ones((length, length), dtype=bool))[None, None]       # [1, 1, L, L]
+    causal = causal_mask(length, self.options.sliding_window)                    # [1, 1, L, L]
 
     def maybe_remat(f):
       if self.remat == "none":
@@ -139,8 +199,12 @@ class LanguageModel(hk.Module):
     if tail:
       x = lm_blocks(xattn(x, "tail_xattn"), tail, "tail_blocks")
 
-    x = attention.RMSNorm(name="final_norm")(x)
-    logits = hk.Linear(self.vocab_size, with_bias=False, name="unembed")(x)      # [B, L, V]
+    o = self.options
+    x = attention.make_norm(o.norm, eps=o.norm_eps, bias=o.norm_bias, name="final_norm")(x)
+    if self.tied_embeddings:
+      logits = jnp.einsum("bld,vd->blv", x, self._table().astype(x.dtype))      # [B, L, V]
+    else:
+      logits = hk.Linear(self.vocab_size, with_bias=False, name="unembed")(x)    # [B, L, V]
     new_logits = hk.Linear(len(self.new_token_ids), with_bias=False,
                            name="new_token_unembed")(x)                          # [B, L, 2]
     logits, new_logits = logits.astype(jnp.float32), new_logits.astype(jnp.float32)
@@ -148,4 +212,16 @@ class LanguageModel(hk.Module):
     vocab = jnp.arange(self.vocab_size, dtype=jnp.int32)
     for row, token_id in enumerate(self.new_token_ids):
       logits = jnp.where(vocab == token_id, new_logits[..., row:row + 1], logits)
+    if self.valid_vocab_size:             # rows padded for the mesh never get probability
+      logits = jnp.where(vocab < self.valid_vocab_size, logits, attention.MASK_VALUE)
     return logits
+
+
+def causal_mask(length: int, sliding_window: int = 0) -> jax.Array:
+  """bool [1, 1, L, L]: query q sees keys k <= q (and q - k < sliding_window if set)."""
+  q = jnp.arange(length)[:, None]
+  k = jnp.arange(length)[None, :]
+  mask = k <= q
+  if sliding_window:
+    mask &= q - k < sliding_window
+  return mask[None, None]

@@ -20,7 +20,7 @@ from ml_collections import config_flags
 
 from flamingo_jax.data import preprocessing
 from flamingo_jax.data import synthetic
-from flamingo_jax.data import tokenizer as tok
+from flamingo_jax.data import pipeline
 from flamingo_jax.training import checkpointing
 from flamingo_jax.training import losses
 from flamingo_jax.training import precision
@@ -36,14 +36,15 @@ _JSON = flags.DEFINE_bool("json", False, "Print one JSON object.")
 
 def held_out_batch(config, count: int, seed: int) -> dict:
   name, spec = next((n, s) for n, s in config.data.streams.items() if s.source == "image_text")
-  tokenizer = tok.Tokenizer(config.data.tokenizer_path)
+  tokenizer = pipeline.load_tokenizer(config)
   rng = np.random.default_rng(seed)
   rows = []
   for _ in range(count):
     image, attrs = synthetic.scene(rng, int(config.data.synthetic_image_size))
     row = preprocessing.to_arrays(
-        preprocessing.pair_tokens(synthetic.caption(attrs), tokenizer.encode, False),
-        int(spec.max_tokens))
+        preprocessing.pair_tokens(synthetic.caption(attrs), tokenizer.encode, False,
+                                  tokenizer.special),
+        int(spec.max_tokens), tokenizer.special)
     row["media"] = preprocessing.resize_and_pad(image, config.model.image_size)[None, None]
     row["media_mask"] = np.ones(1, bool)
     rows.append(row)

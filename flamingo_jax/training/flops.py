@@ -77,8 +77,11 @@ def stream_train_flops(model: Any, batch_size: int, tokens: int, media: int, fra
 
   lm, x = m.lm, m.xattn
   hk_lm = lm.num_heads * lm.key_size
-  block_fwd = (4 * _linear(length, lm.dim, hk_lm) + 2 * 2.0 * length * length * hk_lm
-               + 2 * _linear(length, lm.dim, lm.ffw_size))
+  hk_kv = (lm.get("num_kv_heads", 0) or lm.num_heads) * lm.key_size    # grouped-query k, v
+  ffw_mats = 3 if lm.get("ffw", "mlp") == "gated" else 2
+  block_fwd = (2 * _linear(length, lm.dim, hk_lm) + 2 * _linear(length, lm.dim, hk_kv)
+               + 2 * 2.0 * length * length * hk_lm
+               + ffw_mats * _linear(length, lm.dim, lm.ffw_size))
   core_fwd = 2 * 2.0 * length * length * hk_lm
   # Frozen blocks: 2x matmuls, 3x attention core.
   lm_blocks = b * lm.num_layers * (2 * (block_fwd - core_fwd) + 3 * core_fwd)

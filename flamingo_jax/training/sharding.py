@@ -23,14 +23,27 @@ PARTITION_RULES: tuple[tuple[str, P], ...] = (
     (r"language_model/token_embed/embeddings$", P(MODEL, None)),   # vocab-parallel
     (r"language_model/unembed/w$", P(None, MODEL)),                 # vocab-parallel logits
     (r"/(query|key|value)/w$", P(None, MODEL)),                     # column-parallel
+    (r"/(query|key|value)/b$", P(MODEL)),
     (r"/output/w$", P(MODEL, None)),                                # row-parallel
-    (r"/ffw_in/w$", P(None, MODEL)),                                # column-parallel
+    (r"/ffw_(in|gate)/w$", P(None, MODEL)),                         # column-parallel
+    (r"/ffw_(in|gate)/b$", P(MODEL)),
     (r"/ffw_out/w$", P(MODEL, None)),                               # row-parallel
+    (r"/(output|ffw_out)/b$", P()),                                 # added after the all-reduce
     (r"vision_encoder/", P()),                                      # NFNet: replicated
     (r"perceiver_resampler/input_projection/w$", P()),              # 3072x1536, replicated
 )
 # Parameters no rule names are replicated, but only if small: a big one is a missing rule.
 MAX_UNMATCHED_SIZE = 1_000_000
+
+
+def rules_for(model_config: Any, model_axis: int,
+              rules: Sequence[tuple[str, P]] = PARTITION_RULES) -> tuple[tuple[str, P], ...]:
+  """`rules` for this model on a 'model' axis of `model_axis`: grouped-query key/value heads
+  are split over 'model' when their number divides it, and replicated otherwise."""
+  kv_heads = model_config.lm.get("num_kv_heads", 0) or model_config.lm.num_heads
+  if kv_heads % model_axis:
+    return ((r"language_model/.*/self_attention/(key|value)/[wb]$", P()),) + tuple(rules)
+  return tuple(rules)
 
 
 def make_mesh(data: int, model: int, devices: Optional[Sequence[Any]] = None) -> Mesh:

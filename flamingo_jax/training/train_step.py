@@ -123,14 +123,14 @@ def spread_vision_batch(mesh: Mesh) -> models.VisionBatching:
   return batching
 
 
-def make_train_setup(config: Any, mesh: Mesh | None = None,
-                     rules=sharding.PARTITION_RULES) -> TrainSetup:
+def make_train_setup(config: Any, mesh: Mesh | None = None, rules=None) -> TrainSetup:
   """Builds model, optimizer, shardings and the jitted init and step for `config` on `mesh`."""
   mesh = mesh or sharding.make_mesh(config.mesh.data, config.mesh.model)
   data_axis, model_axis = mesh.shape[sharding.DATA], mesh.shape[sharding.MODEL]
   streams = list(config.data.streams.keys())
   microbatches = {name: int(config.train.microbatches.get(name, 1)) for name in streams}
   sharding.check_model_fits_mesh(config.model, model_axis)
+  rules = sharding.rules_for(config.model, model_axis) if rules is None else rules
   sharding.check_batches_fit_mesh(config.data.streams, data_axis, microbatches)
   if config.train.mixing not in ("accumulate", "round_robin"):
     raise ValueError(f"train.mixing={config.train.mixing!r}; expected 'accumulate' or 'round_robin'")

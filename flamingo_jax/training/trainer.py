@@ -17,12 +17,14 @@ from typing import Any
 
 from absl import logging
 from etils import epath
+import haiku as hk
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
 
 from flamingo_jax import models
+from flamingo_jax import weights
 from flamingo_jax.data import pipeline as pipeline_lib
 from flamingo_jax.training import checkpointing
 from flamingo_jax.training import flops as flops_lib
@@ -151,6 +153,8 @@ def _initial_state(config, setup, ckpt):
   restored = ckpt.restore(setup)
   if restored is None or frozen is None:
     fresh_state, fresh_frozen = setup.init(jax.random.key(config.seed))
+    fresh_state = fresh_state._replace(
+        params=load_init_trainable(config.model, fresh_state.params))
     if frozen is None:
       frozen = load_init_checkpoints(config.model, fresh_frozen, setup)
       if not (config.model.lm.init_checkpoint or config.model.vision.init_checkpoint):
@@ -161,26 +165,60 @@ def _initial_state(config, setup, ckpt):
   return state, frozen, data_state
 
 
+def restore_workdir_params(config: Any, workdir: str, mesh=None) -> hk.Params:
+  """All parameters (trainable + frozen, merged) of a run's newest loadable checkpoint, for
+  inference and checks; the frozen towers as the run had them (frozen/ or init checkpoints)."""
+  mesh = mesh or sharding.make_mesh(-1, 1)
+  setup = train_step.make_train_setup(config, mesh)
+  ckpt = checkpointing.Checkpointer(_absolute(workdir), config.train.keep_checkpoints,
+                                    async_save=False)
+  try:
+    restored = ckpt.restore(setup)
+    if restored is None:
+      raise ValueError(f"no checkpoint in {workdir}/checkpoints")
+    frozen = ckpt.restore_frozen(setup)
+    if frozen is None:
+      if not _init_paths(config.model):
+        raise ValueError(f"{workdir} has no frozen/ and the config names no init_checkpoint")
+      frozen = load_init_checkpoints(config.model, setup.init(jax.random.key(config.seed))[1],
+                                     setup)
+  finally:
+    ckpt.close()
+  return hk.data_structures.merge(restored[0].params, frozen)
+
+
 def load_init_checkpoints(model_config: Any, frozen, setup: train_step.TrainSetup):
   """Replaces the LM / vision parameters of `frozen` by those of their init checkpoints.
 
-  Each checkpoint is an orbax StandardCheckpointer directory of a Haiku params dict whose
-  paths match ours (e.g. `flamingo/language_model/...`), written by a weight-import tool.
+  Each checkpoint is a parameter directory whose paths match ours (e.g.
+  `flamingo/language_model/...`), as `tools/import_weights` writes it (weights/loading.py).
   """
-  import haiku as hk  # pylint: disable=g-import-not-at-top
-  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
-  for component, path in (("lm", model_config.lm.init_checkpoint),
-                          ("vision", model_config.vision.init_checkpoint)):
-    if not path:
-      continue
+  for component, path in _init_paths(model_config):
     part, _ = hk.data_structures.partition(
         lambda module, name, value, c=component: models.component_of(module) == c, frozen)
-    target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
-                          part)
-    loaded = ocp.StandardCheckpointer().restore(path, target)
-    frozen = hk.data_structures.merge(frozen, loaded)
+    frozen = hk.data_structures.merge(frozen, weights.restore_params(path, part))
     logging.info("loaded %s from %s", component, path)
   return frozen
+
+
+def load_init_trainable(model_config: Any, params):
+  """Trainable parameters that an LM import also holds (the `<image>`/`<EOC>` rows, started
+  at the mean pretrained row), taken from it at a fresh start."""
+  path = model_config.lm.init_checkpoint
+  if not path:
+    return params
+  stored = weights.stored_param_names(path)
+  part, _ = hk.data_structures.partition(
+      lambda module, name, value: (module, name) in stored
+      and models.component_of(module) == "lm", params)
+  if not part:
+    return params
+  return hk.data_structures.merge(params, weights.restore_params(path, part))
+
+
+def _init_paths(model_config: Any) -> list[tuple[str, str]]:
+  return [(c, p) for c, p in (("lm", model_config.lm.init_checkpoint),
+                              ("vision", model_config.vision.init_checkpoint)) if p]
 
 
 def _absolute(path: str) -> str:

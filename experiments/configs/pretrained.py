@@ -1,0 +1,57 @@
+"""A Flamingo around an imported pretrained LM (tools/import_weights), sized for a CPU run.
+
+  python -m flamingo_jax.train --config=experiments/configs/pretrained.py:lm=IMPORT_DIR \
+      --workdir=runs/pretrained [--config.train.steps=200 ...]
+
+IMPORT_DIR is what `import_weights` wrote: `model.json` fixes the LM (options, vocabulary,
+special ids, xattn.every), `params/` is loaded as `config.model.lm.init_checkpoint`,
+`tokenizer.json` tokenises the data. The rest is the tiny config's: NFNet "tiny", a small
+resampler and xattn, synthetic streams, float32. Override any of it on the command line.
+"""
+
+import json
+import os
+
+from flamingo_jax import config_base
+
+
+def _parse(arg):
+  fields = dict(part.split("=", 1) for part in (arg or "").split(",") if part)
+  if "lm" not in fields:
+    raise ValueError("pretrained.py needs the import folder: "
+                     "--config=experiments/configs/pretrained.py:lm=IMPORT_DIR")
+  return fields
+
+
+def get_config(arg=None):
+  lm_dir = os.path.abspath(_parse(arg)["lm"])
+  model_json = os.path.join(lm_dir, "model.json")
+  if not os.path.exists(model_json):
+    raise ValueError(f"{model_json} not found: is {lm_dir} an import_weights output folder?")
+  with open(model_json) as f:
+    fields = json.load(f)
+  model = config_base.model_config(
+      vocab_size=fields["vocab_size"], image_size=64, vision_variant="tiny",
+      lm=config_base.paper_lm(num_layers=1, dim=1, num_heads=1, ffw_size=1),  # from the import
+      xattn_every=1, xattn_num_heads=4, xattn_key_size=16,
+      resampler=dict(num_layers=2, dim=32, num_heads=4, key_size=8, ffw_mult=4,
+                     num_latents=8, num_time_embeddings=4, max_frames=12))
+  model = config_base.with_imported_lm(model, fields,
+                                       init_checkpoint=os.path.join(lm_dir, "params"))
+  streams = {
+      "m3w": dict(source="interleaved", manual_dir="synthetic", batch_size=8, weight=1.0,
+                  max_tokens=48, max_media=3, frames=1),
+      "align": dict(source="image_text", manual_dir="synthetic", batch_size=8, weight=0.2,
+                    max_tokens=24, max_media=1, frames=1),
+      "vtp": dict(source="video_text", manual_dir="synthetic", batch_size=8, weight=0.03,
+                  max_tokens=24, max_media=1, frames=4),
+  }
+  config = config_base.base_config(model, streams=streams, image_size=64, steps=300)
+  config.data.tokenizer_path = os.path.join(lm_dir, "tokenizer.json")
+  config.train.log_every = 10
+  config.train.checkpoint_every = 100
+  config.optim.learning_rate = 1e-3
+  config.optim.warmup_steps = 20
+  config.precision.compute = "float32"       # bf16 matmuls are slow on CPU
+  config.precision.frozen_params = "float32"
+  return config
