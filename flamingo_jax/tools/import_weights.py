@@ -69,7 +69,6 @@ def write_tokenizer(source: str, tmp: str, fields: dict) -> bool:
 def run(kind: str, source: str, output: str, *, dtype: str = "keep", xattn_every: int = 1,
         pad_vocab_multiple: int = 128, model_axis: int = 1, progress: bool = True) -> dict:
   """The import; returns the report. Raises weights.CheckpointError (nothing written)."""
-  import jax  # pylint: disable=g-import-not-at-top
   from flamingo_jax import config_base, weights  # pylint: disable=g-import-not-at-top
   from flamingo_jax.training import sharding  # pylint: disable=g-import-not-at-top
   if os.path.exists(output) and (not os.path.isdir(output) or os.listdir(output)):
@@ -81,7 +80,7 @@ def run(kind: str, source: str, output: str, *, dtype: str = "keep", xattn_every
   shardings = None
   if model_axis > 1:
     mesh = sharding.make_mesh(-1, model_axis)
-    specs = sharding.param_specs(jax.eval_shape(lambda: _lm_shapes(model)),
+    specs = sharding.param_specs(weights.lm_param_shapes_tree(model),
                                  sharding.rules_for(model, model_axis))
     shardings = sharding.named(mesh, specs)
   params, stats = weights.load_lm(source, model, kind, shardings=shardings,
@@ -116,14 +115,6 @@ def _shape_model():
       xattn_every=1, xattn_num_heads=1, xattn_key_size=8,
       resampler=dict(num_layers=1, dim=8, num_heads=1, key_size=8, ffw_mult=1, num_latents=1,
                      num_time_embeddings=1, max_frames=1))
-
-
-def _lm_shapes(model):
-  from flamingo_jax import weights  # pylint: disable=g-import-not-at-top
-  out = {}
-  for (module, name), shape in weights.lm_param_shapes(model).items():
-    out.setdefault(module, {})[name] = shape
-  return out
 
 
 def main(argv):

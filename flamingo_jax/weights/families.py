@@ -274,6 +274,8 @@ def family_for(kind: str) -> Family:
 
 
 def read_hf_config(hf_dir: str) -> dict:
+  if not os.path.exists(hf_dir):
+    raise CheckpointError(f"checkpoint {hf_dir!r} does not exist")
   path = os.path.join(hf_dir, "config.json") if os.path.isdir(hf_dir) else hf_dir
   if not os.path.exists(path):
     raise CheckpointError(f"no config.json in {hf_dir!r} (expected a Hugging Face model folder)")

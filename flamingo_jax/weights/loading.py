@@ -82,6 +82,14 @@ def lm_param_shapes(model_config: Any) -> dict[tuple[str, str], jax.ShapeDtypeSt
           (module.startswith(LM_PREFIX) and "new_token" in module)}
 
 
+def lm_param_shapes_tree(model_config: Any) -> hk.Params:
+  """`lm_param_shapes` as a Haiku dict {module: {name: ShapeDtypeStruct}} (for shardings)."""
+  tree: dict = {}
+  for (module, name), shape in lm_param_shapes(model_config).items():
+    tree.setdefault(module, {})[name] = shape
+  return tree
+
+
 @dataclasses.dataclass
 class _Item:
   source: str
