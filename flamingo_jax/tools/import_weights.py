@@ -85,6 +85,7 @@ def run(kind: str, source: str, output: str, *, dtype: str = "keep", xattn_every
     shardings = sharding.named(mesh, specs)
   params, stats = weights.load_lm(source, model, kind, shardings=shardings,
                                   dtype=None if dtype == "keep" else dtype, progress=progress)
+  after_load = _peak_rss_bytes()
   tmp = output.rstrip("/") + f".tmp-{os.getpid()}"
   shutil.rmtree(tmp, ignore_errors=True)
   os.makedirs(tmp)
@@ -103,7 +104,8 @@ def run(kind: str, source: str, output: str, *, dtype: str = "keep", xattn_every
   return stats | {"kind": kind, "output": output, "tokenizer": tokenizer,
                   "vocab_size": fields["vocab_size"], "image_token_id": fields["image_token_id"],
                   "eoc_token_id": fields["eoc_token_id"], "largest_tensor_bytes": largest,
-                  "peak_rss_bytes": _peak_rss_bytes(), "rss_before_bytes": baseline}
+                  "rss_before_bytes": baseline, "peak_rss_after_load_bytes": after_load,
+                  "peak_rss_bytes": _peak_rss_bytes()}
 
 
 def _shape_model():

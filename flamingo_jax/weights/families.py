@@ -56,7 +56,7 @@ def _pad_rows(x, xp, rows):
 
 def _new_token_rows(embeddings, xp):
   """<image>/<EOC> rows start at the mean of the pretrained rows (trainable, float32)."""
-  mean = xp.mean(embeddings.astype(xp.float32), axis=0)
+  mean = xp.mean(embeddings, axis=0, dtype=xp.float32)    # accumulates without a float32 copy
   return xp.stack([mean, mean])                                        # [2, D]
 
 
