@@ -118,6 +118,17 @@ def base_config(model: ml_collections.ConfigDict, *, streams: dict, image_size: 
   return config
 
 
+def cpu_run(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """The training recipe of the CPU configs (tiny, pretrained): a few hundred quick steps."""
+  config.train.log_every = 10
+  config.train.checkpoint_every = 100
+  config.optim.learning_rate = 1e-3
+  config.optim.warmup_steps = 20
+  config.precision.compute = "float32"       # bf16 matmuls are slow on CPU
+  config.precision.frozen_params = "float32"
+  return config
+
+
 def paper_lm(num_layers: int, dim: int, num_heads: int, ffw_size: int) -> dict:
   """Chinchilla-style LM shape; key size 128 everywhere (PAPER.md §1.5)."""
   return dict(num_layers=num_layers, dim=dim, num_heads=num_heads, key_size=128,

@@ -48,10 +48,5 @@ def get_config(arg=None):
   }
   config = config_base.base_config(model, streams=streams, image_size=64, steps=300)
   config.data.tokenizer_path = os.path.join(lm_dir, "tokenizer.json")
-  config.train.log_every = 10
-  config.train.checkpoint_every = 100
-  config.optim.learning_rate = 1e-3
-  config.optim.warmup_steps = 20
-  config.precision.compute = "float32"       # bf16 matmuls are slow on CPU
-  config.precision.frozen_params = "float32"
+  config_base.cpu_run(config)
   return config

@@ -22,12 +22,7 @@ def get_config(arg=None):
   }
   config = config_base.base_config(model, streams=streams, image_size=64, steps=300)
   config.data.tokenizer_path = config_base.SYNTHETIC_TOKENIZER
-  config.train.log_every = 10
-  config.train.checkpoint_every = 100
-  config.optim.learning_rate = 1e-3
-  config.optim.warmup_steps = 20
-  config.precision.compute = "float32"       # bf16 matmuls are slow on CPU
-  config.precision.frozen_params = "float32"
+  config_base.cpu_run(config)
   return config_base.apply_variant(config, arg)
 
 
