@@ -137,27 +137,54 @@ class MultiHeadAttention(hk.Module):
     self.qkv_bias = qkv_bias
     self.output_bias = output_bias
     self.w_init_scale = w_init_scale
+    self._linears = {}
 
-  def __call__(self, query: jax.Array, key_value: jax.Array, *,
+  @hk.name_like("__call__")           # submodule paths: self_attention/query, not ~_linear/query
+  def _linear(self, name: str, size: int, with_bias: bool) -> hk.Linear:
+    """One projection per name, created on first use: `project_kv` and `__call__` share them."""
+    if name not in self._linears:
+      self._linears[name] = hk.Linear(
+          size, with_bias=with_bias, w_init=hk.initializers.VarianceScaling(self.w_init_scale),
+          name=name)
+    return self._linears[name]
+
+  def _project(self, x: jax.Array, heads: int, name: str) -> jax.Array:
+    y = self._linear(name, heads * self.key_size, self.qkv_bias)(x)
+    return y.reshape(*x.shape[:-1], heads, self.key_size)                 # [B, L, H, K]
+
+  @hk.name_like("__call__")
+  def project_kv(self, key_value: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """key_value [B, Lk, Dkv] -> (k, v) [B, Lk, Hkv, K], unrotated: computed once and
+    passed back as `kv=` (cross-attention to visual tokens during generation)."""
+    return (self._project(key_value, self.num_kv_heads, "key"),
+            self._project(key_value, self.num_kv_heads, "value"))
+
+  def __call__(self, query: jax.Array, key_value: Optional[jax.Array] = None, *,
                mask: Optional[jax.Array] = None,
                positions: Optional[jax.Array] = None,
-               rotary: Optional[Rotary] = None) -> jax.Array:
-    """query [B, Lq, D], key_value [B, Lk, Dkv], mask bool [B, 1|H, Lq, Lk] -> [B, Lq, model_size]."""
-    w_init = hk.initializers.VarianceScaling(self.w_init_scale)
+               rotary: Optional[Rotary] = None,
+               kv: Optional[tuple[jax.Array, jax.Array]] = None,
+               cache: Optional[dict] = None):
+    """query [B, Lq, D], key_value [B, Lk, Dkv], mask bool [B, 1|H, Lq, Lk] -> [B, Lq, model_size].
 
-    def project(x, heads, name):
-      y = hk.Linear(heads * self.key_size, with_bias=self.qkv_bias, w_init=w_init,
-                    name=name)(x)
-      return y.reshape(*x.shape[:-1], heads, self.key_size)              # [B, L, H, K]
-
-    q = project(query, self.num_heads, "query")
-    k = project(key_value, self.num_kv_heads, "key")
-    v = project(key_value, self.num_kv_heads, "value")
+    kv: precomputed `project_kv(key_value)` instead of key_value. cache (self-attention
+    decoding): {"k", "v": [B, S, Hkv, K]} holding earlier positions; the new keys/values
+    (rotated) are written at `positions` (contiguous per row), the queries attend over all S
+    slots under `mask` [B, 1, Lq, S], and (output, updated cache) is returned.
+    """
+    q = self._project(query, self.num_heads, "query")
+    k, v = kv if kv is not None else self.project_kv(key_value)
     if rotary is not None:
       q = apply_rotary(q, positions, rotary.max_wavelength, fraction=rotary.fraction,
                        layout=rotary.layout)
       k = apply_rotary(k, positions, rotary.max_wavelength, fraction=rotary.fraction,
                        layout=rotary.layout)
+    if cache is not None:
+      write = jax.vmap(lambda c, new, start: jax.lax.dynamic_update_slice(
+          c, new.astype(c.dtype), (start, 0, 0)))
+      cache = {"k": write(cache["k"], k, positions[:, 0]),
+               "v": write(cache["v"], v, positions[:, 0])}
+      k, v = cache["k"], cache["v"]                                        # [B, S, Hkv, K]
     b, lq = q.shape[:2]
     groups = self.num_heads // self.num_kv_heads
     if groups > 1:                  # grouped-query: no copies of the key/value heads
@@ -176,8 +203,8 @@ class MultiHeadAttention(hk.Module):
     else:
       attn = jnp.einsum("bhqt,bthk->bqhk", weights, v)                    # [B, Lq, H, K]
     attn = attn.reshape(b, lq, self.num_heads * self.key_size)            # [B, Lq, H*K]
-    return hk.Linear(self.model_size, with_bias=self.output_bias, w_init=w_init,
-                     name="output")(attn)
+    out = self._linear("output", self.model_size, self.output_bias)(attn)
+    return out if cache is None else (out, cache)
 
 
 FFW_KINDS = ("mlp", "gated")

@@ -108,18 +108,8 @@ class Flamingo(hk.Module):
         num_time_embeddings=r.num_time_embeddings, max_frames=r.max_frames,
         name="perceiver_resampler")(features)
 
-  @hk.name_like("__call__")
-  def decode(self, input_ids: jax.Array, visual: Optional[jax.Array]) -> jax.Array:
-    """input_ids int32 [B, L], visual [B, N, R, D] or None (text only) -> logits [B, L, V]."""
+  def _language_model(self) -> language_model.LanguageModel:
     cfg = self.config
-    if input_ids.ndim != 2:
-      raise ValueError(f"input_ids must be [B, L], got shape {input_ids.shape}")
-    phi = None
-    if visual is not None:
-      if visual.ndim != 4 or visual.shape[0] != input_ids.shape[0]:
-        raise ValueError(f"visual tokens {visual.shape} do not match input_ids {input_ids.shape}")
-      self._check_image_tokens(input_ids, visual.shape[1])
-      phi = gated_xattn.media_positions(input_ids, cfg.image_token_id)
     lm, x = cfg.lm, cfg.xattn
     return language_model.LanguageModel(
         vocab_size=cfg.vocab_size, num_layers=lm.num_layers, dim=lm.dim,
@@ -132,7 +122,29 @@ class Flamingo(hk.Module):
         tied_embeddings=lm.get("tied_embeddings", False),
         embed_multiplier=lm.get("embed_multiplier", 1.0),
         valid_vocab_size=lm.get("valid_vocab_size", 0), remat=cfg.remat,
-        name="language_model")(input_ids, visual, phi)
+        name="language_model")
+
+  @hk.name_like("__call__")
+  def decode(self, input_ids: jax.Array, visual: Optional[jax.Array]) -> jax.Array:
+    """input_ids int32 [B, L], visual [B, N, R, D] or None (text only) -> logits [B, L, V]."""
+    if input_ids.ndim != 2:
+      raise ValueError(f"input_ids must be [B, L], got shape {input_ids.shape}")
+    phi = None
+    if visual is not None:
+      if visual.ndim != 4 or visual.shape[0] != input_ids.shape[0]:
+        raise ValueError(f"visual tokens {visual.shape} do not match input_ids {input_ids.shape}")
+      self._check_image_tokens(input_ids, visual.shape[1])
+      phi = gated_xattn.media_positions(input_ids, self.config.image_token_id)
+    return self._language_model()(input_ids, visual, phi)
+
+  @hk.name_like("__call__")
+  def decode_cached(self, input_ids: jax.Array, positions: jax.Array, phi: jax.Array,
+                    cache: dict, visual: Optional[jax.Array] = None) -> tuple[jax.Array, dict]:
+    """Generation: input_ids [B, T] at positions [B, T] (contiguous per row) whose media
+    index is phi [B, T] (φ counted over the whole sequence so far, not just these T tokens).
+    visual [B, N, R, D] on the prefill (its xattn keys/values go into the cache), None
+    afterwards. -> (logits [B, T, V] float32, updated cache)."""
+    return self._language_model()(input_ids, visual, phi, positions=positions, cache=cache)
 
   def __call__(self, input_ids: jax.Array, media: Optional[jax.Array], *,
                is_training: bool = False) -> jax.Array:
@@ -155,8 +167,10 @@ def make_flamingo(config: Any, *, compute_dtype: Any = jnp.float32,
 
 
 class FlamingoStages(NamedTuple):
-  encode_media: Any  # (params, rng, media, is_training=False) -> visual [B, N, R, D]
-  decode: Any        # (params, rng, input_ids, visual) -> logits [B, L, V]
+  encode_media: Any    # (params, rng, media, is_training=False) -> visual [B, N, R, D]
+  decode: Any          # (params, rng, input_ids, visual) -> logits [B, L, V]
+  decode_cached: Any   # (params, rng, input_ids, positions, phi, cache, visual=None)
+                       #   -> (logits [B, T, V], cache)
 
 
 def make_flamingo_stages(config: Any, *, compute_dtype: Any = jnp.float32) -> hk.MultiTransformed:
@@ -164,9 +178,18 @@ def make_flamingo_stages(config: Any, *, compute_dtype: Any = jnp.float32) -> hk
 
   def stages():
     model = Flamingo(config, compute_dtype=compute_dtype)
-    return model.__call__, FlamingoStages(model.encode_media, model.decode)
+    return model.__call__, FlamingoStages(model.encode_media, model.decode, model.decode_cached)
 
   return hk.multi_transform(stages)
+
+
+def init_cache(config: Any, batch: int, slots: int, dtype: Any = jnp.float32) -> dict:
+  """An empty generation cache for `batch` rows of `slots` positions (language_model.py)."""
+  lm = config.lm
+  return language_model.init_cache(
+      num_layers=lm.num_layers, xattn_every=config.xattn.every,
+      num_kv_heads=lm.get("num_kv_heads", 0) or lm.num_heads, key_size=lm.key_size,
+      batch=batch, slots=slots, dtype=dtype)
 
 
 # --- which parameters train -------------------------------------------------------------

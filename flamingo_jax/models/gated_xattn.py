@@ -51,19 +51,50 @@ class GatedCrossAttentionDense(hk.Module):
     self.key_size = key_size
     self.ffw_mult = ffw_mult
     self.only_attend_immediate_media = only_attend_immediate_media
+    self._modules = {}
 
-  def __call__(self, y: jax.Array, visual: jax.Array, phi: jax.Array) -> jax.Array:
-    """y [B, L, D] text, visual [B, N, R, Dv] resampler tokens, phi [B, L] -> [B, L, D]."""
+  @hk.name_like("__call__")           # paths: xattn/cross_attention, not xattn/~_module/...
+  def _module(self, name: str, build):
+    """Submodules shared by `media_kv` and `__call__` (one instance, one set of params)."""
+    if name not in self._modules:
+      self._modules[name] = build(name)
+    return self._modules[name]
+
+  def _media_norm(self):
+    return self._module("media_norm", lambda n: attention.LayerNorm(name=n))
+
+  def _cross_attention(self, dim: int):
+    return self._module("cross_attention", lambda n: attention.MultiHeadAttention(
+        num_heads=self.num_heads, key_size=self.key_size, model_size=dim, name=n))
+
+  @hk.name_like("__call__")
+  def media_kv(self, visual: jax.Array, dim: int) -> tuple[jax.Array, jax.Array]:
+    """visual [B, N, R, Dv] -> cross-attention (k, v) [B, N, R, H, K]: what generation keeps
+    per xattn layer instead of recomputing it for every new token. `dim` is the text width."""
     b, n, r, dv = visual.shape
+    kv = self._media_norm()(visual.reshape(b, n * r, dv))                  # [B, N*R, Dv]
+    k, v = self._cross_attention(dim).project_kv(kv)                       # [B, N*R, H, K]
+    return k.reshape(b, n, r, *k.shape[2:]), v.reshape(b, n, r, *v.shape[2:])
+
+  def __call__(self, y: jax.Array, visual: Optional[jax.Array], phi: jax.Array, *,
+               media_kv: Optional[tuple[jax.Array, jax.Array]] = None) -> jax.Array:
+    """y [B, L, D] text, visual [B, N, R, Dv] resampler tokens (or their `media_kv`),
+    phi [B, L] -> [B, L, D]."""
     dim = y.shape[-1]
+    if media_kv is None:
+      b, n, r, dv = visual.shape
+      kv_input = self._media_norm()(
+          visual.astype(y.dtype).reshape(b, n * r, dv))                    # [B, N*R, Dv], one LN for K and V
+    else:
+      b, n, r = media_kv[0].shape[:3]
     mask, row_has_media = media_attention_mask(
         phi, n, r, only_attend_immediate_media=self.only_attend_immediate_media)
-    kv = attention.LayerNorm(name="media_norm")(
-        visual.astype(y.dtype).reshape(b, n * r, dv))                      # [B, N*R, Dv], one LN for K and V
     q = attention.LayerNorm(name="query_norm")(y)
-    attn = attention.MultiHeadAttention(
-        num_heads=self.num_heads, key_size=self.key_size, model_size=dim,
-        name="cross_attention")(q, kv, mask=mask)
+    if media_kv is None:
+      attn = self._cross_attention(dim)(q, kv_input, mask=mask)
+    else:
+      kv = tuple(x.reshape(b, n * r, *x.shape[3:]) for x in media_kv)     # [B, N*R, H, K]
+      attn = self._cross_attention(dim)(q, mask=mask, kv=kv)
     attn = jnp.where(row_has_media[:, :, None], attn, jnp.zeros_like(attn))
     y = _gated_add(y, attn, hk.get_parameter("alpha_xattn", [], init=jnp.zeros))
 

@@ -75,7 +75,10 @@ class DecoderBlock(hk.Module):
     self.ffw_size = ffw_size
     self.options = options
 
-  def __call__(self, x: jax.Array, positions: jax.Array, mask: jax.Array) -> jax.Array:
+  def __call__(self, x: jax.Array, positions: jax.Array, mask: jax.Array,
+               cache: Optional[dict] = None):
+    """x [B, T, D] at positions [B, T] -> [B, T, D]; with a self-attention cache
+    ({"k", "v": [B, S, Hkv, K]}, see MultiHeadAttention) -> (x, updated cache)."""
     o = self.options
     norm = lambda name: attention.make_norm(o.norm, eps=o.norm_eps, bias=o.norm_bias, name=name)
     h = norm("attention_norm")(x)
@@ -84,13 +87,18 @@ class DecoderBlock(hk.Module):
         num_kv_heads=o.num_kv_heads or None, qkv_bias=o.qkv_bias, output_bias=o.output_bias,
         name="self_attention")(
             h, h, mask=mask, positions=positions,
-            rotary=attention.Rotary(o.rotary_max_wavelength, o.rotary_fraction, o.rotary_layout))
+            rotary=attention.Rotary(o.rotary_max_wavelength, o.rotary_fraction, o.rotary_layout),
+            cache=cache)
+    if cache is not None:
+      attn, cache = attn
     ffw = attention.FeedForward(hidden_size=self.ffw_size, activation=o.activation,
                                 kind=o.ffw, bias=o.ffw_bias, name="ffw")
     if o.parallel_residual:
-      return x + attn + ffw(norm("ffw_norm")(x))
-    x = x + attn
-    return x + ffw(norm("ffw_norm")(x))
+      x = x + attn + ffw(norm("ffw_norm")(x))
+    else:
+      x = x + attn
+      x = x + ffw(norm("ffw_norm")(x))
+    return x if cache is None else (x, cache)
 
 
 class EmbeddingTable(hk.Module):
@@ -167,37 +175,85 @@ class LanguageModel(hk.Module):
     return x
 
   def __call__(self, input_ids: jax.Array, visual: Optional[jax.Array] = None,
-               phi: Optional[jax.Array] = None) -> jax.Array:
-    """input_ids [B, L]; visual [B, N, R, Dv] or None (text only); phi [B, L]."""
+               phi: Optional[jax.Array] = None, *, positions: Optional[jax.Array] = None,
+               cache: Optional[dict] = None):
+    """input_ids [B, L]; visual [B, N, R, Dv] or None (text only); phi [B, L].
+
+    Returns float32 logits [B, L, V]. With `cache` (generation; `init_cache`), the L tokens
+    sit at `positions` [B, L] (contiguous per row) after what the cache holds, and
+    (logits, updated cache) is returned: each LM block's keys/values are written into the
+    cache, and each xattn layer's visual keys/values are computed from `visual` once (the
+    prefill) and read back from the cache afterwards (visual None).
+    """
     b, length = input_ids.shape
     x = self.embed(input_ids)
-    positions = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (b, length))
-    causal = causal_mask(length, self.options.sliding_window)                    # [1, 1, L, L]
+    cached = cache is not None
+    if positions is None:
+      positions = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (b, length))
+    if cached:
+      slots = cache_length(cache)
+      mask = cached_mask(positions, slots, self.options.sliding_window)          # [B, 1, L, S]
+      with_media = visual is not None or "xattn" in cache["groups"]
+    else:
+      mask = causal_mask(length, self.options.sliding_window)                    # [1, 1, L, L]
+      with_media = visual is not None
 
     def maybe_remat(f):
-      if self.remat == "none":
+      if self.remat == "none" or cached:
         return f
       return hk.remat(f, policy=REMAT_POLICIES[self.remat])
 
-    def xattn(x, name):
-      if visual is None:
-        return x
+    def xattn(x, name, media_kv=None):
+      """-> (x, this layer's visual keys/values or None)."""
+      if not with_media:
+        return x, None
       block = gated_xattn.GatedCrossAttentionDense(name=name, **self._xattn_kwargs)
-      return maybe_remat(block)(x, visual, phi)
+      if not cached:
+        return maybe_remat(block)(x, visual, phi), None
+      if media_kv is None:                                  # prefill: computed once, kept
+        media_kv = block.media_kv(visual.astype(x.dtype), x.shape[-1])
+      return block(x, None, phi, media_kv=media_kv), media_kv
 
-    def lm_blocks(x, count, name):
+    def lm_blocks(x, count, name, layer_cache=None):
       def one(x):
-        return maybe_remat(DecoderBlock(name="block", **self._block_kwargs))(x, positions, causal)
-      return hk.layer_stack(count, name=name)(one)(x)
+        return maybe_remat(DecoderBlock(name="block", **self._block_kwargs))(x, positions, mask)
+      if not cached:
+        return hk.layer_stack(count, name=name)(one)(x), None
+
+      def one_cached(x, c):
+        return DecoderBlock(name="block", **self._block_kwargs)(x, positions, mask, c)
+      return hk.layer_stack(count, with_per_layer_inputs=True, name=name)(one_cached)(
+          x, layer_cache)
+
+    def stage(x, c, xattn_name, blocks_name, count):
+      """[xattn, `count` blocks] with the cache slice `c` of this stage (None: no cache)."""
+      x, media_kv = xattn(x, xattn_name, None if c is None else c.get("xattn"))
+      x, self_cache = lm_blocks(x, count, blocks_name, None if c is None else c["self"])
+      out = {"self": self_cache}
+      if media_kv is not None:
+        out["xattn"] = {"k": media_kv[0], "v": media_kv[1]}
+      return x, out
 
     num_groups, tail = divmod(self.num_layers, self.xattn_every)
-
-    def group(x):
-      return lm_blocks(xattn(x, "xattn"), self.xattn_every, "blocks")
-
-    x = hk.layer_stack(num_groups, name="groups")(group)(x)
-    if tail:
-      x = lm_blocks(xattn(x, "tail_xattn"), tail, "tail_blocks")
+    new_cache = {}
+    if not cached:
+      x = hk.layer_stack(num_groups, name="groups")(
+          lambda x: stage(x, None, "xattn", "blocks", self.xattn_every)[0])(x)
+      if tail:
+        x = stage(x, None, "tail_xattn", "tail_blocks", tail)[0]
+    else:
+      def group(x, c):
+        c = dict(c)
+        if "xattn" in c:
+          c["xattn"] = (c["xattn"]["k"], c["xattn"]["v"])
+        return stage(x, c, "xattn", "blocks", self.xattn_every)
+      x, new_cache["groups"] = hk.layer_stack(num_groups, with_per_layer_inputs=True,
+                                              name="groups")(group)(x, cache["groups"])
+      if tail:
+        c = dict(cache["tail"])
+        if "xattn" in c:
+          c["xattn"] = (c["xattn"]["k"], c["xattn"]["v"])
+        x, new_cache["tail"] = stage(x, c, "tail_xattn", "tail_blocks", tail)
 
     o = self.options
     x = attention.make_norm(o.norm, eps=o.norm_eps, bias=o.norm_bias, name="final_norm")(x)
@@ -214,7 +270,40 @@ class LanguageModel(hk.Module):
       logits = jnp.where(vocab == token_id, new_logits[..., row:row + 1], logits)
     if self.valid_vocab_size:             # rows padded for the mesh never get probability
       logits = jnp.where(vocab < self.valid_vocab_size, logits, attention.MASK_VALUE)
-    return logits
+    return (logits, new_cache) if cached else logits
+
+def init_cache(*, num_layers: int, xattn_every: int, num_kv_heads: int, key_size: int,
+               batch: int, slots: int, dtype: Any) -> dict:
+  """Empty self-attention cache for `batch` rows of `slots` positions, laid out for the
+  scanned stacks: groups {"self": {"k", "v": [G, k, B, S, Hkv, K]}}, tail {"self": ...
+  [L mod k, B, S, Hkv, K]}. The prefill adds each xattn layer's visual keys/values
+  ("xattn": {"k", "v": [G, B, N, R, H, K]} and [B, N, R, H, K] for the tail)."""
+  num_groups, tail = divmod(num_layers, xattn_every)
+  zeros = lambda *lead: {"k": jnp.zeros((*lead, batch, slots, num_kv_heads, key_size), dtype),
+                         "v": jnp.zeros((*lead, batch, slots, num_kv_heads, key_size), dtype)}
+  cache = {"groups": {"self": zeros(num_groups, xattn_every)}}
+  if tail:
+    cache["tail"] = {"self": zeros(tail)}
+  return cache
+
+
+# Which axis of each cache leaf is the batch (beam search reorders rows along it).
+CACHE_BATCH_AXES = {"groups": {"self": 2, "xattn": 1}, "tail": {"self": 1, "xattn": 0}}
+
+
+def cache_length(cache: dict) -> int:
+  """S, the positions a cache holds."""
+  return cache["groups"]["self"]["k"].shape[3]
+
+
+def cached_mask(positions: jax.Array, slots: int, sliding_window: int = 0) -> jax.Array:
+  """bool [B, 1, L, S]: the token at position p sees cache slots s <= p (and p - s < window)."""
+  s = jnp.arange(slots)[None, None, :]
+  p = positions[:, :, None]
+  mask = s <= p
+  if sliding_window:
+    mask &= p - s < sliding_window
+  return mask[:, None]
 
 
 def causal_mask(length: int, sliding_window: int = 0) -> jax.Array:
