@@ -1,0 +1,5 @@
+"""Inference (DESIGN.md §2): cached decoding, beam search, sampling, scoring. Imports `models`."""
+
+from flamingo_jax.inference.decoding import METHODS, Hypothesis, generate
+from flamingo_jax.inference.engine import Engine, Prompt, bucket
+from flamingo_jax.inference.scoring import score

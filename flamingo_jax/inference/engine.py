@@ -1,0 +1,183 @@
+"""Encode once, decode many: the jitted pieces generation and scoring are built from.
+
+    engine = Engine(config.model, params, max_slots=256)   # optional mesh + param shardings
+    prompt = engine.prefill(ids, lengths, media)             # one call for the whole prompt
+    logits, cache = engine.step(tokens, positions, phi, cache) # one jitted call per new token
+
+Media are encoded (vision + resampler) once per prompt; each xattn layer's visual
+keys/values are computed once in the prefill and kept in the cache; the LM's self-attention
+keys/values live in a cache of `max_slots` positions laid out for the scanned layer stacks
+(models/language_model.py). Shapes are static: prompts are right-padded to a length bucket
+(powers of two from 16), so a new prompt length recompiles only when it crosses a bucket,
+and the per-token step compiles once per batch size.
+
+On a mesh ('data', 'model'), the batch is split over 'data' (padded with dummy rows to a
+multiple of it) and the caches over 'model' by key/value heads (when they divide it);
+parameters keep the shardings they arrive with (the training partition rules).
+"""
+
+import dataclasses
+from typing import Any, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from flamingo_jax import models
+
+DATA, MODEL = "data", "model"      # the mesh axes of DESIGN.md §8
+MIN_BUCKET = 16
+
+
+def bucket(length: int) -> int:
+  """The padded length of a prompt of `length` tokens: the next power of two >= 16."""
+  return max(MIN_BUCKET, 1 << (int(length) - 1).bit_length())
+
+
+@dataclasses.dataclass
+class Prompt:
+  """A prefilled batch: logits of each row's last prompt token, the cache, and per row the
+  next position to write and its media index φ."""
+  logits: jax.Array      # float32 [B, V]
+  cache: dict
+  positions: jax.Array   # int32 [B]: = prompt lengths
+  phi: jax.Array         # int32 [B]: <image> tokens in the prompt
+
+
+class Engine:
+  """Jitted encode / prefill / step / extend for one model config and parameter set."""
+
+  def __init__(self, model_config: Any, params: Any, *, max_slots: int = 256,
+               compute_dtype: Any = jnp.float32, mesh: Optional[jax.sharding.Mesh] = None):
+    self.config = model_config
+    self.max_slots = int(max_slots)
+    self.dtype = jnp.dtype(compute_dtype)
+    self.mesh = mesh
+    self.params = jax.tree.map(lambda x: x.astype(self.dtype)
+                               if jnp.issubdtype(x.dtype, jnp.floating) else x, params)
+    self.image_id = int(model_config.image_token_id)
+    stages = models.make_flamingo_stages(model_config, compute_dtype=self.dtype)
+    self._apply = stages.apply
+    kv_heads = model_config.lm.get("num_kv_heads", 0) or model_config.lm.num_heads
+    self._heads_axis = (MODEL if mesh is not None and kv_heads % mesh.shape[MODEL] == 0
+                        else None)
+    self._encode = jax.jit(self._encode_fn)
+    self._prefill = jax.jit(self._prefill_fn, static_argnums=(4,))
+    self._step = jax.jit(self._step_fn, donate_argnums=(4,))
+    self._extend = jax.jit(self._extend_fn, donate_argnums=(4,))
+    self._reorder = jax.jit(_reorder_rows, static_argnums=(2,), donate_argnums=(0,))
+    self._tile = jax.jit(_reorder_rows, static_argnums=(2,))
+
+  # -- shardings ---------------------------------------------------------------------------
+
+  @property
+  def data_parallelism(self) -> int:
+    return 1 if self.mesh is None else self.mesh.shape[DATA]
+
+  def _constrain_cache(self, cache: dict) -> dict:
+    if self.mesh is None:
+      return cache
+
+    def spec(path, leaf):
+      keys = [p.key for p in path if isinstance(p, jax.tree_util.DictKey)]
+      axis = models.CACHE_BATCH_AXES[keys[0]][keys[1]]
+      heads = self._heads_axis if keys[1] == "self" else _model_axis_if_divides(
+          leaf.shape[-2], self.mesh)
+      dims = [None] * leaf.ndim
+      dims[axis] = DATA
+      dims[-2] = heads
+      return jax.lax.with_sharding_constraint(leaf, NamedSharding(self.mesh, P(*dims)))
+    return jax.tree_util.tree_map_with_path(spec, cache)
+
+  def put_batch(self, x: np.ndarray) -> jax.Array:
+    """Host rows -> device, split over 'data' on a mesh."""
+    if self.mesh is None:
+      return jnp.asarray(x)
+    return jax.device_put(x, NamedSharding(self.mesh, P(DATA)))
+
+  # -- jitted bodies -------------------------------------------------------------------------
+
+  def _encode_fn(self, params, media):
+    return self._apply.encode_media(params, None, media)
+
+  def _prefill_fn(self, params, ids, lengths, visual, slots):
+    b, length = ids.shape
+    cache = self._constrain_cache(models.init_cache(self.config, b, slots, self.dtype))
+    phi = models.media_positions(ids, self.image_id)
+    positions = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (b, length))
+    logits, cache = self._apply.decode_cached(params, None, ids, positions, phi, cache, visual)
+    last = lengths - 1
+    rows = jnp.arange(b)
+    return logits[rows, last], self._constrain_cache(cache), phi[rows, last]
+
+  def _step_fn(self, params, tokens, positions, phi, cache):
+    logits, cache = self._apply.decode_cached(params, None, tokens[:, None], positions[:, None],
+                                              phi[:, None], cache)
+    return logits[:, 0], self._constrain_cache(cache)
+
+  def _extend_fn(self, params, ids, start, phi, cache):
+    """ids [B, T] written at start + arange(T) (no new media): logits [B, T, V]."""
+    b, length = ids.shape
+    positions = start[:, None] + jnp.arange(length, dtype=jnp.int32)[None]
+    phi = phi[:, None] + jnp.cumsum(ids == self.image_id, axis=1, dtype=jnp.int32)
+    logits, cache = self._apply.decode_cached(params, None, ids, positions, phi, cache)
+    return logits, self._constrain_cache(cache)
+
+  # -- host API ------------------------------------------------------------------------------
+
+  def encode(self, media: Optional[np.ndarray]) -> Optional[jax.Array]:
+    """uint8 [B, N, T, H, W, 3] -> visual tokens [B, N, R, D] (None: text only)."""
+    if media is None:
+      return None
+    return self._encode(self.params, self.put_batch(np.asarray(media, np.uint8)))
+
+  def prefill(self, ids: np.ndarray, lengths: np.ndarray, visual: Optional[jax.Array],
+              slots: Optional[int] = None) -> Prompt:
+    """ids int32 [B, L] right-padded (L a bucket), lengths [B] -> Prompt."""
+    slots = int(slots or self.max_slots)
+    if ids.shape[1] > slots:
+      raise ValueError(f"prompt of {ids.shape[1]} tokens does not fit {slots} cache slots")
+    lengths = np.asarray(lengths, np.int32)
+    logits, cache, phi = self._prefill(self.params, self.put_batch(np.asarray(ids, np.int32)),
+                                       self.put_batch(lengths), visual, slots)
+    return Prompt(logits, cache, self.put_batch(lengths), phi)
+
+  def step(self, tokens, positions, phi, cache):
+    """One new token per row: tokens/positions/phi int32 [B] -> (logits [B, V], cache)."""
+    return self._step(self.params, tokens, positions, phi, cache)
+
+  def extend(self, ids, start, phi, cache):
+    return self._extend(self.params, ids, start, phi, cache)
+
+  def reorder(self, cache: dict, rows: jax.Array, *, self_only: bool = True) -> dict:
+    """Cache rows -> cache[rows] along each leaf's batch axis (beam search: parents)."""
+    return self._reorder(cache, rows, self_only)
+
+  def tile(self, cache: dict, rows: jax.Array) -> dict:
+    """A new cache whose row i is row rows[i] of `cache` (shared-prefix scoring)."""
+    return self._tile(cache, rows, False)
+
+  def full_logits(self, ids: np.ndarray, media: Optional[np.ndarray]) -> jax.Array:
+    """Uncached forward of the whole sequence (the reference; bench_generate's baseline)."""
+    visual = self.encode(media)
+    return self._full(self.params, self.put_batch(np.asarray(ids, np.int32)), visual)
+
+  @property
+  def _full(self):
+    if not hasattr(self, "_full_jit"):
+      self._full_jit = jax.jit(lambda p, ids, visual: self._apply.decode(p, None, ids, visual))
+    return self._full_jit
+
+
+def _model_axis_if_divides(size: int, mesh) -> Optional[str]:
+  return MODEL if size % mesh.shape[MODEL] == 0 else None
+
+
+def _reorder_rows(cache: dict, rows: jax.Array, self_only: bool) -> dict:
+  def take(path, leaf):
+    keys = [p.key for p in path if isinstance(p, jax.tree_util.DictKey)]
+    if self_only and keys[1] != "self":
+      return leaf
+    return jnp.take(leaf, rows, axis=models.CACHE_BATCH_AXES[keys[0]][keys[1]])
+  return jax.tree_util.tree_map_with_path(take, cache)
