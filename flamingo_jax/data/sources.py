@@ -156,9 +156,10 @@ def _image_text(record: dict, root: str) -> dict:
   return {"image": read_image(_relative(root, record["image"])), "text": text}
 
 
-def _video_frames(record: dict, root: str) -> np.ndarray:
-  if "video" in record:
-    path = _relative(root, record["video"])
+def read_video(path: str) -> np.ndarray:
+  """A clip as uint8 [T, H, W, 3] from a `.npy` file or a folder of .jpg/.png frames (in
+  name order); raises Skip naming what is wrong."""
+  if path.endswith(".npy"):
     if not os.path.isfile(path):
       raise Skip("missing_file", path)
     try:
@@ -167,22 +168,30 @@ def _video_frames(record: dict, root: str) -> np.ndarray:
       raise Skip("unreadable_image", f"{path}: {e}") from None
     if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8:
       raise Skip("unreadable_image", f"{path}: want uint8 [T,H,W,3], got {frames.dtype} {frames.shape}")
-  elif "frames" in record:
-    folder = _relative(root, record["frames"])
-    if not os.path.isdir(folder):
-      raise Skip("missing_file", folder)
-    names = sorted(n for n in os.listdir(folder)
-                   if n.lower().endswith((".jpg", ".jpeg", ".png")))
-    frames = [decode_image(open(os.path.join(folder, n), "rb").read(), n) for n in names]
-    if len({f.shape for f in frames}) > 1:
-      raise Skip("unreadable_image", f"{folder}: frames differ in size")
-    frames = np.stack(frames) if frames else np.zeros((0, 1, 1, 3), np.uint8)
   else:
-    raise Skip("invalid_json", "needs 'video' (.npy) or 'frames' (folder)")
+    if not os.path.isdir(path):
+      raise Skip("missing_file", path)
+    names = sorted(n for n in os.listdir(path)
+                   if n.lower().endswith((".jpg", ".jpeg", ".png")))
+    frames = [decode_image(open(os.path.join(path, n), "rb").read(), n) for n in names]
+    if len({f.shape for f in frames}) > 1:
+      raise Skip("unreadable_image", f"{path}: frames differ in size")
+    frames = np.stack(frames) if frames else np.zeros((0, 1, 1, 3), np.uint8)
   if len(frames) == 0:
-    raise Skip("empty_video")
+    raise Skip("empty_video", path)
   check_image(frames[0])
   return frames
+
+
+def _video_frames(record: dict, root: str) -> np.ndarray:
+  if "video" in record:
+    return read_video(_relative(root, record["video"]))
+  if "frames" in record:
+    folder = _relative(root, record["frames"])
+    if folder.endswith(".npy"):
+      raise Skip("invalid_json", f"'frames' must be a folder, got {folder}")
+    return read_video(folder)
+  raise Skip("invalid_json", "needs 'video' (.npy) or 'frames' (folder)")
 
 
 def _video_text(record: dict, root: str) -> dict:

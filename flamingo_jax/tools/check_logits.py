@@ -30,33 +30,13 @@ _OUTPUT = flags.DEFINE_string("output", "", "Write our float32 logits [B, L, V] 
 _JSON = flags.DEFINE_bool("json", False, "Print one JSON object.")
 
 
-def _load_params(config, path: str, init_params):
-  """(params, names of parameters that came from the config's seed)."""
-  import haiku as hk  # pylint: disable=g-import-not-at-top
-  from flamingo_jax import weights  # pylint: disable=g-import-not-at-top
-  from flamingo_jax.training import trainer  # pylint: disable=g-import-not-at-top
-  if os.path.isdir(os.path.join(path, "checkpoints")):
-    loaded = trainer.restore_workdir_params(config, path)
-  else:
-    if os.path.isdir(os.path.join(path, "params")):
-      path = os.path.join(path, "params")
-    stored = weights.stored_param_names(path)
-    part, _ = hk.data_structures.partition(lambda m, n, v: (m, n) in stored, init_params)
-    if not part:
-      raise weights.CheckpointError(f"{path} holds none of this config's parameters")
-    loaded = weights.restore_params(path, part)
-  names = {(m, n) for m, n, _ in hk.data_structures.traverse(loaded)}
-  missing = sorted(f"{m}/{n}" for m, n, _ in hk.data_structures.traverse(init_params)
-                   if (m, n) not in names)
-  return hk.data_structures.merge(init_params, loaded), missing
-
-
 def check(config, params_path: str, input_ids=None, media=None, reference=None,
           atol: float = 1e-4) -> dict:
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
   from flamingo_jax import models  # pylint: disable=g-import-not-at-top
+  from flamingo_jax.tools import model_params  # pylint: disable=g-import-not-at-top
   model = models.make_flamingo(config.model)
   if input_ids is None:
     special = {config.model.image_token_id, config.model.eoc_token_id}
@@ -67,10 +47,7 @@ def check(config, params_path: str, input_ids=None, media=None, reference=None,
   if input_ids.ndim != 2:
     raise ValueError(f"input_ids must be [B, L], got shape {input_ids.shape}")
   media = None if media is None else jnp.asarray(media, jnp.uint8)
-  init_media = media if media is not None else jnp.zeros(
-      (1, 1, 1, config.model.image_size, config.model.image_size, 3), jnp.uint8)
-  init_params = jax.jit(model.init)(jax.random.key(config.seed), input_ids[:1, :8], init_media[:1])
-  params, missing = _load_params(config, params_path, init_params)
+  params, missing = model_params.load(config, params_path)
   params = jax.tree.map(lambda x: x.astype(jnp.float32), params)
   logits = np.asarray(jax.jit(model.apply)(params, None, input_ids, media))
   report = {"shape": list(logits.shape), "initialised_from_seed": missing}

@@ -1,0 +1,235 @@
+r"""Generate text with a Flamingo model (DESIGN.md §7).
+
+  python -m flamingo_jax.generate --config=FILE (--workdir=RUN | --params=DIR) \
+      --prompt='<image>Output:' --image=a.jpg [--image=b.jpg] [--video=DIR_OR_NPY] \
+      [--beam=3 | --temperature=T --top_p=P --top_k=K --seed=S] [--max_new_tokens=32]
+  python -m flamingo_jax.generate ... --batch_file=prompts.jsonl [--batch_size=8]
+
+Each `<image>` in the prompt takes the next media item: the --image files in order, then
+the --video (a .npy uint8 [T, H, W, 3] or a folder of frames, `--frames` of them evenly
+spaced, 30 by default: the paper's evaluation length, through the resampler's temporal
+interpolation). Images are resized and padded as the training pipeline does. A prompt starts
+with BOS, as training sequences do. Decoding: greedy by default; `--beam=N` beam search;
+`--temperature` (with --top_p/--top_k) sampling. Generation stops at `<EOC>` or EOS.
+
+stdout: each continuation on its own line, text only, cut at `<EOC>`. With --batch_file
+(JSONL rows {"prompt": ..., "images": [...], "video": ...}; paths relative to the file),
+one line per row in order; a row that cannot run (a missing image, more `<image>` tokens
+than media, too long) prints an empty line, is named on stderr and counted.
+"""
+
+import json
+import os
+import re
+import sys
+import time
+
+from absl import app
+from absl import flags
+from absl import logging
+from ml_collections import config_flags
+import numpy as np
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file.", lock_config=False)
+_WORKDIR = flags.DEFINE_string("workdir", "", "A training run's workdir.")
+_PARAMS = flags.DEFINE_string("params", "", "An import_weights folder or a params dir.")
+_PROMPT = flags.DEFINE_string("prompt", "", "Prompt text; <image> marks each media item.")
+_IMAGE = flags.DEFINE_multi_string("image", [], "Image file(s), in <image> order.")
+_VIDEO = flags.DEFINE_string("video", "", "A video: .npy [T, H, W, 3] uint8 or a frames folder.")
+_FRAMES = flags.DEFINE_integer("frames", 30, "Frames taken from --video (evenly spaced).")
+_BATCH_FILE = flags.DEFINE_string("batch_file", "", "JSONL of prompts (see the docstring).")
+_BATCH_SIZE = flags.DEFINE_integer("batch_size", 8, "Prompts decoded together.")
+_BEAM = flags.DEFINE_integer("beam", 0, "Beam width (0: greedy or sampling).")
+_LENGTH_PENALTY = flags.DEFINE_float("length_penalty", 0.0, "Beam score: log-prob / len^this.")
+_TEMPERATURE = flags.DEFINE_float("temperature", 0.0, "> 0: sample at this temperature.")
+_TOP_P = flags.DEFINE_float("top_p", 1.0, "Nucleus sampling mass.")
+_TOP_K = flags.DEFINE_integer("top_k", 0, "Sample among the k most likely (0: all).")
+_SEED = flags.DEFINE_integer("seed", 0, "Sampling seed.")
+_MAX_NEW = flags.DEFINE_integer("max_new_tokens", 32, "New tokens at most.")
+
+MARKERS = re.compile(r"(<image>|<EOC>)")
+
+
+class BadRow(ValueError):
+  """A prompt row that cannot run; the message says why."""
+
+
+def encode_prompt(text: str, tokenizer) -> list[int]:
+  """BOS + text with `<image>` / `<EOC>` markers placed as their ids (never tokenised)."""
+  special = tokenizer.special
+  ids = [special.bos]
+  for piece in MARKERS.split(text):
+    if piece == "<image>":
+      ids.append(special.image)
+    elif piece == "<EOC>":
+      ids.append(special.eoc)
+    elif piece:
+      ids.extend(tokenizer.encode(piece))
+  return ids
+
+
+def load_media(images, video, size: int, frames: int) -> list[np.ndarray]:
+  """Media items as uint8 [T, size, size, 3] (T = 1 for images), preprocessed as in training."""
+  from flamingo_jax.data import preprocessing, sources  # pylint: disable=g-import-not-at-top
+  items = []
+  try:
+    for path in images:
+      items.append(preprocessing.resize_and_pad(sources.read_image(path), size)[None])
+    if video:
+      clip = sources.read_video(video)
+      index = np.linspace(0, len(clip) - 1, min(frames, len(clip))).round().astype(int)
+      items.append(np.stack([preprocessing.resize_and_pad(clip[i], size) for i in index]))
+  except sources.Skip as e:
+    raise BadRow(str(e)) from None
+  return items
+
+
+def stack_media(rows: list[list[np.ndarray]]) -> np.ndarray | None:
+  """Per-row media items -> uint8 [B, N, T, H, W, 3] (zero-padded slots), or None."""
+  n = max((len(r) for r in rows), default=0)
+  if n == 0:
+    return None
+  t = {item.shape[0] for r in rows for item in r}
+  if len(t) > 1:
+    raise BadRow(f"media with different frame counts {sorted(t)} in one batch")
+  shape = next(item.shape for r in rows for item in r)
+  out = np.zeros((len(rows), n, *shape), np.uint8)
+  for i, r in enumerate(rows):
+    for j, item in enumerate(r):
+      out[i, j] = item
+  return out
+
+
+def continuation_text(tokens, tokenizer) -> str:
+  """Generated ids -> text, cut at `<EOC>` (and EOS), on one line."""
+  special = tokenizer.special
+  cut = []
+  for t in tokens:
+    if t in (special.eoc, special.eos):
+      break
+    cut.append(t)
+  return tokenizer.decode(cut).replace("\n", " ").strip()
+
+
+def decode_options() -> dict:
+  if _BEAM.value and _TEMPERATURE.value:
+    raise BadRow("--beam and --temperature exclude each other")
+  if _BEAM.value:
+    return dict(method="beam", beam_width=_BEAM.value, length_penalty=_LENGTH_PENALTY.value)
+  if _TEMPERATURE.value:
+    return dict(method="sample", temperature=_TEMPERATURE.value, top_p=_TOP_P.value,
+                top_k=_TOP_K.value, seed=_SEED.value)
+  return dict(method="greedy")
+
+
+def read_rows(path: str) -> list[dict]:
+  rows, root = [], os.path.dirname(os.path.abspath(path))
+  with open(path, encoding="utf-8", errors="replace") as f:
+    for number, line in enumerate(f, 1):
+      if not line.strip():
+        continue
+      try:
+        record = json.loads(line)
+        if not isinstance(record, dict) or not isinstance(record.get("prompt"), str):
+          raise ValueError("needs a string 'prompt'")
+        rows.append({"prompt": record["prompt"],
+                     "images": [os.path.join(root, p) for p in record.get("images", [])],
+                     "video": os.path.join(root, record["video"]) if record.get("video") else ""})
+      except (ValueError, TypeError) as e:
+        rows.append({"error": f"line {number}: {e}"})
+  return rows
+
+
+class Progress:
+  """`[generate] done/total rows, rows/s, ETA` on stderr (a terminal line, updated)."""
+
+  def __init__(self, total: int, enabled: bool):
+    self.total, self.enabled, self.done, self.start = total, enabled, 0, time.time()
+
+  def update(self, count: int) -> None:
+    self.done += count
+    if not self.enabled:
+      return
+    rate = self.done / max(time.time() - self.start, 1e-9)
+    eta = (self.total - self.done) / max(rate, 1e-9)
+    end = "\n" if self.done >= self.total else ""
+    print(f"\r[generate] {self.done}/{self.total} rows, {rate:.2f} rows/s, eta {eta:.0f}s",
+          end=end, file=sys.stderr, flush=True)
+
+
+def main(argv):
+  del argv
+  from flamingo_jax import inference, weights  # pylint: disable=g-import-not-at-top
+  from flamingo_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+  from flamingo_jax.tools import model_params  # pylint: disable=g-import-not-at-top
+  if not flags.FLAGS["verbosity"].present:
+    logging.set_verbosity(logging.WARNING)
+  config = _CONFIG.value
+  if bool(_WORKDIR.value) == bool(_PARAMS.value):
+    sys.exit("error: give exactly one of --workdir and --params")
+  if bool(_PROMPT.value) == bool(_BATCH_FILE.value):
+    sys.exit("error: give exactly one of --prompt and --batch_file")
+  try:
+    options = decode_options()
+    tokenizer = pipeline.load_tokenizer(config)
+    if _BATCH_FILE.value:
+      if not os.path.isfile(_BATCH_FILE.value):
+        raise BadRow(f"--batch_file {_BATCH_FILE.value} not found")
+      rows = read_rows(_BATCH_FILE.value)
+    else:
+      rows = [{"prompt": _PROMPT.value, "images": list(_IMAGE.value), "video": _VIDEO.value}]
+    params, _ = model_params.load(config, _WORKDIR.value or _PARAMS.value)
+  except (BadRow, ValueError, FileNotFoundError, weights.CheckpointError) as e:
+    sys.exit(f"error: {e}")
+  size = config.model.image_size
+  prepared = []                  # (row index, ids, media items) or (row index, error)
+  for i, row in enumerate(rows):
+    try:
+      if "error" in row:
+        raise BadRow(row["error"])
+      ids = encode_prompt(row["prompt"], tokenizer)
+      items = load_media(row["images"], row["video"], size, _FRAMES.value)
+      images = ids.count(tokenizer.special.image)
+      if images != len(items):
+        raise BadRow(f"the prompt has {images} <image> token(s) but {len(items)} media "
+                     f"item(s) were given")
+      prepared.append((i, ids, items))
+    except BadRow as e:
+      prepared.append((i, str(e)))
+  good = [p for p in prepared if len(p) == 3]
+  longest = max((len(p[1]) for p in good), default=1)
+  slots = -(-(inference.bucket(longest) + _MAX_NEW.value) // 64) * 64
+  engine = inference.Engine(config.model, params, max_slots=slots)
+  outputs, errors = {}, {i: e for i, e in (p for p in prepared if len(p) == 2)}
+  stop = (tokenizer.special.eoc, tokenizer.special.eos)
+  progress = Progress(len(good), enabled=bool(_BATCH_FILE.value))
+  # Rows with the same frame count decode together (one media array per batch).
+  by_frames = {}
+  for p in good:
+    by_frames.setdefault(p[2][0].shape[0] if p[2] else 0, []).append(p)
+  for group in by_frames.values():
+    for start in range(0, len(group), _BATCH_SIZE.value):
+      batch = group[start:start + _BATCH_SIZE.value]
+      try:
+        results = inference.generate(
+            engine, [p[1] for p in batch], stack_media([p[2] for p in batch]),
+            max_new_tokens=_MAX_NEW.value, stop_ids=stop, **options)
+        for p, result in zip(batch, results):
+          outputs[p[0]] = continuation_text(result[0].tokens, tokenizer)
+      except (BadRow, ValueError) as e:
+        for p in batch:
+          errors[p[0]] = str(e)
+      progress.update(len(batch))
+  for i in range(len(rows)):
+    print(outputs.get(i, ""), flush=True)
+  for i, e in sorted(errors.items()):
+    print(f"skipped row {i + 1}: {e}", file=sys.stderr)
+  if errors:
+    print(f"{len(errors)} of {len(rows)} row(s) skipped", file=sys.stderr)
+    if not _BATCH_FILE.value:
+      sys.exit(1)
+
+
+if __name__ == "__main__":
+  flags.mark_flags_as_required(["config"])
+  app.run(main)
