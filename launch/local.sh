@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The README's main command: installs into .venv if needed, then trains the tiny Flamingo on
 # synthetic data on CPU (a few hundred steps), then checks that it learned to look: caption
-# loss on held-out pairs with their own images vs shuffled images.
+# loss on held-out pairs with their own images vs shuffled images, and captions it generates.
 #   Usage: bash launch/local.sh [WORKDIR] [--config=FILE[:ARG]] [--config.train.steps=N ...]
 #   e.g.   bash launch/local.sh runs/pythia --config=experiments/configs/pretrained.py:lm=imports/pythia
 # Re-running with the same WORKDIR resumes from its last checkpoint.
@@ -27,5 +27,9 @@ set -- "${OVERRIDES[@]+"${OVERRIDES[@]}"}"
 t2=$(date +%s)
 "$PYTHON" -m flamingo_jax.tools.summarize_run --workdir="$WORKDIR"
 "$PYTHON" -m flamingo_jax.tools.image_text_probe --config="$CONFIG" --workdir="$WORKDIR" "$@"
+# One held-out image (written by the probe), captioned by the generate command.
+echo "generate --prompt='<image>' --image=$WORKDIR/example.png:"
+"$PYTHON" -m flamingo_jax.generate --config="$CONFIG" --workdir="$WORKDIR" --prompt='<image>' \
+    --image="$WORKDIR/example.png" --max_new_tokens=16 "$@"
 t3=$(date +%s)
 echo "install: $((t1 - t0)) s   training: $((t2 - t1)) s   probe: $((t3 - t2)) s"

@@ -172,3 +172,50 @@ def test_bad_input_is_a_clear_error(setup):
     inference.generate(engine, [[7], [7] * 60], None, max_new_tokens=8)
   with pytest.raises(ValueError, match="method 'nucleus'"):
     inference.generate(engine, prompts, media, method="nucleus")
+
+
+# --- the generate command line --------------------------------------------------------------
+
+def run_generate(*args):
+  import os, subprocess, sys  # pylint: disable=g-import-not-at-top,multiple-imports
+  from conftest import REPO  # pylint: disable=g-import-not-at-top
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  return subprocess.run([sys.executable, "-m", "flamingo_jax.generate", *args], env=env,
+                        cwd=REPO, capture_output=True, text=True)
+
+
+def test_generate_command_line(tmp_path):
+  import json, os  # pylint: disable=g-import-not-at-top,multiple-imports
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  from conftest import REPO, config_path  # pylint: disable=g-import-not-at-top
+  from flamingo_jax.data import synthetic  # pylint: disable=g-import-not-at-top
+  from flamingo_jax.tools import import_weights  # pylint: disable=g-import-not-at-top
+  lm = str(tmp_path / "lm")
+  import_weights.run("gpt_neox", os.path.join(REPO, "tests", "data", "hf_lms", "gpt_neox"), lm,
+                     progress=False)
+  image = synthetic.scene(np.random.default_rng(0), 80)[0]
+  Image.fromarray(image).save(tmp_path / "a.png")
+  common = [f"--config={config_path('pretrained')}:lm={lm}", f"--params={lm}",
+            "--max_new_tokens=5"]
+  one = run_generate(*common, "--prompt=<image>Output:", f"--image={tmp_path / 'a.png'}")
+  assert one.returncode == 0, one.stderr[-3000:]
+  assert len(one.stdout.splitlines()) == 1
+  beam = run_generate(*common, "--prompt=<image>Output:", f"--image={tmp_path / 'a.png'}",
+                      "--beam=3")
+  assert beam.returncode == 0, beam.stderr[-3000:]
+  rows = [{"prompt": "<image>Output:", "images": ["a.png"]},
+          {"prompt": "<image>Output:", "images": ["missing.png"]},
+          {"prompt": "<image><image>two", "images": ["a.png"]},
+          {"prompt": "no image here"}]
+  with open(tmp_path / "rows.jsonl", "w") as f:
+    f.write("\n".join(json.dumps(r) for r in rows) + "\nnot json\n")
+  batch = run_generate(*common, f"--batch_file={tmp_path / 'rows.jsonl'}")
+  assert batch.returncode == 0, batch.stderr[-3000:]
+  lines = batch.stdout.split("\n")[:5]
+  assert lines[0] == one.stdout.strip()                # same row, same greedy output
+  assert lines[1] == lines[2] == lines[4] == ""
+  assert "skipped row 2: missing_file" in batch.stderr
+  assert "skipped row 3: the prompt has 2 <image> token(s) but 1 media item(s)" in batch.stderr
+  assert "skipped row 5: line 5" in batch.stderr and "3 of 5 row(s) skipped" in batch.stderr
+  bad = run_generate(*common, "--prompt=<image><image>", f"--image={tmp_path / 'a.png'}")
+  assert bad.returncode == 1 and "2 <image> token(s) but 1 media" in bad.stderr

@@ -54,14 +54,12 @@ class Engine:
     self.max_slots = int(max_slots)
     self.dtype = jnp.dtype(compute_dtype)
     self.mesh = mesh
-    self.params = jax.tree.map(lambda x: x.astype(self.dtype)
-                               if jnp.issubdtype(x.dtype, jnp.floating) else x, params)
+    # params None: an engine whose jitted functions are only lowered (aot_compile).
+    self.params = None if params is None else jax.tree.map(
+        lambda x: x.astype(self.dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, params)
     self.image_id = int(model_config.image_token_id)
     stages = models.make_flamingo_stages(model_config, compute_dtype=self.dtype)
     self._apply = stages.apply
-    kv_heads = model_config.lm.get("num_kv_heads", 0) or model_config.lm.num_heads
-    self._heads_axis = (MODEL if mesh is not None and kv_heads % mesh.shape[MODEL] == 0
-                        else None)
     self._encode = jax.jit(self._encode_fn)
     self._prefill = jax.jit(self._prefill_fn, static_argnums=(4,))
     self._step = jax.jit(self._step_fn, donate_argnums=(4,))
@@ -75,20 +73,23 @@ class Engine:
   def data_parallelism(self) -> int:
     return 1 if self.mesh is None else self.mesh.shape[DATA]
 
+  def cache_specs(self, cache: Any) -> Any:
+    """PartitionSpecs of a cache (arrays or shapes): rows over 'data', heads over 'model'
+    when they divide it."""
+    def spec(path, leaf):
+      keys = [p.key for p in path if isinstance(p, jax.tree_util.DictKey)]
+      dims = [None] * len(leaf.shape)
+      dims[models.CACHE_BATCH_AXES[keys[0]][keys[1]]] = DATA
+      dims[-2] = MODEL if leaf.shape[-2] % self.mesh.shape[MODEL] == 0 else None
+      return P(*dims)
+    return jax.tree_util.tree_map_with_path(spec, cache)
+
   def _constrain_cache(self, cache: dict) -> dict:
     if self.mesh is None:
       return cache
-
-    def spec(path, leaf):
-      keys = [p.key for p in path if isinstance(p, jax.tree_util.DictKey)]
-      axis = models.CACHE_BATCH_AXES[keys[0]][keys[1]]
-      heads = self._heads_axis if keys[1] == "self" else _model_axis_if_divides(
-          leaf.shape[-2], self.mesh)
-      dims = [None] * leaf.ndim
-      dims[axis] = DATA
-      dims[-2] = heads
-      return jax.lax.with_sharding_constraint(leaf, NamedSharding(self.mesh, P(*dims)))
-    return jax.tree_util.tree_map_with_path(spec, cache)
+    return jax.tree.map(lambda x, s: jax.lax.with_sharding_constraint(
+        x, NamedSharding(self.mesh, s)), cache, self.cache_specs(cache),
+        is_leaf=lambda x: isinstance(x, P))
 
   def put_batch(self, x: np.ndarray) -> jax.Array:
     """Host rows -> device, split over 'data' on a mesh."""
@@ -168,10 +169,6 @@ class Engine:
     if not hasattr(self, "_full_jit"):
       self._full_jit = jax.jit(lambda p, ids, visual: self._apply.decode(p, None, ids, visual))
     return self._full_jit
-
-
-def _model_axis_if_divides(size: int, mesh) -> Optional[str]:
-  return MODEL if size % mesh.shape[MODEL] == 0 else None
 
 
 def _reorder_rows(cache: dict, rows: jax.Array, self_only: bool) -> dict:

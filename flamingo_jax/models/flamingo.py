@@ -108,6 +108,7 @@ class Flamingo(hk.Module):
         num_time_embeddings=r.num_time_embeddings, max_frames=r.max_frames,
         name="perceiver_resampler")(features)
 
+  @hk.name_like("__call__")           # paths: flamingo/language_model, not ~_language_model
   def _language_model(self) -> language_model.LanguageModel:
     cfg = self.config
     lm, x = cfg.lm, cfg.xattn

@@ -4,6 +4,13 @@ report per-device memory, whether it fits, compiled vs analytic FLOPs and compil
   python -m flamingo_jax.tools.aot_compile --config=experiments/configs/flamingo_80b.py \
       --topology=v4:8x12x16 --mesh=data=96,model=16 --json
 
+--mode=generate compiles inference instead (inference/engine.py): media encoding, the
+prefill of a --context-token prompt with --images images, and the per-token decode step
+over a --context-slot cache, for --batch prompts, in --dtype; memory per chip of each:
+
+  python -m flamingo_jax.tools.aot_compile --config=experiments/configs/flamingo_80b.py \
+      --mode=generate --topology=v4:2x2x4 --mesh=data=1,model=16 --batch=8 --context=2048
+
 Needs libtpu (the `tpu` extra) for TPU topologies; no TPU is needed. v4 topologies are taken
 with chip_config_name="megacore" (one device per chip, as on a real v4 pod).
 """
@@ -28,6 +35,11 @@ _TOPOLOGY = flags.DEFINE_string("topology", "cpu", "TPU topology (v4:8x12x16, v5
 _MESH = flags.DEFINE_string("mesh", "", "data=D,model=M (default: config.mesh).")
 _ROUND = flags.DEFINE_bool("round_batches", True, "Round each stream's batch up to a multiple "
                            "of data x microbatches (the paper's sizes rarely divide a pod).")
+_MODE = flags.DEFINE_enum("mode", "train", ["train", "generate"], "What to compile.")
+_BATCH = flags.DEFINE_integer("batch", 8, "generate: prompts decoded together.")
+_CONTEXT = flags.DEFINE_integer("context", 2048, "generate: cache slots = prompt length.")
+_IMAGES = flags.DEFINE_integer("images", 5, "generate: images per prompt.")
+_DTYPE = flags.DEFINE_string("dtype", "bfloat16", "generate: compute dtype.")
 _JSON = flags.DEFINE_bool("json", False, "Print one JSON object.")
 
 GIB = 1 << 30
@@ -112,9 +124,73 @@ def compile_report(config, topology: str, mesh_text: str = "", round_to_mesh: bo
   }
 
 
+def _memory(compiled) -> dict:
+  memory = compiled.memory_analysis()
+  total = (memory.argument_size_in_bytes + memory.output_size_in_bytes
+           + memory.temp_size_in_bytes - memory.alias_size_in_bytes)
+  return {"argument_bytes": memory.argument_size_in_bytes,
+          "output_bytes": memory.output_size_in_bytes, "temp_bytes": memory.temp_size_in_bytes,
+          "alias_bytes": memory.alias_size_in_bytes, "total_bytes": total,
+          "total_gib": round(total / GIB, 3)}
+
+
+def generate_report(config, topology: str, mesh_text: str = "", *, batch: int = 8,
+                    context: int = 2048, images: int = 5, dtype: str = "bfloat16") -> dict:
+  """Compiles encode, prefill and decode step for `topology`; memory per device of each."""
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from jax.sharding import NamedSharding, PartitionSpec as P  # pylint: disable=g-import-not-at-top
+  from flamingo_jax import inference, models  # pylint: disable=g-import-not-at-top
+  devices = topology_devices(topology)
+  data, model = parse_mesh(mesh_text, config.mesh.data, config.mesh.model)
+  mesh = sharding.make_mesh(data, model, devices)
+  sharding.check_model_fits_mesh(config.model, mesh.shape[sharding.MODEL])
+  if batch % mesh.shape[sharding.DATA]:
+    raise ValueError(f"--batch={batch} is not divisible by mesh data={mesh.shape[sharding.DATA]}")
+  cfg = config.model
+  compute = jnp.dtype(dtype)
+  shapes = models.param_shapes(cfg)
+  specs = sharding.param_specs(shapes, sharding.rules_for(cfg, mesh.shape[sharding.MODEL]))
+  params = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, compute,
+                                                          sharding=NamedSharding(mesh, s)),
+                        shapes, specs, is_leaf=lambda x: isinstance(x, P))
+  engine = inference.Engine(cfg, None, max_slots=context, compute_dtype=compute, mesh=mesh)
+  rows = lambda shape, dt: jax.ShapeDtypeStruct(shape, dt, sharding=NamedSharding(mesh, P("data")))
+  size, r = cfg.image_size, cfg.resampler
+  report = {"mode": "generate", "topology": topology, "device_kind": devices[0].device_kind,
+            "devices": len(devices), "mesh": dict(mesh.shape), "batch": batch,
+            "context": context, "images": images, "dtype": dtype}
+  start = time.perf_counter()
+  encode = engine._encode.lower(params, rows((batch, images, 1, size, size, 3), jnp.uint8))  # pylint: disable=protected-access
+  report["encode"] = _memory(encode.compile())
+  visual = rows((batch, images, r.num_latents, r.dim), compute)
+  prefill = engine._prefill.lower(params, rows((batch, context), jnp.int32),  # pylint: disable=protected-access
+                                  rows((batch,), jnp.int32), visual, context).compile()
+  report["prefill"] = _memory(prefill)
+  cache = jax.eval_shape(lambda *a: engine._prefill_fn(*a, context), params,  # pylint: disable=protected-access
+                         rows((batch, context), jnp.int32), rows((batch,), jnp.int32), visual)[1]
+  cache = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype,
+                                                         sharding=NamedSharding(mesh, s)),
+                       cache, engine.cache_specs(cache), is_leaf=lambda x: isinstance(x, P))
+  step = engine._step.lower(params, rows((batch,), jnp.int32), rows((batch,), jnp.int32),  # pylint: disable=protected-access
+                            rows((batch,), jnp.int32), cache).compile()
+  report["decode_step"] = _memory(step)
+  report["cache_bytes_per_device"] = sum(
+      x.size * x.dtype.itemsize for x in jax.tree.leaves(cache)) // len(devices)
+  report["compile_seconds"] = round(time.perf_counter() - start, 1)
+  hbm = HBM_BYTES.get(devices[0].device_kind)
+  peak = max(report[k]["total_bytes"] for k in ("encode", "prefill", "decode_step"))
+  report |= {"hbm_bytes": hbm, "peak_gib": round(peak / GIB, 3),
+             "fits": None if hbm is None else bool(peak <= hbm)}
+  return report
+
+
 def main(argv):
   del argv
-  report = compile_report(_CONFIG.value, _TOPOLOGY.value, _MESH.value, _ROUND.value)
+  if _MODE.value == "generate":
+    report = generate_report(_CONFIG.value, _TOPOLOGY.value, _MESH.value, batch=_BATCH.value,
+                             context=_CONTEXT.value, images=_IMAGES.value, dtype=_DTYPE.value)
+  else:
+    report = compile_report(_CONFIG.value, _TOPOLOGY.value, _MESH.value, _ROUND.value)
   if _JSON.value:
     print(json.dumps(report))
     return
