@@ -219,3 +219,15 @@ def test_generate_command_line(tmp_path):
   assert "skipped row 5: line 5" in batch.stderr and "3 of 5 row(s) skipped" in batch.stderr
   bad = run_generate(*common, "--prompt=<image><image>", f"--image={tmp_path / 'a.png'}")
   assert bad.returncode == 1 and "2 <image> token(s) but 1 media" in bad.stderr
+
+
+def test_aot_compile_of_generation_reports_memory(tiny_config):
+  from flamingo_jax.tools import aot_compile  # pylint: disable=g-import-not-at-top
+  report = aot_compile.generate_report(copy.deepcopy(tiny_config), "cpu", "data=4,model=2",
+                                       batch=8, context=64, images=3, dtype="bfloat16")
+  assert report["mesh"] == {"data": 4, "model": 2}
+  # Per device: 2 of 8 rows, 2 of 4 heads, 64 slots, key size 16, k and v, 5 layers, bf16.
+  assert report["cache_bytes_per_device"] >= 5 * 2 * 2 * 64 * 2 * 16 * 2
+  for part in ("encode", "prefill", "decode_step"):
+    assert report[part]["total_bytes"] > 0
+  assert report["decode_step"]["alias_bytes"] > 0          # the cache is donated, updated in place
