@@ -189,9 +189,9 @@ def test_generate_command_line(tmp_path):
   from PIL import Image  # pylint: disable=g-import-not-at-top
   from conftest import REPO, config_path  # pylint: disable=g-import-not-at-top
   from flamingo_jax.data import synthetic  # pylint: disable=g-import-not-at-top
-  from flamingo_jax.tools import import_weights  # pylint: disable=g-import-not-at-top
+  from flamingo_jax.tools import lm_import  # pylint: disable=g-import-not-at-top
   lm = str(tmp_path / "lm")
-  import_weights.run("gpt_neox", os.path.join(REPO, "tests", "data", "hf_lms", "gpt_neox"), lm,
+  lm_import.run("gpt_neox", os.path.join(REPO, "tests", "data", "hf_lms", "gpt_neox"), lm,
                      progress=False)
   image = synthetic.scene(np.random.default_rng(0), 80)[0]
   Image.fromarray(image).save(tmp_path / "a.png")

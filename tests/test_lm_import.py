@@ -5,7 +5,6 @@ The references are tiny random models written by the real `transformers` library
 installed the script is rerun and the fresh models are compared too.
 """
 
-import copy
 import importlib.util
 import json
 import os
@@ -25,7 +24,7 @@ from flamingo_jax import models
 from flamingo_jax import weights
 from flamingo_jax.data import preprocessing
 from flamingo_jax.data import tokenizer as tok
-from flamingo_jax.tools import import_weights
+from flamingo_jax.tools import lm_import
 from flamingo_jax.training import sharding
 
 FIXTURES = os.path.join(REPO, "tests", "data", "hf_lms")
@@ -177,7 +176,7 @@ def test_interleaved_rotary_is_the_half_layout_on_permuted_dims():
 def import_error(tmp_path, source, kind, **kwargs) -> str:
   out = tmp_path / "out"
   with pytest.raises(weights.CheckpointError) as info:
-    import_weights.run(kind, str(source), str(out), progress=False, **kwargs)
+    lm_import.run(kind, str(source), str(out), progress=False, **kwargs)
   assert not out.exists() and not list(tmp_path.glob("out.tmp-*"))    # nothing written
   message = str(info.value)
   assert "\n" not in message
@@ -262,7 +261,7 @@ def test_hf_tokenizer_places_our_special_ids(tmp_path):
   source = os.path.join(FIXTURES, "llama")
   _, fields = weights.import_plan(source)
   shutil.copy(os.path.join(source, "tokenizer.json"), tmp_path / "tokenizer.json")
-  import_weights.write_tokenizer(source, str(tmp_path), fields)
+  lm_import.write_tokenizer(source, str(tmp_path), fields)
   tk = tok.load(str(tmp_path / "tokenizer.json"))
   assert tk.special == tok.SpecialIds(pad=1, bos=0, eos=0, image=320, eoc=321)
   ids = preprocessing.pair_tokens("a red circle", tk.encode, False, tk.special)
@@ -282,7 +281,7 @@ def test_hf_tokenizer_places_our_special_ids(tmp_path):
 def test_tiny_flamingo_trains_on_an_imported_lm(tmp_path):
   from flamingo_jax.training import trainer  # pylint: disable=g-import-not-at-top
   out = str(tmp_path / "neox")
-  import_weights.run("gpt_neox", os.path.join(FIXTURES, "gpt_neox"), out, progress=False)
+  lm_import.run("gpt_neox", os.path.join(FIXTURES, "gpt_neox"), out, progress=False)
   config = config_base.load_config(f"{config_path('pretrained')}:lm={out}")
   del config.data.streams["vtp"]
   config.train.steps = 12

@@ -5,11 +5,12 @@ report per-device memory, whether it fits, compiled vs analytic FLOPs and compil
       --topology=v4:8x12x16 --mesh=data=96,model=16 --json
 
 --mode=generate compiles inference instead (inference/engine.py): media encoding, the
-prefill of a --context-token prompt with --images images, and the per-token decode step
-over a --context-slot cache, for --batch prompts, in --dtype; memory per chip of each:
+prefill of a --gen_context-token prompt with --gen_images images, and the per-token decode
+step over a --gen_context-slot cache, for --gen_batch prompts, in --gen_dtype; memory per
+chip of each:
 
   python -m flamingo_jax.tools.aot_compile --config=experiments/configs/flamingo_80b.py \
-      --mode=generate --topology=v4:2x2x4 --mesh=data=1,model=16 --batch=8 --context=2048
+      --mode=generate --topology=v4:2x2x4 --mesh=data=1,model=16 --gen_batch=8 --gen_context=2048
 
 Needs libtpu (the `tpu` extra) for TPU topologies; no TPU is needed. v4 topologies are taken
 with chip_config_name="megacore" (one device per chip, as on a real v4 pod).
@@ -36,10 +37,10 @@ _MESH = flags.DEFINE_string("mesh", "", "data=D,model=M (default: config.mesh)."
 _ROUND = flags.DEFINE_bool("round_batches", True, "Round each stream's batch up to a multiple "
                            "of data x microbatches (the paper's sizes rarely divide a pod).")
 _MODE = flags.DEFINE_enum("mode", "train", ["train", "generate"], "What to compile.")
-_BATCH = flags.DEFINE_integer("batch", 8, "generate: prompts decoded together.")
-_CONTEXT = flags.DEFINE_integer("context", 2048, "generate: cache slots = prompt length.")
-_IMAGES = flags.DEFINE_integer("images", 5, "generate: images per prompt.")
-_DTYPE = flags.DEFINE_string("dtype", "bfloat16", "generate: compute dtype.")
+_BATCH = flags.DEFINE_integer("gen_batch", 8, "generate: prompts decoded together.")
+_CONTEXT = flags.DEFINE_integer("gen_context", 2048, "generate: cache slots = prompt length.")
+_IMAGES = flags.DEFINE_integer("gen_images", 5, "generate: images per prompt.")
+_DTYPE = flags.DEFINE_string("gen_dtype", "bfloat16", "generate: compute dtype.")
 _JSON = flags.DEFINE_bool("json", False, "Print one JSON object.")
 
 GIB = 1 << 30

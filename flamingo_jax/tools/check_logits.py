@@ -12,7 +12,6 @@ when max |diff| exceeds --atol; the worst position is printed.
 """
 
 import json
-import os
 import sys
 
 from absl import app
