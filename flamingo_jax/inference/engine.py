@@ -159,17 +159,6 @@ class Engine:
     """A new cache whose row i is row rows[i] of `cache` (shared-prefix scoring)."""
     return self._tile(cache, rows, False)
 
-  def full_logits(self, ids: np.ndarray, media: Optional[np.ndarray]) -> jax.Array:
-    """Uncached forward of the whole sequence (the reference; bench_generate's baseline)."""
-    visual = self.encode(media)
-    return self._full(self.params, self.put_batch(np.asarray(ids, np.int32)), visual)
-
-  @property
-  def _full(self):
-    if not hasattr(self, "_full_jit"):
-      self._full_jit = jax.jit(lambda p, ids, visual: self._apply.decode(p, None, ids, visual))
-    return self._full_jit
-
 
 def _reorder_rows(cache: dict, rows: jax.Array, self_only: bool) -> dict:
   def take(path, leaf):
