@@ -16,6 +16,10 @@ stdout: each continuation on its own line, text only, cut at `<EOC>`. With --bat
 (JSONL rows {"prompt": ..., "images": [...], "video": ...}; paths relative to the file),
 one line per row in order; a row that cannot run (a missing image, more `<image>` tokens
 than media, too long) prints an empty line, is named on stderr and counted.
+
+--mesh=data=D,model=M shards parameters (training's partition rules), the batch and the
+caches over the devices; with --coordinator_address/--num_processes/--process_id every
+process runs the same command and process 0 prints (gloo collectives on CPU).
 """
 
 import json
@@ -46,6 +50,12 @@ _TOP_P = flags.DEFINE_float("top_p", 1.0, "Nucleus sampling mass.")
 _TOP_K = flags.DEFINE_integer("top_k", 0, "Sample among the k most likely (0: all).")
 _SEED = flags.DEFINE_integer("seed", 0, "Sampling seed.")
 _MAX_NEW = flags.DEFINE_integer("max_new_tokens", 32, "New tokens at most.")
+_MESH = flags.DEFINE_string("mesh", "", "data=D,model=M over all devices (training's "
+                            "partition rules); default: one device.")
+_COORDINATOR = flags.DEFINE_string("coordinator_address", "", "HOST:PORT of process 0 "
+                                   "(several processes without a TPU; needs --mesh).")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", 1, "Processes in the run.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", 0, "This process's index.")
 
 MARKERS = re.compile(r"(<image>|<EOC>)")
 
@@ -157,8 +167,29 @@ class Progress:
           end=end, file=sys.stderr, flush=True)
 
 
+def _place(config, params):
+  """(params on the --mesh, mesh) or (params, None) without one."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from flamingo_jax.training import sharding  # pylint: disable=g-import-not-at-top
+  if not _MESH.value:
+    return params, None
+  data, model = sharding.parse_mesh(_MESH.value, -1, 1)
+  mesh = sharding.make_mesh(data, model)
+  sharding.check_model_fits_mesh(config.model, model)
+  specs = sharding.named(mesh, sharding.param_specs(params, sharding.rules_for(config.model,
+                                                                                model)))
+  params = jax.device_get(params)
+  return jax.tree.map(lambda x, s: jax.make_array_from_callback(x.shape, s, lambda i: x[i]),
+                      params, specs), mesh
+
+
 def main(argv):
   del argv
+  import jax  # pylint: disable=g-import-not-at-top
+  if _COORDINATOR.value:
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(_COORDINATOR.value, num_processes=_NUM_PROCESSES.value,
+                               process_id=_PROCESS_ID.value)
   from flamingo_jax import inference, weights  # pylint: disable=g-import-not-at-top
   from flamingo_jax.data import pipeline  # pylint: disable=g-import-not-at-top
   from flamingo_jax.tools import model_params  # pylint: disable=g-import-not-at-top
@@ -179,6 +210,7 @@ def main(argv):
     else:
       rows = [{"prompt": _PROMPT.value, "images": list(_IMAGE.value), "video": _VIDEO.value}]
     params, _ = model_params.load(config, _WORKDIR.value or _PARAMS.value)
+    params, mesh = _place(config, params)
   except (BadRow, ValueError, FileNotFoundError, weights.CheckpointError) as e:
     sys.exit(f"error: {e}")
   size = config.model.image_size
@@ -199,10 +231,11 @@ def main(argv):
   good = [p for p in prepared if len(p) == 3]
   longest = max((len(p[1]) for p in good), default=1)
   slots = -(-(inference.bucket(longest) + _MAX_NEW.value) // 64) * 64
-  engine = inference.Engine(config.model, params, max_slots=slots)
+  engine = inference.Engine(config.model, params, max_slots=slots, mesh=mesh)
   outputs, errors = {}, {i: e for i, e in (p for p in prepared if len(p) == 2)}
   stop = (tokenizer.special.eoc, tokenizer.special.eos)
-  progress = Progress(len(good), enabled=bool(_BATCH_FILE.value))
+  main_process = jax.process_index() == 0
+  progress = Progress(len(good), enabled=bool(_BATCH_FILE.value) and main_process)
   # Rows with the same frame count decode together (one media array per batch).
   by_frames = {}
   for p in good:
@@ -220,6 +253,8 @@ def main(argv):
         for p in batch:
           errors[p[0]] = str(e)
       progress.update(len(batch))
+  if not main_process:
+    return
   for i in range(len(rows)):
     print(outputs.get(i, ""), flush=True)
   for i, e in sorted(errors.items()):

@@ -205,6 +205,10 @@ def test_generate_command_line(tmp_path):
   beam = run_generate(*common, "--prompt=<image>Output:", f"--image={tmp_path / 'a.png'}",
                       "--beam=3")
   assert beam.returncode == 0, beam.stderr[-3000:]
+  sharded = run_generate(*common, "--prompt=<image>Output:", f"--image={tmp_path / 'a.png'}",
+                         "--mesh=data=4,model=2")                 # 8 fake devices (conftest)
+  assert sharded.returncode == 0, sharded.stderr[-3000:]
+  assert sharded.stdout == one.stdout
   rows = [{"prompt": "<image>Output:", "images": ["a.png"]},
           {"prompt": "<image>Output:", "images": ["missing.png"]},
           {"prompt": "<image><image>two", "images": ["a.png"]},
@@ -233,3 +237,29 @@ def test_aot_compile_of_generation_reports_memory(tiny_config):
   for part in ("encode", "prefill", "decode_step"):
     assert report[part]["total_bytes"] > 0
   assert report["decode_step"]["alias_bytes"] > 0          # the cache is donated, updated in place
+
+
+def test_two_processes_generate_what_one_process_does(tmp_path):
+  """2 processes x 2 devices (gloo) vs 1 process x 4 devices, both on a 2 x 2 mesh: the same
+  greedy and beam tokens and the same candidate scores."""
+  import json, os, socket, subprocess, sys  # pylint: disable=g-import-not-at-top,multiple-imports
+  from conftest import REPO, XLA_TEST_FLAGS  # pylint: disable=g-import-not-at-top
+  script = os.path.join(REPO, "tests", "generate_processes.py")
+  env = lambda n: dict(os.environ, JAX_PLATFORMS="cpu",
+                       XLA_FLAGS=f"--xla_force_host_platform_device_count={n} {XLA_TEST_FLAGS}")
+  one = subprocess.run([sys.executable, script, str(tmp_path / "one.json")], env=env(4),
+                       capture_output=True, text=True)
+  assert one.returncode == 0, one.stderr[-3000:]
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+  procs = [subprocess.Popen([sys.executable, script, str(tmp_path / "two.json"),
+                             f"127.0.0.1:{port}", "2", str(i)], env=env(2),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT) for i in range(2)]
+  outputs = [p.communicate(timeout=600)[0].decode(errors="replace") for p in procs]
+  assert [p.returncode for p in procs] == [0, 0], outputs[0][-3000:] + outputs[1][-3000:]
+  with open(tmp_path / "one.json") as f, open(tmp_path / "two.json") as g:
+    expected, got = json.load(f), json.load(g)
+  assert got["greedy"] == expected["greedy"] and got["beam"] == expected["beam"]
+  np.testing.assert_allclose(got["scores"], expected["scores"], atol=1e-5)
+  np.testing.assert_allclose(got["beam_log_prob"], expected["beam_log_prob"], atol=1e-5)

@@ -75,8 +75,9 @@ def prepare(engine: engine_lib.Engine, prompts: Sequence[Sequence[int]],
 
 
 @functools.partial(jax.jit, static_argnames=("method", "top_k"))
-def _select(logits, key, temperature, top_p, *, method: str, top_k: int):
-  """Next token and its log-probability (under the model, not the sampling distribution)."""
+def _select(logits, seed, step, temperature, top_p, *, method: str, top_k: int):
+  """Next token and its log-probability (under the model, not the sampling distribution);
+  the sampling key is fold_in(key(seed), step)."""
   log_probs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
   if method == "greedy":
     token = jnp.argmax(logits, axis=-1)
@@ -91,6 +92,7 @@ def _select(logits, key, temperature, top_p, *, method: str, top_k: int):
     keep = cumulative - jax.nn.softmax(sorted_logits, axis=-1) < top_p
     cutoff = jnp.min(jnp.where(keep, sorted_logits, jnp.inf), axis=-1, keepdims=True)
     scaled = jnp.where(scaled < cutoff, -jnp.inf, scaled)
+    key = jax.random.fold_in(jax.random.key(seed), step)
     token = jax.random.categorical(key, scaled, axis=-1)
   token = token.astype(jnp.int32)
   return token, jnp.take_along_axis(log_probs, token[:, None], axis=-1)[:, 0]
@@ -116,16 +118,15 @@ def generate(engine: engine_lib.Engine, prompts: Sequence[Sequence[int]],
   ids, lengths, media, count = prepare(engine, prompts, media, max_new_tokens)
   prompt = engine.prefill(ids, lengths, engine.encode(media))
   logits, cache, positions, phi = prompt.logits, prompt.cache, prompt.positions, prompt.phi
-  key = jax.random.key(seed)
   rows = ids.shape[0]
   done = np.zeros(rows, bool)
   tokens_out = np.zeros((rows, max_new_tokens), np.int32)
   log_prob = np.zeros(rows, np.float64)
   steps = 0
   for t in range(max_new_tokens):
-    token, token_logp = _select(logits, jax.random.fold_in(key, t), jnp.float32(temperature),
-                                jnp.float32(top_p), method=method, top_k=int(top_k))
-    token_np, logp_np = np.asarray(token), np.asarray(token_logp)
+    token, token_logp = _select(logits, np.uint32(seed), np.int32(t), np.float32(temperature),
+                                np.float32(top_p), method=method, top_k=int(top_k))
+    token_np, logp_np = engine.to_host((token, token_logp))
     live = ~done
     tokens_out[live, t] = token_np[live]
     log_prob[live] += logp_np[live]
@@ -197,27 +198,28 @@ def _beam_search(engine, prompts, media, max_new_tokens, width, penalty, stop_id
   visual = engine.encode(media)
   # One prefill per prompt, then every prompt's cache row copied to its W beams.
   prompt = engine.prefill(ids, lengths, visual)
-  beam_rows = jnp.repeat(jnp.arange(b), width)
+  beam_rows = np.repeat(np.arange(b), width)
   cache = engine.tile(prompt.cache, beam_rows)
   logits = jnp.take(prompt.logits, beam_rows, axis=0)
   positions = jnp.take(prompt.positions, beam_rows)
   phi = jnp.take(prompt.phi, beam_rows)
+  # Host (numpy) inputs: every process passes the same values (multi-process runs).
   state = {
-      "alive_tokens": jnp.zeros((b, width, max_new_tokens), jnp.int32),
-      "alive_logp": jnp.tile(jnp.asarray([0.0] + [-jnp.inf] * (width - 1), jnp.float32), (b, 1)),
-      "fin_tokens": jnp.zeros((b, width, max_new_tokens), jnp.int32),
-      "fin_logp": jnp.full((b, width), -jnp.inf, jnp.float32),
-      "fin_score": jnp.full((b, width), -jnp.inf, jnp.float32),
-      "fin_len": jnp.zeros((b, width), jnp.int32),
+      "alive_tokens": np.zeros((b, width, max_new_tokens), np.int32),
+      "alive_logp": np.tile(np.asarray([0.0] + [-np.inf] * (width - 1), np.float32), (b, 1)),
+      "fin_tokens": np.zeros((b, width, max_new_tokens), np.int32),
+      "fin_logp": np.full((b, width), -np.inf, np.float32),
+      "fin_score": np.full((b, width), -np.inf, np.float32),
+      "fin_len": np.zeros((b, width), np.int32),
   }
-  stop = jnp.asarray(list(stop_ids) or [-1], jnp.int32)
-  penalty_arr = jnp.float32(penalty)
+  stop = np.asarray(list(stop_ids) or [-1], np.int32)
+  penalty_arr = np.float32(penalty)
   steps = 0
   for t in range(max_new_tokens):
-    state, rows, _, next_tokens, done = _beam_update(state, logits, jnp.int32(t), stop,
+    state, rows, _, next_tokens, done = _beam_update(state, logits, np.int32(t), stop,
                                                      penalty_arr, width=width)
     steps = t + 1
-    if bool(np.asarray(done)[:count].all()) or t == max_new_tokens - 1:
+    if bool(engine.to_host(done)[:count].all()) or t == max_new_tokens - 1:
       break
     cache = engine.reorder(cache, rows)
     phi = jnp.take(phi, rows)
@@ -225,7 +227,7 @@ def _beam_search(engine, prompts, media, max_new_tokens, width, penalty, stop_id
     phi = phi + (tokens == engine.image_id).astype(jnp.int32)
     logits, cache = engine.step(tokens, positions, phi, cache)
     positions = positions + 1
-  state = jax.device_get(state)
+  state = engine.to_host(state)
   results = []
   for i in range(count):
     hyps = []

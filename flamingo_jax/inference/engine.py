@@ -54,6 +54,8 @@ class Engine:
     self.max_slots = int(max_slots)
     self.dtype = jnp.dtype(compute_dtype)
     self.mesh = mesh
+    if mesh is None and jax.process_count() > 1:
+      raise ValueError("several processes: give the Engine a mesh over all their devices")
     # params None: an engine whose jitted functions are only lowered (aot_compile).
     self.params = None if params is None else jax.tree.map(
         lambda x: x.astype(self.dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, params)
@@ -92,10 +94,21 @@ class Engine:
         is_leaf=lambda x: isinstance(x, P))
 
   def put_batch(self, x: np.ndarray) -> jax.Array:
-    """Host rows -> device, split over 'data' on a mesh."""
+    """Host rows (the whole batch, the same on every process) -> device, split over 'data'
+    on a mesh; each process places only the rows its devices hold."""
     if self.mesh is None:
       return jnp.asarray(x)
-    return jax.device_put(x, NamedSharding(self.mesh, P(DATA)))
+    x = np.asarray(x)
+    return jax.make_array_from_callback(x.shape, NamedSharding(self.mesh, P(DATA)),
+                                        lambda index: x[index])
+
+  @staticmethod
+  def to_host(x: Any) -> Any:
+    """Device values -> numpy on every process (an all-gather when processes share them)."""
+    if jax.process_count() == 1:
+      return jax.device_get(x)
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    return jax.tree.map(np.asarray, multihost_utils.process_allgather(x, tiled=True))
 
   # -- jitted bodies -------------------------------------------------------------------------
 

@@ -55,15 +55,15 @@ def score(engine: engine_lib.Engine, prompts: Sequence[Sequence[int]],
     for r, (_, c) in enumerate(chunk):
       targets[r, :len(c)] = c
       mask[r, :len(c)] = True
-    rows_dev = jnp.asarray(rows)
+    rows_dev = rows                                        # numpy: the same on every process
     cache = engine.tile(prompt.cache, rows_dev)
     logits, _ = engine.extend(engine.put_batch(targets[:, :width]),
                               jnp.take(prompt.positions, rows_dev),
                               jnp.take(prompt.phi, rows_dev), cache)
     chunk_sums = _candidate_log_probs(jnp.take(prompt.logits, rows_dev, axis=0), logits,
-                                      jnp.asarray(targets), jnp.asarray(mask))
+                                      targets, mask)
     n = min(batch, len(flat) - start)
-    sums[start:start + n] = np.asarray(chunk_sums)[:n]
+    sums[start:start + n] = engine.to_host(chunk_sums)[:n]
   out, k = [], 0
   for cands in candidates[:count]:
     row = []

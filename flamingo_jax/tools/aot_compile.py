@@ -49,16 +49,6 @@ HBM_BYTES = {"TPU v4": 32 * GIB, "TPU v5 lite": 16 * GIB, "TPU v5e": 16 * GIB,
              "TPU v5p": 95 * GIB, "TPU v5": 95 * GIB, "TPU v6 lite": 32 * GIB, "TPU v6e": 32 * GIB}
 
 
-def parse_mesh(text: str, default_data: int, default_model: int) -> tuple[int, int]:
-  values = {"data": default_data, "model": default_model}
-  for part in filter(None, text.split(",")):
-    key, _, value = part.partition("=")
-    if key not in values or not value.lstrip("-").isdigit():
-      raise ValueError(f"--mesh={text!r}: expected data=D,model=M")
-    values[key] = int(value)
-  return values["data"], values["model"]
-
-
 def topology_devices(topology: str) -> list:
   if topology == "cpu":
     return jax.devices()
@@ -80,7 +70,7 @@ def round_batches(config, data_axis: int) -> dict[str, int]:
 def compile_report(config, topology: str, mesh_text: str = "", round_to_mesh: bool = True) -> dict:
   """Compiles the train step for `topology` and returns the report (see module doc)."""
   devices = topology_devices(topology)
-  data, model = parse_mesh(mesh_text, config.mesh.data, config.mesh.model)
+  data, model = sharding.parse_mesh(mesh_text, config.mesh.data, config.mesh.model)
   mesh = sharding.make_mesh(data, model, devices)
   data_axis = mesh.shape[sharding.DATA]
   sizes = (round_batches(config, data_axis) if round_to_mesh else
@@ -142,7 +132,7 @@ def generate_report(config, topology: str, mesh_text: str = "", *, batch: int = 
   from jax.sharding import NamedSharding, PartitionSpec as P  # pylint: disable=g-import-not-at-top
   from flamingo_jax import inference, models  # pylint: disable=g-import-not-at-top
   devices = topology_devices(topology)
-  data, model = parse_mesh(mesh_text, config.mesh.data, config.mesh.model)
+  data, model = sharding.parse_mesh(mesh_text, config.mesh.data, config.mesh.model)
   mesh = sharding.make_mesh(data, model, devices)
   sharding.check_model_fits_mesh(config.model, mesh.shape[sharding.MODEL])
   if batch % mesh.shape[sharding.DATA]:

@@ -46,6 +46,17 @@ def rules_for(model_config: Any, model_axis: int,
   return tuple(rules)
 
 
+def parse_mesh(text: str, default_data: int, default_model: int) -> tuple[int, int]:
+  """"data=D,model=M" (either may be left out: the defaults) -> (D, M)."""
+  values = {"data": default_data, "model": default_model}
+  for part in filter(None, text.split(",")):
+    key, _, value = part.partition("=")
+    if key not in values or not value.lstrip("-").isdigit():
+      raise ValueError(f"--mesh={text!r}: expected data=D,model=M")
+    values[key] = int(value)
+  return values["data"], values["model"]
+
+
 def make_mesh(data: int, model: int, devices: Optional[Sequence[Any]] = None) -> Mesh:
   """Mesh ('data', 'model') over `devices` (default: all). data=-1: all the devices left."""
   devices = list(jax.devices() if devices is None else devices)
