@@ -35,10 +35,10 @@ class Hypothesis:
 
 
 def prepare(engine: engine_lib.Engine, prompts: Sequence[Sequence[int]],
-            media: Optional[np.ndarray], max_new_tokens: int, rows_multiple: int = 1):
+            media: Optional[np.ndarray], max_new_tokens: int):
   """Checks prompts against media and the cache; -> (ids [B', L], lengths [B'], media, B)
   right-padded to a length bucket, rows padded (copies of row 0) to a multiple of the
-  'data' axis (× rows_multiple)."""
+  'data' axis."""
   if not prompts:
     raise ValueError("no prompts")
   lengths = np.array([len(p) for p in prompts], np.int32)
@@ -60,8 +60,7 @@ def prepare(engine: engine_lib.Engine, prompts: Sequence[Sequence[int]],
   if media is not None and media.shape[0] != len(prompts):
     raise ValueError(f"media has {media.shape[0]} rows for {len(prompts)} prompts")
   count = len(prompts)
-  multiple = engine.data_parallelism * rows_multiple // np.gcd(engine.data_parallelism,
-                                                                rows_multiple)
+  multiple = engine.data_parallelism
   padded_rows = -(-count // multiple) * multiple
   width = min(engine_lib.bucket(lengths.max()), slots)
   ids = np.zeros((padded_rows, width), np.int32)

@@ -227,7 +227,8 @@ class LanguageModel(hk.Module):
 
     def stage(x, c, xattn_name, blocks_name, count):
       """[xattn, `count` blocks] with the cache slice `c` of this stage (None: no cache)."""
-      x, media_kv = xattn(x, xattn_name, None if c is None else c.get("xattn"))
+      kept = None if c is None else c.get("xattn")                   # {"k", "v"} or None
+      x, media_kv = xattn(x, xattn_name, None if kept is None else (kept["k"], kept["v"]))
       x, self_cache = lm_blocks(x, count, blocks_name, None if c is None else c["self"])
       out = {"self": self_cache}
       if media_kv is not None:
@@ -242,18 +243,11 @@ class LanguageModel(hk.Module):
       if tail:
         x = stage(x, None, "tail_xattn", "tail_blocks", tail)[0]
     else:
-      def group(x, c):
-        c = dict(c)
-        if "xattn" in c:
-          c["xattn"] = (c["xattn"]["k"], c["xattn"]["v"])
-        return stage(x, c, "xattn", "blocks", self.xattn_every)
       x, new_cache["groups"] = hk.layer_stack(num_groups, with_per_layer_inputs=True,
-                                              name="groups")(group)(x, cache["groups"])
+                                              name="groups")(
+          lambda x, c: stage(x, c, "xattn", "blocks", self.xattn_every))(x, cache["groups"])
       if tail:
-        c = dict(cache["tail"])
-        if "xattn" in c:
-          c["xattn"] = (c["xattn"]["k"], c["xattn"]["v"])
-        x, new_cache["tail"] = stage(x, c, "tail_xattn", "tail_blocks", tail)
+        x, new_cache["tail"] = stage(x, cache["tail"], "tail_xattn", "tail_blocks", tail)
 
     o = self.options
     x = attention.make_norm(o.norm, eps=o.norm_eps, bias=o.norm_bias, name="final_norm")(x)
