@@ -44,19 +44,31 @@ class _RawSourceBuilder(tfds.core.GeneratorBasedBuilder):
     return {"train": self._generate_examples(dl_manager.manual_dir)}
 
   def _generate_examples(self, manual_dir):
-    counts = collections.Counter()
+    counts, skip_log = collections.Counter(), []
     usable = 0
-    for key, example in sources.read_source(self.KIND, os.fspath(manual_dir), counts):
+    for key, example in sources.read_source(self.KIND, os.fspath(manual_dir), counts, skip_log):
       usable += 1
       yield key, _encoded(example)
     skipped = {reason: counts[reason] for reason in sources.SKIP_REASONS if counts[reason]}
     self.info.metadata["skipped"] = skipped
     self.info.metadata["usable"] = usable
-    logging.info("%s source %s: %d usable examples; skipped %s", self.KIND, manual_dir,
-                 usable, skipped or "none")
+    self.info.metadata["skip_log"] = skip_log
+    print(skip_table(f"{self.KIND} source {os.fspath(manual_dir)}", usable, skipped), flush=True)
+    for line in skip_log[:5]:
+      logging.warning("skipped %s", line)
     if not usable:
       raise ValueError(f"{self.KIND} source {os.fspath(manual_dir)!r} has no usable example "
                        f"(skipped: {skipped})")
+
+
+def skip_table(what: str, usable: int, skipped: dict[str, int]) -> str:
+  """"WHAT: N usable examples" and one line per skip reason."""
+  lines = [f"{what}: {usable} usable examples" + ("" if skipped else ", nothing skipped")]
+  width = max((len(reason) for reason in skipped), default=0)
+  lines += [f"  skipped {reason:<{width}} {count:>8}" for reason, count in skipped.items()]
+  if skipped:
+    lines.append("  (file and line of each: metadata.json 'skip_log' in the dataset)")
+  return "\n".join(lines)
 
 
 def _image() -> tfds.features.Tensor:

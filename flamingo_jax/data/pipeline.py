@@ -156,8 +156,10 @@ def process_example(kind: str, raw: dict, spec: Any, data: Any, tokenizer: tok.T
     if kind == "image_text":
       images = [[sources.decode_image(raw["image"])]]
     else:
-      all_frames = raw["frames"]
-      idx = preprocessing.frame_indices(len(all_frames), float(raw["fps"]), t,
+      all_frames, fps = raw["frames"], float(raw["fps"])
+      if not 0 < fps <= sources.MAX_FPS:      # NaN too (datasets built before the check)
+        raise sources.Skip("invalid_field", f"fps {fps}")
+      idx = preprocessing.frame_indices(len(all_frames), fps, t,
                                         float(spec.get("frame_rate", 1.0)), rng)
       images = [[sources.decode_image(all_frames[i]) for i in idx]]
   row = preprocessing.to_arrays(tokens, length, tokenizer.special)  # Skip("text_too_long")

@@ -32,8 +32,7 @@ from PIL import Image
 from flamingo_jax.data import sources
 from flamingo_jax.data import tokenizer as tok
 
-# round(255 * ImageNet mean): the model subtracts this mean (models/flamingo.py, PIXEL_MEAN).
-PAD_RGB = np.array([124, 116, 104], np.uint8)
+PAD_RGB = sources.PAD_RGB
 
 
 def resize_and_pad(image: np.ndarray, size: int, *, flip: bool = False,

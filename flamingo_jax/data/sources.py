@@ -17,26 +17,40 @@ Canonical examples (the TFDS features of builders.py):
   video_text   {"frames": uint8 [T,H,W,3], "fps": float, "text": str}
 
 Bad input never raises: the example (or, in a document, the image) is dropped and counted
-under one of SKIP_REASONS. The paper's image filters (PAPER.md §3.1): a side < 64 px or an
-aspect ratio > 3 drops the image; documents left without images are dropped.
+under one of SKIP_REASONS, and noted with its file and line (or shard and key) for the skip
+log. Every field is type-checked (`invalid_field`: a path that is not a string, an MMC4
+`matched_text_index` that is not an integer in range, an `fps` that is not a finite number
+in (0, MAX_FPS]); text that is not valid UTF-8 is `invalid_text`. The paper's image filters
+(PAPER.md §3.1): a side < 64 px or an aspect ratio > 3 drops the image; documents left
+without images are dropped.
+
+Images decode as they look: EXIF orientation applied, transparency composited over PAD_RGB
+(the colour the model normalises to 0, which also pads), 16-bit greyscale scaled to 8 bits,
+palette and CMYK images converted.
 """
 
 import collections
 import glob
 import io
 import json
+import math
 import os
 import tarfile
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 from PIL import Image
+from PIL import ImageOps
 
 MIN_IMAGE_SIDE = 64
 MAX_ASPECT_RATIO = 3.0
-SKIP_REASONS = ("invalid_json", "missing_file", "unreadable_image", "image_too_small",
-                "bad_aspect_ratio", "empty_document", "no_image", "empty_text", "empty_video",
-                "text_too_long")
+MAX_FPS = 1000.0
+MAX_SKIP_LOG = 1000                 # skip-log lines kept per dataset (the counts are complete)
+# round(255 * ImageNet mean): the model subtracts this mean (models/flamingo.py, PIXEL_MEAN).
+PAD_RGB = np.array([124, 116, 104], np.uint8)
+SKIP_REASONS = ("invalid_json", "invalid_field", "invalid_text", "missing_file",
+                "unreadable_image", "image_too_small", "bad_aspect_ratio", "empty_document",
+                "no_image", "empty_text", "empty_video", "text_too_long")
 SOURCE_KINDS = ("interleaved", "image_text", "video_text")
 
 
@@ -58,12 +72,29 @@ def check_image(image: np.ndarray) -> np.ndarray:
   return image
 
 
+def _to_rgb(image: Image.Image) -> np.ndarray:
+  """Any PIL mode -> uint8 [H, W, 3], as the image looks."""
+  image = ImageOps.exif_transpose(image)
+  if image.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
+    # 16-bit (PNG) greyscale: 0..65535 -> 0..255; convert("RGB") would clip at 255 (white).
+    values = np.asarray(image, np.float64)
+    grey = np.clip(np.round(values / 257.0), 0, 255).astype(np.uint8)
+    return np.repeat(grey[..., None], 3, axis=-1)
+  if image.mode == "F":
+    raise ValueError("floating-point image")
+  if image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in image.info:
+    rgba = image.convert("RGBA")
+    background = Image.new("RGBA", rgba.size, tuple(int(c) for c in PAD_RGB) + (255,))
+    return np.asarray(Image.alpha_composite(background, rgba).convert("RGB"))
+  return np.asarray(image.convert("RGB"))
+
+
 def decode_image(data: bytes, what: str = "") -> np.ndarray:
   """Encoded bytes -> uint8 [H, W, 3]; a truncated or corrupt file raises Skip."""
   try:
     with Image.open(io.BytesIO(data)) as image:
       image.load()                    # decodes fully: truncated files fail here
-      return np.asarray(image.convert("RGB"))
+      return _to_rgb(image)
   except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
     raise Skip("unreadable_image", f"{what}: {e}") from None
 
@@ -75,24 +106,46 @@ def read_image(path: str) -> np.ndarray:
     return check_image(decode_image(f.read(), path))
 
 
-def _relative(root: str, path) -> str:
+def _relative(root: str, path, field: str = "path") -> str:
   if not isinstance(path, str) or not path:
-    raise Skip("invalid_json", f"bad path {path!r}")
+    raise Skip("invalid_field", f"{field} is {path!r:.60}, not a file name")
   return os.path.join(root, path)
 
 
 def _text(value) -> str:
   if not isinstance(value, str):
-    raise Skip("invalid_json", f"text is {type(value).__name__}")
+    raise Skip("invalid_field", f"text is {type(value).__name__}, not a string")
+  try:
+    value.encode("utf-8")           # a JSON "\udc80" escape gives an unpaired surrogate
+  except UnicodeEncodeError as e:
+    raise Skip("invalid_text", str(e)) from None
   return value
 
 
+def _integer(value, field: str, low: int, high: int) -> int:
+  if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+    raise Skip("invalid_field", f"{field} is {value!r:.40}, not an integer in [{low}, {high}]")
+  return value
+
+
+def _fps(value) -> float:
+  if (isinstance(value, bool) or not isinstance(value, (int, float))
+      or not math.isfinite(value) or not 0 < value <= MAX_FPS):
+    raise Skip("invalid_field", f"fps is {value!r:.40}, not a number in (0, {MAX_FPS:g}]")
+  return float(value)
+
+
 def _jsonl(path: str, name: str) -> Iterator[tuple[str, dict | Skip]]:
-  with open(path, encoding="utf-8", errors="replace") as f:
-    for line_no, line in enumerate(f):
+  with open(path, "rb") as f:
+    for line_no, raw in enumerate(f, start=1):
+      key = f"{name}:{line_no}"
+      try:
+        line = raw.decode("utf-8")
+      except UnicodeDecodeError as e:
+        yield key, Skip("invalid_text", f"not UTF-8: {e}")
+        continue
       if not line.strip():
         continue
-      key = f"{name}:{line_no}"
       try:
         record = json.loads(line)
       except json.JSONDecodeError as e:
@@ -101,45 +154,51 @@ def _jsonl(path: str, name: str) -> Iterator[tuple[str, dict | Skip]]:
       yield key, record if isinstance(record, dict) else Skip("invalid_json", "not an object")
 
 
-def _interleaved(record: dict, root: str, counts: collections.Counter) -> dict:
+def _interleaved(record: dict, root: str, drop: Callable[[Skip], None]) -> dict:
+  """`drop(skip)` counts an image dropped from the document (the document stays)."""
   if "content" in record:
     entries = record["content"]
     if not isinstance(entries, list):
-      raise Skip("invalid_json", "content is not a list")
+      raise Skip("invalid_field", "content is not a list")
   elif "text_list" in record:                       # MMC4
     texts = record["text_list"]
     infos = record.get("image_info", [])
     if not isinstance(texts, list) or not isinstance(infos, list):
-      raise Skip("invalid_json", "text_list / image_info are not lists")
+      raise Skip("invalid_field", "text_list / image_info are not lists")
     before = collections.defaultdict(list)
     for info in infos:
-      if not isinstance(info, dict) or "matched_text_index" not in info:
-        raise Skip("invalid_json", "image_info entry without matched_text_index")
-      before[int(info["matched_text_index"])].append(info.get("image_name"))
+      if not isinstance(info, dict):
+        raise Skip("invalid_field", f"image_info entry {info!r:.40} is not an object")
+      try:
+        index = _integer(info.get("matched_text_index"), "matched_text_index", 0,
+                         max(0, len(texts) - 1))
+        before[index].append(_relative(root, info.get("image_name"), "image_name"))
+      except Skip as skip:                          # that image goes, the document stays
+        drop(skip)
     entries = []
     for i, text in enumerate(texts):
-      entries += [{"image": name} for name in before.pop(i, [])] + [{"text": text}]
-    entries += [{"image": name} for i in sorted(before) for name in before[i]]
+      entries += [{"image_path": path} for path in before.pop(i, [])] + [{"text": text}]
+    entries += [{"image_path": path} for i in sorted(before) for path in before[i]]
   else:
     raise Skip("invalid_json", "neither 'content' nor 'text_list'")
   if not entries:
     raise Skip("empty_document")
   texts, images, image_index = [], [], []
-  for entry in entries:
-    if not isinstance(entry, dict) or ("text" in entry) == ("image" in entry):
-      raise Skip("invalid_json", f"entry {entry!r:.60} is not one of {{text}} / {{image}}")
+  for entry in entries:      # {"text"} | {"image": name} (content) | {"image_path"} (MMC4)
+    if (not isinstance(entry, dict)
+        or ("text" in entry) == ("image" in entry or "image_path" in entry)):
+      raise Skip("invalid_field", f"entry {entry!r:.60} is not one of {{text}} / {{image}}")
     if "text" in entry:
       text = _text(entry["text"]).strip()
       if text:
         texts.append(text)
       continue
     try:
-      images.append(read_image(_relative(root, entry["image"])))
+      images.append(read_image(entry.get("image_path")
+                               or _relative(root, entry.get("image"), "image")))
       image_index.append(len(texts))
     except Skip as skip:            # a bad image drops that image, not the document
-      if skip.reason == "invalid_json":
-        raise
-      counts[skip.reason] += 1
+      drop(skip)
   if not texts and not images:
     raise Skip("empty_document")
   if not images:
@@ -153,7 +212,7 @@ def _image_text(record: dict, root: str) -> dict:
   text = _text(record["text"]).strip()
   if not text:
     raise Skip("empty_text")
-  return {"image": read_image(_relative(root, record["image"])), "text": text}
+  return {"image": read_image(_relative(root, record["image"], "image")), "text": text}
 
 
 def read_video(path: str) -> np.ndarray:
@@ -185,11 +244,11 @@ def read_video(path: str) -> np.ndarray:
 
 def _video_frames(record: dict, root: str) -> np.ndarray:
   if "video" in record:
-    return read_video(_relative(root, record["video"]))
+    return read_video(_relative(root, record["video"], "video"))
   if "frames" in record:
-    folder = _relative(root, record["frames"])
+    folder = _relative(root, record["frames"], "frames")
     if folder.endswith(".npy"):
-      raise Skip("invalid_json", f"'frames' must be a folder, got {folder}")
+      raise Skip("invalid_field", f"'frames' must be a folder, got {folder}")
     return read_video(folder)
   raise Skip("invalid_json", "needs 'video' (.npy) or 'frames' (folder)")
 
@@ -197,13 +256,11 @@ def _video_frames(record: dict, root: str) -> np.ndarray:
 def _video_text(record: dict, root: str) -> dict:
   if "text" not in record:
     raise Skip("invalid_json", "needs 'text'")
-  fps = record.get("fps")
-  if not isinstance(fps, (int, float)) or fps <= 0:
-    raise Skip("invalid_json", f"fps {fps!r}")
+  fps = _fps(record.get("fps"))
   text = _text(record["text"]).strip()
   if not text:
     raise Skip("empty_text")
-  return {"frames": _video_frames(record, root), "fps": float(fps), "text": text}
+  return {"frames": _video_frames(record, root), "fps": fps, "text": text}
 
 
 def _tar_pairs(path: str, shard: str) -> Iterator[tuple[str, dict | Skip]]:
@@ -231,14 +288,16 @@ def _tar_pairs(path: str, shard: str) -> Iterator[tuple[str, dict | Skip]]:
     except Skip as skip:
       yield name, skip
     except UnicodeDecodeError as e:
-      yield name, Skip("invalid_json", f"{key}.txt: {e}")
+      yield name, Skip("invalid_text", f"{key}.txt is not UTF-8: {e}")
 
 
-def read_source(kind: str, directory: str,
-                counts: collections.Counter) -> Iterator[tuple[str, dict]]:
+def read_source(kind: str, directory: str, counts: collections.Counter,
+                skip_log: list[str] | None = None) -> Iterator[tuple[str, dict]]:
   """All usable examples of the raw files in `directory`, as (unique key, example).
 
-  `counts` gets one entry per skipped example (and per dropped image in a document).
+  `counts` gets one entry per skipped example (and per dropped image in a document);
+  `skip_log`, if given, a line "file:line: reason: detail" for each (the first
+  MAX_SKIP_LOG).
   """
   if kind not in SOURCE_KINDS:
     raise ValueError(f"source kind {kind!r}; expected one of {SOURCE_KINDS}")
@@ -249,21 +308,28 @@ def read_source(kind: str, directory: str,
   if not jsonl and not (kind == "image_text" and tars):
     raise FileNotFoundError(f"{kind} source {directory!r} has no "
                             f"{'*.jsonl or *.tar' if kind == 'image_text' else '*.jsonl'} files")
-  parse = {"interleaved": lambda r, root: _interleaved(r, root, counts),
-           "image_text": _image_text, "video_text": _video_text}[kind]
+
+  def count(where: str, skip: Skip) -> None:
+    counts[skip.reason] += 1
+    if skip_log is not None and len(skip_log) < MAX_SKIP_LOG:
+      skip_log.append(f"{where}: {skip}")
+
   for path in jsonl:
     root = os.path.dirname(path)
     for key, record in _jsonl(path, os.path.relpath(path, directory)):
+      parse = {"interleaved": lambda r, root_, k=key: _interleaved(
+                   r, root_, lambda skip, k_=k: count(k_, skip)),
+               "image_text": _image_text, "video_text": _video_text}[kind]
       try:
         if isinstance(record, Skip):
           raise record
         yield key, parse(record, root)
       except Skip as skip:
-        counts[skip.reason] += 1
+        count(key, skip)
   if kind == "image_text":
     for path in tars:
       for key, example in _tar_pairs(path, os.path.relpath(path, directory)):
         if isinstance(example, Skip):
-          counts[example.reason] += 1
+          count(key, example)
         else:
           yield key, example
