@@ -103,7 +103,10 @@ def base_config(model: ml_collections.ConfigDict, *, streams: dict, image_size: 
       mixing="accumulate",            # "accumulate" (PAPER.md §4) | "round_robin" (ablation)
       microbatches={name: 1 for name in streams},
       zero1=True,                     # shard optimizer state over 'data' (ZeRO stage 1)
-      max_consecutive_nonfinite=20,   # skipped (NaN/Inf) updates in a row that stop the run
+      max_consecutive_nonfinite=20,   # skipped (NaN/Inf) updates in a row: divergence
+      on_nonfinite="stop",            # then "stop" (exit 1) | "rollback" (to the last good
+      max_rollbacks=3,                #   checkpoint, at most this often; trainer.py)
+      skip_batches=0,                 # batches per stream a resumed run drops first (once)
       peak_tflops_per_device=0.0,     # for MFU; 0 = known chips by device_kind (trainer.py)
   ))
   config.optim = ml_collections.ConfigDict(dict(   # PAPER.md §4

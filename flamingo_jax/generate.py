@@ -28,11 +28,12 @@ import re
 import sys
 import time
 
-from absl import app
 from absl import flags
 from absl import logging
 from ml_collections import config_flags
 import numpy as np
+
+from flamingo_jax.tools import cli
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file.", lock_config=False)
 _WORKDIR = flags.DEFINE_string("workdir", "", "A training run's workdir.")
@@ -267,4 +268,4 @@ def main(argv):
 
 if __name__ == "__main__":
   flags.mark_flags_as_required(["config"])
-  app.run(main)
+  cli.run(main)

@@ -13,10 +13,11 @@ its peers. Re-running with the same --workdir resumes; SIGTERM saves and exits 0
 import os
 import sys
 
-from absl import app
 from absl import flags
 from absl import logging
 from ml_collections import config_flags
+
+from flamingo_jax.tools import cli
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (experiments/configs/*.py).",
                                           lock_config=False)
@@ -44,13 +45,14 @@ def main(argv):
   del argv
   _init_distributed()
   import jax  # pylint: disable=g-import-not-at-top
+  from flamingo_jax.training import checkpointing  # pylint: disable=g-import-not-at-top
   from flamingo_jax.training import trainer  # pylint: disable=g-import-not-at-top
   if jax.process_index() != 0 or not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)     # orbax logs every file at INFO; -v 0 shows it
   try:
     summary = trainer.train(_CONFIG.value, _WORKDIR.value, _ALLOW_CHANGE.value)
-  except (trainer.NonFiniteError, ValueError) as e:
-    logging.error("%s", e)
+  except (trainer.NonFiniteError, checkpointing.NoLoadableCheckpointError, ValueError,
+          FileNotFoundError) as e:         # the run's own one-line errors
     print(f"error: {e}", file=sys.stderr, flush=True)
     sys.exit(1)
   if jax.process_index() == 0:
@@ -60,4 +62,4 @@ def main(argv):
 
 if __name__ == "__main__":
   flags.mark_flags_as_required(["config", "workdir"])
-  app.run(main)
+  cli.run(main)

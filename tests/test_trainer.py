@@ -8,46 +8,19 @@ import os
 import signal
 import socket
 import subprocess
-import sys
 import time
 
 import jax
 import numpy as np
 import pytest
 
-from conftest import REPO, XLA_TEST_FLAGS, config_path
-from flamingo_jax.data import pipeline
+from conftest import REPO
+from flamingo_jax.data import schema
 from flamingo_jax.training import checkpointing
 from flamingo_jax.training import sharding
 from flamingo_jax.training import train_step
 from flamingo_jax.training import trainer
-from train_helpers import two_stream
-
-
-def train_command(workdir, data_dir, steps, *extra):
-  return [sys.executable, "-m", "flamingo_jax.train", f"--config={config_path('tiny')}",
-          f"--workdir={workdir}", f"--config.train.steps={steps}", "--config.train.log_every=1",
-          "--config.train.checkpoint_every=10", f"--config.data.data_dir={data_dir}",
-          "--config.data.synthetic_examples=64", *extra]
-
-
-def env(devices):
-  return dict(os.environ, JAX_PLATFORMS="cpu",
-              XLA_FLAGS=f"--xla_force_host_platform_device_count={devices} {XLA_TEST_FLAGS}")
-
-
-def train(command, devices):
-  """Runs train.py to completion; a failure shows the run's own output, not just its status."""
-  result = subprocess.run(command, env=env(devices), cwd=REPO, capture_output=True, text=True)
-  assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
-
-
-def losses(workdir):
-  with open(os.path.join(workdir, "metrics.jsonl")) as f:
-    records = [json.loads(line) for line in f]
-  steps = [r["step"] for r in records]
-  assert len(steps) == len(set(steps)), steps            # a resume never repeats a step
-  return {r["step"]: r["loss"] for r in records}
+from train_helpers import env, losses, poison, small_config, train, train_command
 
 
 @pytest.mark.slow
@@ -96,54 +69,42 @@ def test_two_processes_match_one_process(tmp_path):
     assert abs(got[step] - expected[step]) <= 1e-5 * abs(expected[step]), (step, got, expected)
 
 
-def small_config(tiny_config, tmp_path, **train):
-  """Tiny with two streams (m3w, vtp), 64 examples each, logging and saving every step."""
-  config = two_stream(tiny_config)
-  config.data.data_dir = str(tmp_path / "data")
-  config.data.synthetic_examples = 64
-  config.train.log_every = 1
-  config.train.checkpoint_every = 1
-  config.train.keep_checkpoints = 100
-  config.train.update(train)
-  return config
-
-
-def poison(monkeypatch, steps):
-  """Makes the m3w loss NaN at the given (1-based) steps through a NaN in its loss mask."""
-  original = pipeline.InputPipeline.__next__
-  count = {"n": 0}
-
-  def poisoned(self):
-    batches = original(self)
-    count["n"] += 1
-    if count["n"] in steps:
-      batches["m3w"]["loss_mask"] = np.full_like(batches["m3w"]["loss_mask"], np.nan)
-    return batches
-  monkeypatch.setattr(pipeline.InputPipeline, "__next__", poisoned)
-
-
 def test_nonfinite_steps_are_skipped_counted_and_stop_the_run(tiny_config, tmp_path, monkeypatch):
   workdir = str(tmp_path / "run")
   config = small_config(tiny_config, tmp_path, steps=8, max_consecutive_nonfinite=3)
   poison(monkeypatch, {3} | set(range(5, 100)))
-  with pytest.raises(trainer.NonFiniteError, match="3 non-finite steps in a row"):
+  with pytest.raises(trainer.NonFiniteError, match=r"3 non-finite steps in a row \(steps 5-7\).*"
+                     r"last good checkpoint is step 2 .*moved aside: .*checkpoint-4-diverged"):
     trainer.train(config, workdir)
   with open(os.path.join(workdir, "metrics.jsonl")) as f:
     records = {r["step"]: r for r in map(json.loads, f)}
   assert [records[s]["skipped"] for s in range(1, 7)] == [0, 0, 1, 0, 1, 1]
+  assert [records[s]["finite_loss"] for s in range(1, 7)] == [1, 1, 0, 1, 0, 0]
   assert records[6]["skipped_updates"] == 3
-  # A skipped update leaves the parameters alone: step 3's checkpoint equals step 2's.
-  setup = train_step.make_train_setup(config, sharding.make_mesh(-1, 1))
+  # Step 3 (skipped) is not saved; step 4's parameters gave NaN next, so it is moved aside
+  # (the data caused it here, but a loss alone cannot tell), leaving the good 1 and 2.
   ckpt = checkpointing.Checkpointer(workdir, keep=100)
-  assert ckpt.all_steps() == [1, 2, 3, 4, 5, 6]
-  params = {}
-  for step in (2, 3, 4):
-    state = ckpt.manager.restore(step, args=checkpointing.restore_args(setup))["state"]
-    params[step] = jax.device_get(state.params)
+  assert ckpt.all_steps() == [1, 2]
+  assert ckpt.verified_steps() == {1, 2}
   ckpt.close()
-  same = jax.tree.map(np.array_equal, params[2], params[3])
-  assert all(jax.tree.leaves(same))
-  assert not all(jax.tree.leaves(jax.tree.map(np.array_equal, params[3], params[4])))
+  assert [n.split("-2026")[0].rsplit("-", 1)[0] for n in os.listdir(tmp_path / "run" / "moved_aside")] \
+      == ["checkpoint-4"]
+
+
+def test_an_update_that_would_make_the_state_non_finite_is_rejected(tiny_config, tmp_path):
+  """A learning rate that overflows float32: the loss is finite, the update is not; the step
+  keeps the old state and counts as skipped."""
+  config = small_config(tiny_config, tmp_path)
+  config.optim.learning_rate = 1e39
+  config.optim.warmup_steps = 0
+  setup = train_step.make_train_setup(config, sharding.make_mesh(-1, 1))
+  state, frozen = setup.init(jax.random.key(0))
+  before = jax.device_get(state.params)
+  batches = train_step.put_batches(setup, schema.random_batches(config, seed=0))
+  state, metrics = setup.step(state, frozen, batches)
+  assert int(metrics["finite_loss"]) == 1 and int(metrics["skipped"]) == 1
+  assert all(jax.tree.leaves(jax.tree.map(np.array_equal, before, jax.device_get(state.params))))
+  assert int(state.step) == 1
 
 
 def test_nonfinite_state_is_never_saved(tiny_config, tmp_path, monkeypatch):
@@ -163,7 +124,7 @@ def test_nonfinite_state_is_never_saved(tiny_config, tmp_path, monkeypatch):
   monkeypatch.setattr(train_step, "make_train_setup", diverging_setup)
   workdir = str(tmp_path / "run")
   config = small_config(tiny_config, tmp_path, steps=8, max_consecutive_nonfinite=2)
-  with pytest.raises(trainer.NonFiniteError, match="last good checkpoint is step 1"):
+  with pytest.raises(trainer.NonFiniteError, match="last good checkpoint is step 1 "):
     trainer.train(config, workdir)
   ckpt = checkpointing.Checkpointer(workdir, keep=100)
   assert ckpt.all_steps() == [1]
@@ -188,11 +149,12 @@ def test_corrupt_latest_checkpoint_falls_back_to_the_previous_one(tiny_config, t
         f.write(b"\0garbage")
       damaged += 1
   assert damaged
-  ckpt = checkpointing.Checkpointer(workdir, keep=5)
+  ckpt = checkpointing.Checkpointer(workdir, keep=5)          # a reader: moves nothing
   with caplog.at_level("WARNING"):
     restored_state, restored_data = ckpt.restore(setup)
-  assert int(restored_state.step) == 1 and restored_data["step"] == 1
+  assert int(restored_state.step) == 1 and restored_data["process"]["step"] == 1
   assert "checkpoint 2" in caplog.text and "does not load" in caplog.text
+  assert ckpt.all_steps() == [1, 2]
   # Nothing loads: an error, not a silent fresh start.
   for root, _, files in os.walk(os.path.join(workdir, "checkpoints", "1", "state")):
     for name in files:
@@ -205,17 +167,24 @@ def test_corrupt_latest_checkpoint_falls_back_to_the_previous_one(tiny_config, t
 
 def test_config_change_in_the_same_workdir_is_an_error_naming_the_keys(tiny_config, tmp_path):
   workdir = str(tmp_path / "run")
-  trainer.check_config(tiny_config, workdir, allow_change=False)
+  trainer.check_config(tiny_config, workdir, allow_change=False)        # nothing there yet
+  assert not os.path.exists(workdir)                                     # and nothing written
+  trainer.write_config(tiny_config, workdir)
   trainer.check_config(tiny_config, workdir, allow_change=False)        # same config: fine
   changed = copy.deepcopy(tiny_config)
   changed.optim.learning_rate = 3e-4
-  changed.train.steps = 7
-  with pytest.raises(ValueError, match=r"optim.learning_rate: 0.001 -> 0.0003, "
-                                       r"train.steps: 300 -> 7.*--allow_config_change"):
+  changed.optim.b1 = 0.8
+  changed.train.steps = 7                       # how the run is driven: never drift
+  changed.train.on_nonfinite = "rollback"
+  with pytest.raises(ValueError, match=r"\(optim.b1: 0.9 -> 0.8, optim.learning_rate: 0.001 -> "
+                                       r"0.0003\); use another --workdir or pass --allow_config"):
     trainer.check_config(changed, workdir, allow_change=False)
   trainer.check_config(changed, workdir, allow_change=True)
+  more_steps = copy.deepcopy(tiny_config)
+  more_steps.train.steps = 700
+  trainer.check_config(more_steps, workdir, allow_change=False)
   with open(os.path.join(workdir, "config.json")) as f:
-    assert json.load(f)["optim"]["learning_rate"] == 3e-4
+    assert json.load(f)["optim"]["learning_rate"] == tiny_config.optim.learning_rate
 
 
 def test_frozen_towers_load_from_init_checkpoints(tiny_config, tmp_path):

@@ -1,10 +1,17 @@
 """Shared runs for the train-step tests: each distinct (config, mesh) compiles once."""
 
 import copy
+import json
+import os
+import subprocess
+import sys
+
 import haiku as hk
 import jax
 import numpy as np
 
+from conftest import REPO, XLA_TEST_FLAGS, config_path
+from flamingo_jax.data import pipeline
 from flamingo_jax.data import schema
 from flamingo_jax.training import sharding
 from flamingo_jax.training import train_step
@@ -66,3 +73,57 @@ def max_leaf_relative_error(tree_a, tree_b) -> float:
 def leaves_by_path(params):
   return {f"{m}/{n}": v for m, n, v in hk.data_structures.traverse(params)}
 
+
+# -- whole runs (the trainer) ------------------------------------------------------------
+
+def train_command(workdir, data_dir, steps, *extra):
+  return [sys.executable, "-m", "flamingo_jax.train", f"--config={config_path('tiny')}",
+          f"--workdir={workdir}", f"--config.train.steps={steps}", "--config.train.log_every=1",
+          "--config.train.checkpoint_every=10", f"--config.data.data_dir={data_dir}",
+          "--config.data.synthetic_examples=64", *extra]
+
+
+def env(devices):
+  return dict(os.environ, JAX_PLATFORMS="cpu",
+              XLA_FLAGS=f"--xla_force_host_platform_device_count={devices} {XLA_TEST_FLAGS}")
+
+
+def train(command, devices):
+  """Runs train.py to completion; a failure shows the run's own output, not just its status."""
+  result = subprocess.run(command, env=env(devices), cwd=REPO, capture_output=True, text=True)
+  assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+
+
+def losses(workdir):
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    records = [json.loads(line) for line in f]
+  steps = [r["step"] for r in records]
+  assert len(steps) == len(set(steps)), steps            # a resume never repeats a step
+  return {r["step"]: r["loss"] for r in records}
+
+
+def small_config(tiny_config, tmp_path, **train):
+  """Tiny with two streams (m3w, vtp), 64 examples each, logging and saving every step."""
+  config = two_stream(tiny_config)
+  config.data.data_dir = str(tmp_path / "data")
+  config.data.synthetic_examples = 64
+  config.train.log_every = 1
+  config.train.checkpoint_every = 1
+  config.train.keep_checkpoints = 100
+  config.train.update(train)
+  return config
+
+
+def poison(monkeypatch, steps):
+  """Makes the m3w loss NaN at the given (1-based) batch draws of this process (the steps of
+  a fresh run) through a NaN in its loss mask."""
+  original = pipeline.InputPipeline.__next__
+  count = {"n": 0}
+
+  def poisoned(self):
+    batches = original(self)
+    count["n"] += 1
+    if count["n"] in steps:
+      batches["m3w"]["loss_mask"] = np.full_like(batches["m3w"]["loss_mask"], np.nan)
+    return batches
+  monkeypatch.setattr(pipeline.InputPipeline, "__next__", poisoned)

@@ -20,11 +20,11 @@ import json
 import math
 import time
 
-from absl import app
 from absl import flags
 import jax
 from ml_collections import config_flags
 
+from flamingo_jax.tools import cli
 from flamingo_jax.training import flops as flops_lib
 from flamingo_jax.training import hlo_flops
 from flamingo_jax.training import sharding
@@ -191,4 +191,4 @@ def main(argv):
 
 if __name__ == "__main__":
   flags.mark_flag_as_required("config")
-  app.run(main)
+  cli.run(main)

@@ -14,7 +14,6 @@ reads the logits of the current position, so it never recompiles. Compiles are e
 import json
 import time
 
-from absl import app
 from absl import flags
 import jax
 import jax.numpy as jnp
@@ -23,6 +22,7 @@ from ml_collections import config_flags
 
 from flamingo_jax import inference
 from flamingo_jax import models
+from flamingo_jax.tools import cli
 from flamingo_jax.tools import model_params
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file.", lock_config=False)
@@ -115,4 +115,4 @@ def main(argv):
 
 if __name__ == "__main__":
   flags.mark_flag_as_required("config")
-  app.run(main)
+  cli.run(main)

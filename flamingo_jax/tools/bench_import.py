@@ -17,9 +17,10 @@ import subprocess
 import sys
 import tempfile
 
-from absl import app
 from absl import flags
 import numpy as np
+
+from flamingo_jax.tools import cli
 
 _SIZE = flags.DEFINE_float("size_gb", 1.0, "Approximate checkpoint size in GB (bfloat16).")
 _WORKDIR = flags.DEFINE_string("workdir", "", "Where to write (default: a temporary folder).")
@@ -96,4 +97,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

@@ -12,12 +12,12 @@ import os
 import tempfile
 import time
 
-from absl import app
 from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
 from flamingo_jax.data import pipeline
+from flamingo_jax.tools import cli
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file.", lock_config=False)
 _IMAGE_SIZE = flags.DEFINE_integer("image_size", 320, "Model input size (the paper: 320).")
@@ -67,4 +67,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

@@ -8,7 +8,6 @@ model-FLOPs utilisation (analytic FLOPs / step time / chip peak). A benchmark, n
 import json
 import time
 
-from absl import app
 from absl import flags
 import jax
 import numpy as np
@@ -16,6 +15,7 @@ from ml_collections import config_flags
 
 from flamingo_jax import models
 from flamingo_jax.data import schema
+from flamingo_jax.tools import cli
 from flamingo_jax.training import flops as flops_lib
 from flamingo_jax.training import train_step
 
@@ -76,4 +76,4 @@ def main(argv):
 
 if __name__ == "__main__":
   flags.mark_flag_as_required("config")
-  app.run(main)
+  cli.run(main)

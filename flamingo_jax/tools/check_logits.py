@@ -14,10 +14,11 @@ when max |diff| exceeds --atol; the worst position is printed.
 import json
 import sys
 
-from absl import app
 from absl import flags
 from absl import logging
 from ml_collections import config_flags
+
+from flamingo_jax.tools import cli
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file.", lock_config=False)
 _PARAMS = flags.DEFINE_string("params", None, "Import folder, its params/, or a run workdir.")
@@ -101,4 +102,4 @@ def main(argv):
 
 if __name__ == "__main__":
   flags.mark_flags_as_required(["config", "params"])
-  app.run(main)
+  cli.run(main)

@@ -12,7 +12,6 @@ first image_text stream (its max_tokens), no leading space.
 
 import json
 
-from absl import app
 from absl import flags
 from absl import logging
 import haiku as hk
@@ -25,6 +24,7 @@ from flamingo_jax import inference
 from flamingo_jax.data import preprocessing
 from flamingo_jax.data import synthetic
 from flamingo_jax.data import pipeline
+from flamingo_jax.tools import cli
 from flamingo_jax.training import checkpointing
 from flamingo_jax.training import losses
 from flamingo_jax.training import precision
@@ -139,4 +139,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

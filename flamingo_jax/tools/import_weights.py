@@ -18,10 +18,10 @@ Kinds: llama (Llama 2/3, Mistral, TinyLlama), gpt_neox (Pythia, RedPajama-INCITE
 import json
 import sys
 
-from absl import app
 from absl import flags
 from absl import logging
 
+from flamingo_jax.tools import cli
 from flamingo_jax.tools import lm_import
 
 _KIND = flags.DEFINE_enum("kind", None, ["llama", "gpt_neox", "gemma", "chinchilla"],
@@ -66,4 +66,4 @@ def main(argv):
 
 if __name__ == "__main__":
   flags.mark_flags_as_required(["kind", "source", "output"])
-  app.run(main)
+  cli.run(main)

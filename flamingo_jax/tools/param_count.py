@@ -5,11 +5,11 @@ r"""Parameter counts per component, from shapes only (`jax.eval_shape`: nothing 
 
 import json
 
-from absl import app
 from absl import flags
 from ml_collections import config_flags
 
 from flamingo_jax import models
+from flamingo_jax.tools import cli
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file.", lock_config=False)
 _JSON = flags.DEFINE_bool("json", False, "Print one JSON object instead of a table.")
@@ -27,4 +27,4 @@ def main(argv):
 
 if __name__ == "__main__":
   flags.mark_flag_as_required("config")
-  app.run(main)
+  cli.run(main)

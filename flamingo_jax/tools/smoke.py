@@ -6,7 +6,6 @@ backward pass on random tokens and media, print the loss and gradient norm.
 
 import time
 
-from absl import app
 import haiku as hk
 import jax
 import jax.numpy as jnp
@@ -15,6 +14,7 @@ from ml_collections import config_flags
 import optax
 
 from flamingo_jax import models
+from flamingo_jax.tools import cli
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file.", lock_config=False)
 
@@ -59,4 +59,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

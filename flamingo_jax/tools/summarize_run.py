@@ -6,8 +6,9 @@ r"""Summarise a run directory: the loss curve from metrics.jsonl, checkpoints, T
 import json
 import os
 
-from absl import app
 from absl import flags
+
+from flamingo_jax.tools import cli
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory.", required=True)
 _BARS = " ▁▂▃▄▅▆▇█"
@@ -51,4 +52,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

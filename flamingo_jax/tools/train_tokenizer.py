@@ -12,6 +12,7 @@ from absl import flags
 
 from flamingo_jax.data import synthetic
 from flamingo_jax.data import tokenizer as tok
+from flamingo_jax.tools import cli
 
 _CORPUS = flags.DEFINE_string("corpus", "", "Text file, one sentence per line.")
 _SYNTHETIC = flags.DEFINE_bool("synthetic", False, "Train on the synthetic sources' sentences.")
@@ -33,4 +34,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

@@ -1,19 +1,29 @@
 """Checkpoints (DESIGN.md §9): orbax CheckpointManager, async, keep-N, restore into shardings.
 
     WORKDIR/checkpoints/<step>/state    TrainState (params, opt_state, step, rng key data)
-                              /data     {"process_count": P, "processes": [iterator state per process]}
+                              /data     {"process_count": P, "processes": [iterator state per
+                                        process], "skip_batches_applied": N}
                               /config   the run's config (JSON)
     WORKDIR/frozen/                    the frozen towers, written once when they were
                                        initialised at random (no init_checkpoint), so that
                                        a resume restores the same values
+    WORKDIR/good_checkpoints.json      steps whose parameters produced a finite loss afterwards
+    WORKDIR/moved_aside/               what was set aside, never deleted:
+                                       checkpoint-<step>-<reason>-<time>, frozen-damaged-<time>
 
-Restore walks back from the latest step: a checkpoint that fails to load (truncated or
-corrupt) is reported and the previous one tried; if steps exist but none loads, that is an
-error, never a silent fresh start.
+Restore walks back from the latest step. A step that does not load (a truncated or missing
+file, no commit marker) is damaged: once an older step loads, the damaged ones are moved
+aside with a warning, so that training can save those steps again. A step whose stored
+shapes differ from this config's is not damaged but incompatible: that is an error, and
+nothing moves. If steps exist but none loads, that is an error too, never a silent fresh
+start. A damaged `frozen/` is moved aside and the towers are made again (trainer.py).
 """
 
 import json
+import logging as logging_lib
 import os
+import sys
+import time
 from typing import Any
 
 from absl import logging
@@ -62,55 +72,269 @@ def gather_process_states(local_state: dict) -> list[dict]:
   return [json.loads(bytes(row).rstrip(b"\0").decode()) for row in gathered]
 
 
+class NoLoadableCheckpointError(RuntimeError):
+  """Checkpoints exist but none loads."""
+
+
+class IncompatibleCheckpointError(ValueError):
+  """A checkpoint that is intact but holds other shapes than this config's (a config change
+  that cannot restore)."""
+
+
+_COMMIT_MARKER = "commit_success.txt"      # written by orbax when a save is complete
+_UNFINISHED = ".orbax-checkpoint-tmp"      # orbax's name for a save in progress
+
+
+def _key_name(key) -> str:
+  for attribute in ("key", "name", "idx"):
+    if hasattr(key, attribute):
+      return str(getattr(key, attribute))
+  return str(key)
+
+
+def leaf_shapes(tree) -> dict[str, tuple]:
+  """{"params/flamingo/.../w": shape}: paths of NamedTuples, dicts and lists alike (orbax
+  stores NamedTuples as dicts)."""
+  return {"/".join(_key_name(k) for k in path): tuple(leaf.shape)
+          for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
+
+
+def _stored_shapes(directory: str) -> dict[str, tuple]:
+  """Leaf shapes of an orbax pytree item, from its metadata only (no array is read)."""
+  metadata = ocp.PyTreeCheckpointHandler().metadata(epath.Path(directory))
+  tree = getattr(metadata, "tree", None)
+  if not isinstance(tree, dict):
+    raise ValueError(f"no pytree metadata in {directory}")
+  return leaf_shapes(tree)
+
+
+def _first_words(error: BaseException) -> str:
+  """An orbax/TensorStore error in one short line (their specs run to dozens of lines)."""
+  text = str(error).split(" See full TensorStore details")[0].split("\n")[0]
+  return f"{type(error).__name__}: {text[:200]}"
+
+
+def check_compatible(stored: dict[str, tuple], expected: dict[str, tuple], what: str) -> None:
+  """Raises IncompatibleCheckpointError naming the first differing leaf."""
+  for name in sorted(set(stored) | set(expected), key=lambda n: (not n.startswith("params"), n)):
+    if stored.get(name) != expected.get(name):
+      raise IncompatibleCheckpointError(
+          f"{what} holds {name} with shape {stored.get(name, 'absent')}, this config makes "
+          f"{expected.get(name, 'absent')}: the config change cannot restore from it (use "
+          f"another --workdir, or the config it was written with)")
+
+
+def _all_processes(ok: bool) -> bool:
+  """True when `ok` holds on every process (restore decisions must agree)."""
+  if jax.process_count() == 1:
+    return ok
+  return bool(np.all(multihost_utils.process_allgather(np.array(ok))))
+
+
+def _sync(name: str) -> None:
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices(name)
+
+
+_restore_noise_filtered = False
+
+
+def _is_read_failure_echo(error: BaseException | None, source: object = None) -> bool:
+  """An echo of a failed orbax read: the closed event loop its late TensorStore callbacks
+  hit, or an exception left in one of orbax's coroutines."""
+  if isinstance(error, RuntimeError) and str(error) == "Event loop is closed":
+    return True
+  code = getattr(source, "cr_code", None)
+  return code is not None and "orbax" in code.co_filename
+
+
+class _DropReadFailureTasks(logging_lib.Filter):
+  """asyncio's "Task exception was never retrieved" for orbax's own read tasks."""
+
+  def filter(self, record: logging_lib.LogRecord) -> bool:
+    message = record.getMessage()
+    return not (message.startswith("Task exception was never retrieved")
+                and "orbax" in message)
+
+
+def _filter_restore_noise() -> None:
+  """A failed orbax restore (a damaged checkpoint) leaves its other reads running; each
+  later reports its error on its own (one traceback per array, hundreds of lines, after our
+  one-line warning has said what failed). Drop exactly those echoes."""
+  global _restore_noise_filtered
+  if _restore_noise_filtered:
+    return
+  previous = sys.unraisablehook
+
+  def hook(unraisable):
+    if not _is_read_failure_echo(unraisable.exc_value, unraisable.object):
+      previous(unraisable)
+  sys.unraisablehook = hook
+  logging_lib.getLogger("asyncio").addFilter(_DropReadFailureTasks())
+  _restore_noise_filtered = True
+
+
 class Checkpointer:
   """Saves and restores (train state, per-process iterator states, config) by step."""
 
-  def __init__(self, workdir: str, keep: int, async_save: bool = True):
+  def __init__(self, workdir: str, keep: int, async_save: bool = True, heal: bool = False):
+    """`heal`: move damaged steps, unfinished saves and a damaged frozen/ aside (the trainer
+    does; readers of a workdir that may be in use by a run must not)."""
     workdir = workdir if "://" in workdir else os.path.abspath(workdir)   # gs:// as is
+    self.workdir = workdir
     self.directory = os.path.join(workdir, "checkpoints")
+    self.frozen_directory = os.path.join(workdir, "frozen")
+    self.aside_directory = os.path.join(workdir, "moved_aside")
+    self._verified_path = epath.Path(workdir) / "good_checkpoints.json"
+    # create=False: nothing is written into the workdir before the first save.
     self.manager = ocp.CheckpointManager(
         self.directory,
-        options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
+        options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=False,
                                              enable_async_checkpointing=async_save),
         item_names=(_STATE, _DATA, _CONFIG))
-    self.frozen_directory = os.path.join(workdir, "frozen")
+    self.heal = heal
+    if heal:
+      self._move_unfinished_saves()
 
   def all_steps(self) -> list[int]:
     return sorted(self.manager.all_steps())
 
-  def save(self, step: int, state: train_step.TrainState, data_state: dict, config: Any) -> None:
+  # -- moving aside -------------------------------------------------------------------------
+
+  def move_aside(self, path: str, name: str, sync: bool = True) -> str:
+    """Renames `path` to moved_aside/<name>-<UTC time> (process 0; the others wait)."""
+    target = os.path.join(self.aside_directory,
+                          f"{name}-{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}")
+    if jax.process_index() == 0:
+      epath.Path(self.aside_directory).mkdir(parents=True, exist_ok=True)
+      suffix = 1
+      while epath.Path(target).exists():            # two in the same second
+        target = f"{target.rsplit('~', 1)[0]}~{suffix}"
+        suffix += 1
+      epath.Path(path).rename(target)
+    if sync:
+      _sync(f"moved aside {name}")
+    return target
+
+  def move_steps_aside(self, steps: list[int], reason: str) -> list[str]:
+    """Moves whole step directories aside; the manager forgets them (they can be saved again)."""
+    self.manager.wait_until_finished()
+    moved = [self.move_aside(os.path.join(self.directory, str(step)), f"checkpoint-{step}-{reason}")
+             for step in steps]
+    self.manager.reload()
+    return moved
+
+  def _move_unfinished_saves(self) -> None:
+    """Saves cut short before orbax's final rename (`<step>.orbax-checkpoint-tmp-…`)."""
+    if jax.process_index() != 0:
+      _sync("unfinished saves moved")
+      return
+    for directory, prefix in ((self.directory, "checkpoint-"), (self.workdir, "")):
+      root = epath.Path(directory)
+      if not root.is_dir():
+        continue
+      for path in sorted(root.iterdir()):
+        if _UNFINISHED in path.name:
+          name = f"{prefix}{path.name.split('.')[0]}-unfinished"
+          moved = self.move_aside(os.fspath(path), name, sync=False)
+          logging.warning("an unfinished save %s was moved to %s", path, moved)
+    _sync("unfinished saves moved")
+
+  # -- train state --------------------------------------------------------------------------
+
+  def save(self, step: int, state: train_step.TrainState, data_state: dict, config: Any,
+           skip_batches_applied: int = 0) -> None:
     processes = gather_process_states(data_state)
+    if jax.process_index() == 0:
+      epath.Path(self.directory).mkdir(parents=True, exist_ok=True)
+    _sync("checkpoint directory")
     self.manager.save(step, args=ocp.args.Composite(**{
         _STATE: ocp.args.StandardSave(_savable(state)),
-        _DATA: ocp.args.JsonSave({"process_count": jax.process_count(), "processes": processes}),
+        _DATA: ocp.args.JsonSave({"process_count": jax.process_count(), "processes": processes,
+                                  "skip_batches_applied": skip_batches_applied}),
         _CONFIG: ocp.args.JsonSave(json.loads(config.to_json())),
     }), force=True)
 
+  def _damage(self, step: int, setup: train_step.TrainSetup) -> str | None:
+    """Why `step` cannot be used as it is on disk (None: it looks whole); raises
+    IncompatibleCheckpointError when it is whole but of another shape."""
+    step_dir = epath.Path(self.directory) / str(step)
+    if not (step_dir / _COMMIT_MARKER).exists():
+      return f"no {_COMMIT_MARKER} (the save did not finish)"
+    try:
+      stored = _stored_shapes(os.fspath(step_dir / _STATE))
+    except Exception as e:  # pylint: disable=broad-except
+      return f"unreadable metadata ({type(e).__name__}: {str(e)[:200]})"
+    check_compatible(stored, leaf_shapes(_abstract_savable(setup)), f"checkpoint {step}")
+    return None
+
+  def restore_step(self, step: int, setup: train_step.TrainSetup) -> tuple[
+      train_step.TrainState, dict]:
+    """(state, the step's data item) of one step; raises if it does not load."""
+    restored = self.manager.restore(step, args=restore_args(setup))
+    state, data = restored[_STATE], restored[_DATA]
+    if int(state.step) != step:
+      raise ValueError(f"state.step {int(state.step)} != directory step {step}")
+    if data["process_count"] != jax.process_count():
+      raise IncompatibleCheckpointError(
+          f"checkpoint {step} was written by {data['process_count']} processes; this run has "
+          f"{jax.process_count()} (the data order is per process)")
+    return state._replace(rng=jax.random.wrap_key_data(state.rng)), data
+
   def restore(self, setup: train_step.TrainSetup) -> tuple[train_step.TrainState, dict] | None:
-    """(state, this process's iterator state) of the newest loadable step, or None if none."""
+    """(state, data item with this process's iterator state as "process") of the newest
+    loadable step, or None when there is no step. Damaged newer steps are moved aside."""
+    _filter_restore_noise()
     steps = self.all_steps()
+    damaged = []
     for step in reversed(steps):
-      try:
-        restored = self.manager.restore(step, args=restore_args(setup))
-        state, data = restored[_STATE], restored[_DATA]
-        if int(state.step) != step:
-          raise ValueError(f"state.step {int(state.step)} != directory step {step}")
-      except Exception as e:  # pylint: disable=broad-except
-        logging.warning("checkpoint %d in %s does not load (%s: %s); trying the previous one",
-                        step, self.directory, type(e).__name__, str(e)[:300])
+      problem = self._damage(step, setup)
+      restored = None
+      if problem is None:
+        try:
+          restored = self.restore_step(step, setup)
+        except IncompatibleCheckpointError:
+          raise
+        except Exception as e:  # pylint: disable=broad-except
+          problem = _first_words(e)
+      if not _all_processes(problem is None):
+        problem = problem or "it does not load on another process"
+      if problem is not None:
+        logging.warning("checkpoint %d in %s does not load (%s); trying the previous one",
+                        step, self.directory, problem)
+        damaged.append(step)
         continue
-      if data["process_count"] != jax.process_count():
-        raise ValueError(f"checkpoint {step} was written by {data['process_count']} processes; "
-                         f"this run has {jax.process_count()} (the data order is per process)")
-      if step != steps[-1]:
-        logging.warning("resuming from step %d, not the latest %d (which is damaged)", step,
-                        steps[-1])
-      state = state._replace(rng=jax.random.wrap_key_data(state.rng))
-      return state, data["processes"][jax.process_index()]
+      if damaged and not self.heal:
+        logging.warning("using step %d; the newer steps %s are damaged", step, damaged)
+      elif damaged:
+        for moved in self.move_steps_aside(damaged, "damaged"):
+          logging.warning("resuming from step %d: the damaged checkpoint was moved to %s",
+                          step, moved)
+      state, data = restored
+      return state, dict(data, process=data["processes"][jax.process_index()])
     if steps:
-      raise RuntimeError(f"none of the checkpoints {steps} in {self.directory} loads; refusing "
+      raise NoLoadableCheckpointError(f"none of the checkpoints {steps} in {self.directory} loads; refusing "
                          f"to start from scratch over them (move them away to do so)")
     return None
+
+  # -- which checkpoints are good -----------------------------------------------------------
+
+  def verified_steps(self) -> set[int]:
+    if not self._verified_path.exists():
+      return set()
+    return set(json.loads(self._verified_path.read_text())["steps"])
+
+  def mark_verified(self, steps: set[int]) -> None:
+    """Records steps whose parameters produced a finite loss (process 0 writes)."""
+    if jax.process_index() != 0:
+      return
+    existing = set(self.all_steps())
+    known = (self.verified_steps() | set(steps)) & existing
+    tmp = self._verified_path.with_name(self._verified_path.name + ".tmp")
+    tmp.write_text(json.dumps({"steps": sorted(known)}))
+    tmp.replace(self._verified_path)
+
+  # -- frozen towers ------------------------------------------------------------------------
 
   def save_frozen(self, frozen) -> None:
     checkpointer = ocp.StandardCheckpointer()
@@ -118,11 +342,40 @@ class Checkpointer:
     checkpointer.wait_until_finished()
 
   def restore_frozen(self, setup: train_step.TrainSetup):
-    if not epath.Path(self.frozen_directory).is_dir():
+    """The saved frozen towers, or None when there are none or they are damaged (then moved
+    aside with a warning; the caller makes them again from their source)."""
+    directory = epath.Path(self.frozen_directory)
+    if not directory.is_dir():
       return None
+    _filter_restore_noise()
     target = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                           setup.abstract_frozen, setup.frozen_shardings)
-    return ocp.StandardCheckpointer().restore(self.frozen_directory, target)
+    problem = None
+    if not (directory / _COMMIT_MARKER).exists():
+      problem = f"no {_COMMIT_MARKER}"
+    else:
+      try:
+        stored = _stored_shapes(self.frozen_directory)
+      except Exception as e:  # pylint: disable=broad-except
+        problem = f"unreadable metadata ({type(e).__name__})"
+      else:
+        check_compatible(stored, leaf_shapes(target), "frozen/")
+    frozen = None
+    if problem is None:
+      try:
+        frozen = ocp.StandardCheckpointer().restore(self.frozen_directory, target)
+      except Exception as e:  # pylint: disable=broad-except
+        problem = _first_words(e)
+    if not _all_processes(problem is None):
+      problem = problem or "it does not load on another process"
+    if problem is None:
+      return frozen
+    if not self.heal:
+      raise RuntimeError(f"{self.frozen_directory} does not load ({problem})")
+    moved = self.move_aside(self.frozen_directory, "frozen-damaged")
+    logging.warning("frozen/ does not load (%s): moved to %s; the frozen towers are made again "
+                    "from their source", problem, moved)
+    return None
 
   def wait(self) -> None:
     self.manager.wait_until_finished()

@@ -7,8 +7,9 @@
 Per-dataset accumulation: each stream m gives g_m = ∇ mean-NLL_m (over microbatches under
 `lax.scan` when asked), the update uses Σ λ_m g_m (one AdamW step). `train.mixing =
 "round_robin"` instead takes stream (step mod M) alone each step (the paper's ablation,
-unweighted: Adam's normalisation would undo λ anyway). Non-finite loss or gradient: the
-update is skipped (state unchanged but the step counter) and `skipped` = 1 in the metrics.
+unweighted: Adam's normalisation would undo λ anyway). A non-finite loss or gradient
+(`finite_loss` = 0), or an update whose new parameters or optimizer state are not finite, is
+skipped (state unchanged but the step counter) with `skipped` = 1 in the metrics.
 """
 
 import dataclasses
@@ -207,13 +208,17 @@ def make_train_setup(config: Any, mesh: Mesh | None = None, rules=None) -> Train
     params_shard = wsc(state.params, zero_sh)
     updates, opt_state = tx.update(grads, state.opt_state, params_shard)
     params = wsc(optax.apply_updates(params_shard, updates), param_sh)
-    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-    keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+    # The incoming parameters are judged by their loss; the update by the state it makes
+    # (an update that overflows to Inf with a finite loss is rejected as well).
+    finite_loss = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    apply = finite_loss & all_finite((params, opt_state))
+    keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(apply, n, o), new, old)
     new_state = TrainState(step=state.step + 1, params=keep(params, state.params),
                            opt_state=keep(opt_state, state.opt_state), rng=state.rng)
     metrics = {"loss": loss, "grad_norm": grad_norm,
                "learning_rate": optimizer_lib.learning_rate_schedule(config.optim)(state.step),
-               "skipped": 1 - finite.astype(jnp.int32)}
+               "finite_loss": finite_loss.astype(jnp.int32),
+               "skipped": 1 - apply.astype(jnp.int32)}
     for name in streams:
       metrics[f"loss/{name}"] = per_loss[name]
       metrics[f"tokens/{name}"] = per_count[name]
@@ -234,6 +239,12 @@ def make_train_setup(config: Any, mesh: Mesh | None = None, rules=None) -> Train
                     batch_shardings=batch_shardings, abstract_state=abstract_state,
                     abstract_frozen=abstract_frozen, abstract_batches=abstract_batches,
                     init=jit_init, step=jit_step, gradients=jax.jit(gradients))
+
+
+def all_finite(tree) -> jax.Array:
+  """True when every floating-point value of `tree` is finite (one fused reduction)."""
+  leaves = [x for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)]
+  return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves]))
 
 
 def put_batches(setup: TrainSetup, batches: dict) -> dict:

@@ -2,13 +2,25 @@
 
     summary = trainer.train(config, workdir)
 
-Resumes from the newest loadable checkpoint in WORKDIR; SIGTERM (and orbax's preemption
-notice on TPU) finishes the current step, saves and returns; writes WORKDIR/config.json,
-metrics.jsonl (process 0), TensorBoard events and checkpoints. A non-finite loss or gradient
-skips that update (train_step.py); `train.max_consecutive_nonfinite` of them in a row stop
-the run with the last good checkpoint intact, and a non-finite state is never saved.
+Resumes from the newest loadable checkpoint in WORKDIR (damaged newer ones are moved aside;
+checkpointing.py); SIGTERM (and orbax's preemption notice on TPU) finishes the current step,
+saves and returns. Nothing is written into WORKDIR until the config, the mesh, the data and
+the restore have been checked; then config.json, metrics.jsonl (process 0; rows of steps
+that are run again after a resume are moved aside), TensorBoard events and checkpoints.
+
+Divergence. A step skips its update when the loss or gradient is not finite, or when the
+update would make the state non-finite (train_step.py). A checkpoint is *good* once its
+parameters have produced a finite loss (the next step's); good steps are recorded in
+WORKDIR/good_checkpoints.json. `train.max_consecutive_nonfinite` skipped steps in a row then
+either stop the run (`train.on_nonfinite = "stop"`: exit 1) or roll back to the last good
+checkpoint and go on with the data after the bad stretch (`"rollback"`, at most
+`train.max_rollbacks` times). Either way the checkpoints newer than the last good one are
+moved aside first, so that a rerun resumes from a good state; `train.skip_batches = N` makes
+a resumed run drop N batches per stream first (once per resume point), to step over data
+that triggered a loss spike.
 """
 
+import copy
 import json
 import os
 import signal
@@ -19,7 +31,6 @@ from absl import logging
 from etils import epath
 import haiku as hk
 import jax
-import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
 
@@ -58,35 +69,59 @@ def _flatten(d: dict, prefix: str = "") -> dict:
   return out
 
 
+# Settings of how a run is driven, not of what it computes: a rerun may change them (e.g.
+# more steps) without --allow_config_change.
+RUN_CONTROL_KEYS = ("train.steps", "train.log_every", "train.checkpoint_every",
+                    "train.keep_checkpoints", "train.max_consecutive_nonfinite",
+                    "train.on_nonfinite", "train.max_rollbacks", "train.skip_batches",
+                    "train.peak_tflops_per_device", "data.prefetch", "data.workers")
+
+
+def check_workdir(workdir: str) -> None:
+  path = epath.Path(workdir)
+  if path.exists() and not path.is_dir():
+    raise ValueError(f"--workdir {workdir} is a file, not a directory")
+
+
 def check_config(config: Any, workdir: str, allow_change: bool) -> None:
-  """Writes WORKDIR/config.json, or checks the run's config against it."""
+  """Checks the run's config against WORKDIR/config.json, if there is one (writes nothing)."""
   path = epath.Path(workdir) / "config.json"
-  new = json.loads(config.to_json())
-  if path.exists():
-    old = json.loads(path.read_text())
-    a, b = _flatten(old), _flatten(new)
-    differing = sorted(k for k in set(a) | set(b) if a.get(k, "<absent>") != b.get(k, "<absent>"))
-    if differing and not allow_change:
-      details = ", ".join(f"{k}: {a.get(k, '<absent>')!r} -> {b.get(k, '<absent>')!r}"
-                          for k in differing[:20])
-      raise ValueError(f"{workdir} holds a run with a different config ({details}); use "
-                       f"another --workdir or pass --allow_config_change")
-    if differing:
-      logging.warning("config changed in %s: %s", workdir, differing)
+  if not path.exists():
+    return
+  a, b = _flatten(json.loads(path.read_text())), _flatten(json.loads(config.to_json()))
+  differing = sorted(k for k in set(a) | set(b) if a.get(k, "<absent>") != b.get(k, "<absent>"))
+  changed = [k for k in differing if k not in RUN_CONTROL_KEYS]
+  if changed and not allow_change:
+    details = ", ".join(f"{k}: {a.get(k, '<absent>')!r} -> {b.get(k, '<absent>')!r}"
+                        for k in changed[:20])
+    raise ValueError(f"{workdir} holds a run with a different config ({details}); use "
+                     f"another --workdir or pass --allow_config_change")
+  if changed:
+    logging.warning("config changed in %s: %s", workdir, changed)
+  elif differing:
+    logging.info("run settings changed in %s: %s", workdir, differing)
+
+
+def write_config(config: Any, workdir: str) -> None:
   if jax.process_index() == 0:
+    path = epath.Path(workdir) / "config.json"
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(new, indent=2, sort_keys=True))
+    path.write_text(json.dumps(json.loads(config.to_json()), indent=2, sort_keys=True))
 
 
 class MetricsLog:
   """metrics.jsonl + TensorBoard (process 0) and a console line."""
 
-  def __init__(self, workdir: str, total_steps: int):
+  def __init__(self, workdir: str, total_steps: int, ckpt: checkpointing.Checkpointer,
+               start_step: int):
     self.enabled = jax.process_index() == 0
     self.total = total_steps
     self.path = epath.Path(workdir) / "metrics.jsonl"
     self.tb_dir = os.path.join(workdir, "tensorboard")
+    self._ckpt = ckpt
     self._tb = None
+    self._skips_shown = {}
+    self.rewind(start_step)
     if self.enabled:
       import tensorflow as tf  # pylint: disable=g-import-not-at-top
       tf.config.set_visible_devices([], "GPU")
@@ -107,6 +142,33 @@ class MetricsLog:
     mfu = f" mfu {record['mfu']:.1%}" if "mfu" in record else ""
     print(f"step {record['step']:>6}/{self.total} loss {record['loss']:.4f} [{streams}] "
           f"{record['tokens_per_sec']:.0f} tok/s{mfu} eta {_duration(eta_seconds)}", flush=True)
+
+  def rewind(self, step: int) -> None:
+    """Rows of steps after `step` (they are about to be run again) go to moved_aside/, so
+    that metrics.jsonl holds each step once."""
+    if not self.enabled or not self.path.exists():
+      return
+    rows = self.path.read_text().splitlines(keepends=True)
+    later = [r for r in rows if r.strip() and json.loads(r)["step"] > step]
+    if not later:
+      return
+    kept = epath.Path(str(self.path) + ".tmp")
+    kept.write_text("".join(r for r in rows if r.strip() and json.loads(r)["step"] <= step))
+    aside = epath.Path(self._ckpt.aside_directory)
+    aside.mkdir(parents=True, exist_ok=True)
+    (aside / f"metrics-after-step-{step}-{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}"
+             ".jsonl").write_text("".join(later))
+    kept.replace(self.path)
+
+  def show_skips(self, skipped: dict[str, dict[str, int]]) -> None:
+    """One console line when the skip counts changed since the last one."""
+    if not self.enabled:
+      return
+    parts = [f"{name} " + ", ".join(f"{reason} {count}" for reason, count in sorted(c.items()))
+             for name, c in sorted(skipped.items()) if c]
+    if parts and skipped != self._skips_shown:
+      print(f"  skipped examples: {'; '.join(parts)}", flush=True)
+    self._skips_shown = copy.deepcopy(skipped)
 
   def close(self) -> None:
     if self._tb is not None:
@@ -142,27 +204,22 @@ def global_batches(setup: train_step.TrainSetup, local: dict) -> dict:
   return jax.tree.map(put, setup.batch_shardings, local)
 
 
-@jax.jit
-def _all_finite(tree) -> jax.Array:
-  return jnp.all(jnp.array([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
-
-
 def _initial_state(config, setup, ckpt):
-  """(state, frozen, iterator state or None): from the checkpoints, else fresh."""
-  frozen = ckpt.restore_frozen(setup)
+  """(state, frozen, the checkpoint's data item or None, whether the frozen towers are new and
+  must be saved): from the checkpoints, else fresh. Writes nothing but moving damage aside."""
   restored = ckpt.restore(setup)
+  frozen = ckpt.restore_frozen(setup)
+  frozen_is_new = False
   if restored is None or frozen is None:
     fresh_state, fresh_frozen = setup.init(jax.random.key(config.seed))
-    fresh_state = fresh_state._replace(
-        params=load_init_trainable(config.model, fresh_state.params))
     if frozen is None:
       frozen = load_init_checkpoints(config.model, fresh_frozen, setup)
-      if not (config.model.lm.init_checkpoint or config.model.vision.init_checkpoint):
-        ckpt.save_frozen(frozen)      # random towers: keep them, so a resume is exact
+      frozen_is_new = not _init_paths(config.model)   # random towers: keep them (exact resume)
   if restored is None:
-    return fresh_state, frozen, None
-  state, data_state = restored
-  return state, frozen, data_state
+    state = fresh_state._replace(params=load_init_trainable(config.model, fresh_state.params))
+    return state, frozen, None, frozen_is_new
+  state, data = restored
+  return state, frozen, data, frozen_is_new
 
 
 def restore_workdir_params(config: Any, workdir: str, mesh=None) -> hk.Params:
@@ -225,94 +282,169 @@ def _absolute(path: str) -> str:
   return path if "://" in path else os.path.abspath(path)
 
 
+def _validate_train_options(config: Any) -> None:
+  if config.train.on_nonfinite not in ("stop", "rollback"):
+    raise ValueError(f"train.on_nonfinite is {config.train.on_nonfinite!r}; expected 'stop' "
+                     f"or 'rollback'")
+  if config.train.skip_batches < 0:
+    raise ValueError(f"train.skip_batches is {config.train.skip_batches}; expected >= 0")
+
+
 def train(config: Any, workdir: str, allow_config_change: bool = False) -> dict:
-  """Trains to `config.train.steps`; returns {"steps_run", "last_step", "losses", ...}."""
+  """Trains to `config.train.steps`; returns {"last_step", "losses", "stopped_by", ...}."""
   workdir = _absolute(workdir)
+  check_workdir(workdir)
   check_config(config, workdir, allow_config_change)
+  _validate_train_options(config)
   if not config.data.data_dir:
     config = config.copy_and_resolve_references()
     config.data.data_dir = os.path.join(workdir, "data")
   mesh = sharding.make_mesh(config.mesh.data, config.mesh.model)
   setup = train_step.make_train_setup(config, mesh)
-  ckpt = checkpointing.Checkpointer(workdir, config.train.keep_checkpoints)
-  if jax.process_count() > 1:          # one process builds the datasets, the others wait
-    if jax.process_index() == 0:
-      for name in config.data.streams:
-        pipeline_lib.prepare_stream(config, name)
-    multihost_utils.sync_global_devices("datasets prepared")
-  pipe = pipeline_lib.InputPipeline(config, jax.process_index(), jax.process_count())
-  state, frozen, data_state = _initial_state(config, setup, ckpt)
-  if data_state is not None:
-    pipe.restore(data_state)
-  step = int(state.step)
-  total = int(config.train.steps)
-  logging.info("starting at step %d of %d in %s (%d processes, mesh %s)", step, total, workdir,
-               jax.process_count(), dict(mesh.shape))
+  ckpt = checkpointing.Checkpointer(workdir, config.train.keep_checkpoints, heal=True)
+  pipe = log = preemption = None
+  try:
+    if jax.process_count() > 1:          # one process builds the datasets, the others wait
+      if jax.process_index() == 0:
+        for name in config.data.streams:
+          pipeline_lib.prepare_stream(config, name)
+      multihost_utils.sync_global_devices("datasets prepared")
+    pipe = pipeline_lib.InputPipeline(config, jax.process_index(), jax.process_count())
+    state, frozen, data, frozen_is_new = _initial_state(config, setup, ckpt)
+    # Everything is checked: from here on the workdir is written.
+    write_config(config, workdir)
+    if frozen_is_new:
+      ckpt.save_frozen(frozen)
+    step = int(state.step)
+    skip_applied = 0
+    if data is not None:
+      pipe.restore(data["process"])
+      skip_applied = data.get("skip_batches_applied", 0)
+    if config.train.skip_batches and config.train.skip_batches != skip_applied:
+      print(f"dropping {config.train.skip_batches} batches per stream before step {step + 1} "
+            f"(train.skip_batches)", flush=True)
+      for _ in range(config.train.skip_batches):
+        next(pipe)
+      skip_applied = config.train.skip_batches
+    log = MetricsLog(workdir, int(config.train.steps), ckpt, step)
+    preemption = _Preemption()
+    return _loop(config, setup, ckpt, pipe, log, preemption, state, frozen, step,
+                 resumed=data is not None, skip_applied=skip_applied)
+  finally:
+    if preemption is not None:
+      preemption.restore()
+    ckpt.close()
+    if log is not None:
+      log.close()
+    if pipe is not None:
+      pipe.close()
+    if jax.process_count() > 1:
+      # Leave together: a process that exits while a peer is still saving would otherwise
+      # wait in the coordination service's shutdown barrier, and time out under load.
+      multihost_utils.sync_global_devices("training finished")
 
-  log = MetricsLog(workdir, total)
-  preemption = _Preemption()
+
+def _loop(config, setup, ckpt, pipe, log, preemption, state, frozen, step, resumed,
+          skip_applied) -> dict:
+  total = int(config.train.steps)
+  logging.info("starting at step %d of %d in %s (%d processes, mesh %s)", step, total,
+               ckpt.workdir, jax.process_count(), dict(setup.mesh.shape))
   analytic_flops = flops_lib.train_step_flops(config)["total"]
   peak = peak_tflops(config)
   streams = config.data.streams
   tokens_per_step = sum(s.batch_size * s.max_tokens for s in streams.values())
   examples_per_step = sum(s.batch_size for s in streams.values())
-  summary = {"first_step": step, "losses": {}, "skipped_updates": 0, "stopped_by": "end"}
+  summary = {"first_step": step, "losses": {}, "skipped_updates": 0, "stopped_by": "end",
+             "rollbacks": 0, "moved_aside": []}
+  verified = ckpt.verified_steps()
+  unverified = [step] if resumed and step not in verified else []   # saved, not yet judged
   nonfinite_run = 0
   last_log_time, last_log_step, start_time, start_step = time.time(), step, time.time(), step
+  all_finite = jax.jit(train_step.all_finite)
 
   def save(step_):
-    if not bool(_all_finite((state.params, state.opt_state))):
+    if not bool(all_finite((state.params, state.opt_state))):
       logging.error("state at step %d is not finite: not saving it", step_)
       return
-    ckpt.save(step_, state, pipe.state(), config)
+    ckpt.save(step_, state, pipe.state(), config, skip_applied)
+    unverified.append(step_)
 
-  try:
-    while step < total:
-      batches = global_batches(setup, next(pipe))
-      state, metrics = setup.step(state, frozen, batches)
-      step += 1
-      skipped = int(metrics["skipped"])
-      summary["skipped_updates"] += skipped
-      nonfinite_run = nonfinite_run + 1 if skipped else 0
-      if nonfinite_run >= config.train.max_consecutive_nonfinite:
-        summary["stopped_by"] = "nonfinite"
-        raise NonFiniteError(
-            f"{nonfinite_run} non-finite steps in a row (up to step {step}); stopping. The last "
-            f"good checkpoint is step {max(ckpt.all_steps(), default=None)} in {ckpt.directory}")
-      if step % config.train.log_every == 0 or step == total:
-        now = time.time()
-        seconds = (now - last_log_time) / max(1, step - last_log_step)
-        record = {"step": step, **{k: float(v) for k, v in jax.device_get(metrics).items()}}
-        record.update(
-            step_seconds=seconds,
-            examples_per_sec=examples_per_step / seconds, tokens_per_sec=tokens_per_step / seconds,
-            tflops_per_device=analytic_flops / seconds / jax.device_count() / 1e12,
-            skipped_updates=summary["skipped_updates"])
-        if peak:
-          record["mfu"] = record["tflops_per_device"] / peak
-        for name, counts in pipe.skipped().items():
-          for reason, count in counts.items():
-            record[f"skipped_examples/{name}/{reason}"] = count
-        summary["losses"][step] = record["loss"]
-        eta = (now - start_time) / max(1, step - start_step) * (total - step)
-        log.write(record, eta)
+  while step < total:
+    batches = global_batches(setup, next(pipe))
+    state, metrics = setup.step(state, frozen, batches)
+    step += 1
+    skipped, finite_loss = (int(x) for x in jax.device_get((metrics["skipped"],
+                                                            metrics["finite_loss"])))
+    summary["skipped_updates"] += skipped
+    nonfinite_run = nonfinite_run + 1 if skipped else 0
+    if finite_loss and unverified:       # the saved parameters gave a finite loss
+      verified.update(unverified)
+      ckpt.mark_verified(verified)
+      unverified.clear()
+    if nonfinite_run >= config.train.max_consecutive_nonfinite:
+      good, moved = _set_aside_diverged(ckpt, verified, unverified)
+      summary["moved_aside"] += moved
+      unverified.clear()
+      moved_text = f"; moved aside: {', '.join(moved)}" if moved else ""
+      what = (f"{nonfinite_run} non-finite steps in a row (steps {step - nonfinite_run + 1}-"
+              f"{step})")
+      if (config.train.on_nonfinite == "rollback" and good is not None
+          and summary["rollbacks"] < config.train.max_rollbacks):
+        state, _ = ckpt.restore_step(good, setup)
+        logging.warning("%s: rolled back to step %d, the last good checkpoint%s; going on with "
+                        "the data after the bad stretch", what, good, moved_text)
+        print(f"rollback: {what}; back to step {good}{moved_text}", flush=True)
+        step, nonfinite_run = good, 0
+        summary["rollbacks"] += 1
+        log.rewind(step)
         last_log_time, last_log_step = time.time(), step
-      stop = preemption.requested or ckpt.manager.reached_preemption(step)
-      if jax.process_count() > 1:       # every process stops at the same step
-        stop = bool(np.any(multihost_utils.process_allgather(np.array(stop))))
-      if step % config.train.checkpoint_every == 0 or step == total or stop:
-        save(step)
-      if stop:
-        summary["stopped_by"] = "preemption"
-        break
-  finally:
-    preemption.restore()
-    ckpt.close()
-    log.close()
-    pipe.close()
-  if jax.process_count() > 1:
-    # Leave together: a process that exits while a peer is still saving would otherwise
-    # wait in the coordination service's shutdown barrier, and time out under load.
-    multihost_utils.sync_global_devices("training finished")
+        continue
+      summary["stopped_by"] = "nonfinite"
+      remaining = ckpt.all_steps()
+      resume = (f"rerunning resumes from step {max(remaining)}" if remaining
+                else "rerunning starts from step 0")
+      raise NonFiniteError(
+          f"{what}; stopping. The last good checkpoint is step {good} in {ckpt.directory} "
+          f"(its parameters gave a finite loss afterwards){moved_text}; {resume} — lower the "
+          f"learning rate, or pass --config.train.skip_batches=N to step over the data since")
+    if step % config.train.log_every == 0 or step == total:
+      now = time.time()
+      seconds = (now - last_log_time) / max(1, step - last_log_step)
+      record = {"step": step, **{k: float(v) for k, v in jax.device_get(metrics).items()}}
+      record.update(
+          step_seconds=seconds,
+          examples_per_sec=examples_per_step / seconds, tokens_per_sec=tokens_per_step / seconds,
+          tflops_per_device=analytic_flops / seconds / jax.device_count() / 1e12,
+          skipped_updates=summary["skipped_updates"])
+      if peak:
+        record["mfu"] = record["tflops_per_device"] / peak
+      skipped_examples = pipe.skipped()
+      for name, counts in skipped_examples.items():
+        for reason, count in counts.items():
+          record[f"skipped_examples/{name}/{reason}"] = count
+      summary["losses"][step] = record["loss"]
+      eta = (now - start_time) / max(1, step - start_step) * (total - step)
+      log.write(record, eta)
+      log.show_skips(skipped_examples)
+      last_log_time, last_log_step = time.time(), step
+    stop = preemption.requested or ckpt.manager.reached_preemption(step)
+    if jax.process_count() > 1:       # every process stops at the same step
+      stop = bool(np.any(multihost_utils.process_allgather(np.array(stop))))
+    # No periodic save of a skipped step: its state is the last one's, not yet judged good.
+    if (step % config.train.checkpoint_every == 0 and not skipped) or step == total or stop:
+      save(step)
+    if stop:
+      summary["stopped_by"] = "preemption"
+      break
   summary["last_step"] = step
   return summary
+
+
+def _set_aside_diverged(ckpt, verified: set[int], unverified: list[int]):
+  """(last good step or None, paths moved): checkpoints newer than the last good one, and
+  those saved since the parameters were last judged, go to moved_aside/."""
+  ckpt.wait()
+  steps = ckpt.all_steps()
+  good = max((s for s in steps if s in verified), default=None)
+  suspect = sorted(s for s in steps if s in unverified or (good is not None and s > good))
+  return good, ckpt.move_steps_aside(suspect, "diverged")

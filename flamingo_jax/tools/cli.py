@@ -1,0 +1,70 @@
+"""What every command line shares: misuse is one line on stderr (exit 2), not a traceback.
+
+    if __name__ == "__main__":
+      cli.run(main)            # instead of absl's app.run(main)
+
+Covers what absl leaves as tracebacks: a `--config` file that does not load, and an
+override of a key the config does not have (`--config.train.stepz=3`, with ml_collections'
+"did you mean" suggestion). Flag values of the wrong type are absl's own one-line error.
+"""
+
+import sys
+
+from absl import app
+from absl import flags
+
+
+def _innermost_message(error: BaseException) -> str:
+  """ml_collections wraps KeyError('key\\nDid you mean …') in AttributeError(KeyError(…))."""
+  while error.args and isinstance(error.args[0], BaseException):
+    error = error.args[0]
+  message = error.args[0] if error.args and isinstance(error.args[0], str) else str(error)
+  return " ".join(line.strip() for line in message.splitlines() if line.strip())
+
+
+def _fail(message: str) -> None:
+  print(f"error: {message}", file=sys.stderr, flush=True)
+  sys.exit(2)
+
+
+def _config_flag_names() -> list[str]:
+  return [name for name, flag in flags.FLAGS._flags().items()       # pylint: disable=protected-access
+          if hasattr(flag, "config_filename")]
+
+
+def _override(argv: list[str], key: str) -> str:
+  """The --config.… argument that names `key` (as a path component)."""
+  for arg in argv:
+    if arg.startswith("--") and "." in arg:
+      path = arg[2:].split("=", 1)[0].split(".")
+      if key in path[1:]:
+        return arg
+  return "--config.…"
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+  """absl's flag parsing, then each config flag's file loaded now, with one-line errors."""
+  try:
+    rest = flags.FLAGS(argv)
+  except flags.Error as e:
+    _fail(str(e))
+  except (KeyError, AttributeError) as e:
+    message = _innermost_message(e)
+    key = message.split()[0].strip("'\"") if message else "?"
+    suggestion = message[len(message.split()[0]):].strip() if message else ""
+    _fail(f"{_override(argv, key)}: the config has no key {key!r}"
+          f"{f' ({suggestion})' if suggestion else ''}")
+  for name in _config_flag_names():
+    flag = flags.FLAGS[name]
+    if flag.value is None:
+      continue
+    try:
+      flag.value.keys()                     # the config file is loaded lazily: load it here
+    except Exception as e:  # pylint: disable=broad-except
+      lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+      _fail(f"--{name}={flag.config_filename}: {lines[-1] if lines else type(e).__name__}")
+  return rest
+
+
+def run(main) -> None:
+  app.run(main, flags_parser=parse_flags)
