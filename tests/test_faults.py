@@ -14,6 +14,8 @@ import pytest
 from conftest import REPO, config_path
 from flamingo_jax.data import pipeline
 from flamingo_jax.training import checkpointing
+from flamingo_jax.training import sharding
+from flamingo_jax.training import train_step
 from flamingo_jax.training import trainer
 from train_helpers import env, losses, poison, small_config, train_command
 
@@ -215,6 +217,9 @@ def test_command_line_misuse_is_one_line(tmp_path):
   assert result.returncode == 2
   assert error_lines(result) == ["error: --config.train.stepz=3: the config has no key 'stepz' "
                                  "(Did you mean \"steps\" instead of \"stepz\"?)"]
+  result = run_cli(tiny, "--config.train.steps=abc", f"--workdir={tmp_path / 'w'}")
+  assert error_lines(result) == ["error: flag --config.train.steps=abc: invalid literal for "
+                                 "int() with base 10: 'abc'"]
   (tmp_path / "a_file").write_text("")
   result = run_cli(tiny, f"--workdir={tmp_path / 'a_file'}")
   assert result.returncode == 1
@@ -239,3 +244,25 @@ def test_the_same_command_heals_a_truncated_checkpoint_quietly(tmp_path):
   assert "checkpoint-4-damaged" in result.stderr
   assert "Traceback" not in output and "Event loop is closed" not in output
   assert sorted(losses(workdir)) == list(range(1, 7))
+
+
+def test_skip_batches_drops_data_once_per_resume_point(base, tiny_config, capsys):
+  root, _ = base
+  plain, skipping = copy_of_base(root, "plain"), copy_of_base(root, "skipping")
+  trainer.train(fault_config(tiny_config, root, steps=8), str(plain))
+  trainer.train(fault_config(tiny_config, root, steps=6, skip_batches=2), str(skipping))
+  assert "dropping 2 batches per stream before step 5" in capsys.readouterr().out
+
+  def data_state(workdir, step):
+    ckpt = checkpointing.Checkpointer(str(workdir), keep=100)
+    setup = train_step.make_train_setup(fault_config(tiny_config, root),
+                                        sharding.make_mesh(-1, 1))
+    _, data = ckpt.restore_step(step, setup)
+    ckpt.close()
+    return data
+  # Steps 5 and 6 trained on the batches the plain run met at steps 7 and 8.
+  assert data_state(skipping, 6)["processes"] == data_state(plain, 8)["processes"]
+  assert data_state(skipping, 6)["skip_batches_applied"] == 2
+  # The same command again (the flag still set) resumes from 6 without dropping more.
+  trainer.train(fault_config(tiny_config, root, steps=8, skip_batches=2), str(skipping))
+  assert "dropping" not in capsys.readouterr().out
