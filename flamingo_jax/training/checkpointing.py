@@ -24,7 +24,7 @@ import logging as logging_lib
 import os
 import sys
 import time
-from typing import Any
+from typing import Any, Callable
 
 from absl import logging
 from etils import epath
@@ -122,6 +122,33 @@ def check_compatible(stored: dict[str, tuple], expected: dict[str, tuple], what:
           f"{what} holds {name} with shape {stored.get(name, 'absent')}, this config makes "
           f"{expected.get(name, 'absent')}: the config change cannot restore from it (use "
           f"another --workdir, or the config it was written with)")
+
+
+def _load_checked(directory: str, pytree_directory: str, expected: dict[str, tuple],
+                  what: str, load: Callable[[], Any]) -> tuple[Any, str | None]:
+  """(load(), None), or (None, why `directory` is damaged: no commit marker, unreadable
+  metadata, a failed load; judged on every process alike). Raises
+  IncompatibleCheckpointError when it is whole but holds other shapes than `expected`."""
+  value, problem = None, None
+  if not (epath.Path(directory) / _COMMIT_MARKER).exists():
+    problem = f"no {_COMMIT_MARKER} (the save did not finish)"
+  else:
+    try:
+      stored = _stored_shapes(pytree_directory)
+    except Exception as e:  # pylint: disable=broad-except
+      problem = f"unreadable metadata ({_first_words(e)})"
+    else:
+      check_compatible(stored, expected, what)
+  if problem is None:
+    try:
+      value = load()
+    except IncompatibleCheckpointError:
+      raise
+    except Exception as e:  # pylint: disable=broad-except
+      problem = _first_words(e)
+  if not _all_processes(problem is None):
+    problem = problem or "it does not load on another process"
+  return value, problem
 
 
 def _all_processes(ok: bool) -> bool:
@@ -255,19 +282,6 @@ class Checkpointer:
         _CONFIG: ocp.args.JsonSave(json.loads(config.to_json())),
     }), force=True)
 
-  def _damage(self, step: int, setup: train_step.TrainSetup) -> str | None:
-    """Why `step` cannot be used as it is on disk (None: it looks whole); raises
-    IncompatibleCheckpointError when it is whole but of another shape."""
-    step_dir = epath.Path(self.directory) / str(step)
-    if not (step_dir / _COMMIT_MARKER).exists():
-      return f"no {_COMMIT_MARKER} (the save did not finish)"
-    try:
-      stored = _stored_shapes(os.fspath(step_dir / _STATE))
-    except Exception as e:  # pylint: disable=broad-except
-      return f"unreadable metadata ({type(e).__name__}: {str(e)[:200]})"
-    check_compatible(stored, leaf_shapes(_abstract_savable(setup)), f"checkpoint {step}")
-    return None
-
   def restore_step(self, step: int, setup: train_step.TrainSetup) -> tuple[
       train_step.TrainState, dict]:
     """(state, the step's data item) of one step; raises if it does not load."""
@@ -287,18 +301,12 @@ class Checkpointer:
     _filter_restore_noise()
     steps = self.all_steps()
     damaged = []
+    expected = leaf_shapes(_abstract_savable(setup))
     for step in reversed(steps):
-      problem = self._damage(step, setup)
-      restored = None
-      if problem is None:
-        try:
-          restored = self.restore_step(step, setup)
-        except IncompatibleCheckpointError:
-          raise
-        except Exception as e:  # pylint: disable=broad-except
-          problem = _first_words(e)
-      if not _all_processes(problem is None):
-        problem = problem or "it does not load on another process"
+      step_dir = os.path.join(self.directory, str(step))
+      restored, problem = _load_checked(
+          step_dir, os.path.join(step_dir, _STATE), expected, f"checkpoint {step}",
+          lambda step_=step: self.restore_step(step_, setup))
       if problem is not None:
         logging.warning("checkpoint %d in %s does not load (%s); trying the previous one",
                         step, self.directory, problem)
@@ -313,8 +321,9 @@ class Checkpointer:
       state, data = restored
       return state, dict(data, process=data["processes"][jax.process_index()])
     if steps:
-      raise NoLoadableCheckpointError(f"none of the checkpoints {steps} in {self.directory} loads; refusing "
-                         f"to start from scratch over them (move them away to do so)")
+      raise NoLoadableCheckpointError(
+          f"none of the checkpoints {steps} in {self.directory} loads; refusing to start from "
+          f"scratch over them (move them away to do so)")
     return None
 
   # -- which checkpoints are good -----------------------------------------------------------
@@ -344,30 +353,14 @@ class Checkpointer:
   def restore_frozen(self, setup: train_step.TrainSetup):
     """The saved frozen towers, or None when there are none or they are damaged (then moved
     aside with a warning; the caller makes them again from their source)."""
-    directory = epath.Path(self.frozen_directory)
-    if not directory.is_dir():
+    if not epath.Path(self.frozen_directory).is_dir():
       return None
     _filter_restore_noise()
     target = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                           setup.abstract_frozen, setup.frozen_shardings)
-    problem = None
-    if not (directory / _COMMIT_MARKER).exists():
-      problem = f"no {_COMMIT_MARKER}"
-    else:
-      try:
-        stored = _stored_shapes(self.frozen_directory)
-      except Exception as e:  # pylint: disable=broad-except
-        problem = f"unreadable metadata ({type(e).__name__})"
-      else:
-        check_compatible(stored, leaf_shapes(target), "frozen/")
-    frozen = None
-    if problem is None:
-      try:
-        frozen = ocp.StandardCheckpointer().restore(self.frozen_directory, target)
-      except Exception as e:  # pylint: disable=broad-except
-        problem = _first_words(e)
-    if not _all_processes(problem is None):
-      problem = problem or "it does not load on another process"
+    frozen, problem = _load_checked(
+        self.frozen_directory, self.frozen_directory, leaf_shapes(target), "frozen/",
+        lambda: ocp.StandardCheckpointer().restore(self.frozen_directory, target))
     if problem is None:
       return frozen
     if not self.heal:

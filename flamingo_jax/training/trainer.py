@@ -33,6 +33,7 @@ import haiku as hk
 import jax
 import numpy as np
 from jax.experimental import multihost_utils
+from orbax.checkpoint import multihost as ocp_multihost
 
 from flamingo_jax import models
 from flamingo_jax import weights
@@ -344,6 +345,47 @@ def train(config: Any, workdir: str, allow_config_change: bool = False) -> dict:
       multihost_utils.sync_global_devices("training finished")
 
 
+class _Judge:
+  """Which updates were skipped and which checkpoints are good, read from the steps' flags
+  in bulk at log and save steps (no host sync on every step)."""
+
+  def __init__(self, ckpt: checkpointing.Checkpointer, limit: int, resumed_step: int | None):
+    self.ckpt, self.limit = ckpt, limit
+    self.verified = ckpt.verified_steps()
+    self.unverified = ([resumed_step] if resumed_step is not None
+                       and resumed_step not in self.verified else [])   # saved, not judged
+    self.pending = []
+    self.run = 0                     # skipped steps in a row
+    self.skipped_updates = 0
+    self.last_skipped = False
+
+  def add(self, step: int, metrics: dict) -> None:
+    self.pending.append((step, metrics["skipped"], metrics["finite_loss"]))
+
+  def saved(self, step: int) -> None:
+    self.unverified.append(step)
+
+  def update(self) -> tuple[int, int] | None:
+    """Judges the pending steps; (first, last) step of a run of `limit` skipped steps in a
+    row when one happened (the steps after it are dropped: they are about to be undone)."""
+    steps = [step for step, _, _ in self.pending]
+    flags = jax.device_get([(skipped, finite) for _, skipped, finite in self.pending])
+    self.pending = []
+    for step, (skipped, finite_loss) in zip(steps, flags):
+      self.skipped_updates += int(skipped)
+      self.last_skipped = bool(skipped)
+      self.run = self.run + 1 if skipped else 0
+      if finite_loss and self.unverified:     # the saved parameters gave a finite loss
+        self.verified.update(self.unverified)
+        self.ckpt.mark_verified(self.verified)
+        self.unverified.clear()
+      if self.run >= self.limit:
+        streak = (step - self.run + 1, step)
+        self.run = 0
+        return streak
+    return None
+
+
 def _loop(config, setup, ckpt, pipe, log, preemption, state, frozen, step, resumed,
           skip_applied) -> dict:
   total = int(config.train.steps)
@@ -356,45 +398,43 @@ def _loop(config, setup, ckpt, pipe, log, preemption, state, frozen, step, resum
   examples_per_step = sum(s.batch_size for s in streams.values())
   summary = {"first_step": step, "losses": {}, "skipped_updates": 0, "stopped_by": "end",
              "rollbacks": 0, "moved_aside": []}
-  verified = ckpt.verified_steps()
-  unverified = [step] if resumed and step not in verified else []   # saved, not yet judged
-  nonfinite_run = 0
+  judge = _Judge(ckpt, config.train.max_consecutive_nonfinite, step if resumed else None)
   last_log_time, last_log_step, start_time, start_step = time.time(), step, time.time(), step
   all_finite = jax.jit(train_step.all_finite)
-
-  def save(step_):
-    if not bool(all_finite((state.params, state.opt_state))):
-      logging.error("state at step %d is not finite: not saving it", step_)
-      return
-    ckpt.save(step_, state, pipe.state(), config, skip_applied)
-    unverified.append(step_)
+  step_fn = setup.step
+  if jax.process_count() > 1:
+    # Compile first, then start together: a process that compiled sooner would wait alone in
+    # the step's first collective, and gloo gives a new communicator only 30 s.
+    step_fn = setup.step.lower(state, frozen, setup.abstract_batches).compile()
+    ocp_multihost.sync_global_processes("train step compiled")
 
   while step < total:
     batches = global_batches(setup, next(pipe))
-    state, metrics = setup.step(state, frozen, batches)
+    state, metrics = step_fn(state, frozen, batches)
     step += 1
-    skipped, finite_loss = (int(x) for x in jax.device_get((metrics["skipped"],
-                                                            metrics["finite_loss"])))
-    summary["skipped_updates"] += skipped
-    nonfinite_run = nonfinite_run + 1 if skipped else 0
-    if finite_loss and unverified:       # the saved parameters gave a finite loss
-      verified.update(unverified)
-      ckpt.mark_verified(verified)
-      unverified.clear()
-    if nonfinite_run >= config.train.max_consecutive_nonfinite:
-      good, moved = _set_aside_diverged(ckpt, verified, unverified)
+    judge.add(step, metrics)
+    stop = preemption.requested or ckpt.manager.reached_preemption(step)
+    if jax.process_count() > 1:       # every process stops at the same step
+      stop = bool(np.any(multihost_utils.process_allgather(np.array(stop))))
+    log_now = step % config.train.log_every == 0 or step == total
+    periodic_save = step % config.train.checkpoint_every == 0
+    if not (log_now or periodic_save or stop):
+      continue
+    streak = judge.update()
+    if streak is not None:
+      good, moved = _set_aside_diverged(ckpt, judge.verified, judge.unverified)
       summary["moved_aside"] += moved
-      unverified.clear()
+      judge.unverified.clear()
       moved_text = f"; moved aside: {', '.join(moved)}" if moved else ""
-      what = (f"{nonfinite_run} non-finite steps in a row (steps {step - nonfinite_run + 1}-"
-              f"{step})")
+      what = (f"{streak[1] - streak[0] + 1} non-finite steps in a row (steps "
+              f"{streak[0]}-{streak[1]})")
       if (config.train.on_nonfinite == "rollback" and good is not None
           and summary["rollbacks"] < config.train.max_rollbacks):
         state, _ = ckpt.restore_step(good, setup)
         logging.warning("%s: rolled back to step %d, the last good checkpoint%s; going on with "
                         "the data after the bad stretch", what, good, moved_text)
         print(f"rollback: {what}; back to step {good}{moved_text}", flush=True)
-        step, nonfinite_run = good, 0
+        step = good
         summary["rollbacks"] += 1
         log.rewind(step)
         last_log_time, last_log_step = time.time(), step
@@ -407,7 +447,8 @@ def _loop(config, setup, ckpt, pipe, log, preemption, state, frozen, step, resum
           f"{what}; stopping. The last good checkpoint is step {good} in {ckpt.directory} "
           f"(its parameters gave a finite loss afterwards){moved_text}; {resume} — lower the "
           f"learning rate, or pass --config.train.skip_batches=N to step over the data since")
-    if step % config.train.log_every == 0 or step == total:
+    summary["skipped_updates"] = judge.skipped_updates
+    if log_now:
       now = time.time()
       seconds = (now - last_log_time) / max(1, step - last_log_step)
       record = {"step": step, **{k: float(v) for k, v in jax.device_get(metrics).items()}}
@@ -415,7 +456,7 @@ def _loop(config, setup, ckpt, pipe, log, preemption, state, frozen, step, resum
           step_seconds=seconds,
           examples_per_sec=examples_per_step / seconds, tokens_per_sec=tokens_per_step / seconds,
           tflops_per_device=analytic_flops / seconds / jax.device_count() / 1e12,
-          skipped_updates=summary["skipped_updates"])
+          skipped_updates=judge.skipped_updates)
       if peak:
         record["mfu"] = record["tflops_per_device"] / peak
       skipped_examples = pipe.skipped()
@@ -427,12 +468,13 @@ def _loop(config, setup, ckpt, pipe, log, preemption, state, frozen, step, resum
       log.write(record, eta)
       log.show_skips(skipped_examples)
       last_log_time, last_log_step = time.time(), step
-    stop = preemption.requested or ckpt.manager.reached_preemption(step)
-    if jax.process_count() > 1:       # every process stops at the same step
-      stop = bool(np.any(multihost_utils.process_allgather(np.array(stop))))
     # No periodic save of a skipped step: its state is the last one's, not yet judged good.
-    if (step % config.train.checkpoint_every == 0 and not skipped) or step == total or stop:
-      save(step)
+    if (periodic_save and not judge.last_skipped) or step == total or stop:
+      if bool(all_finite((state.params, state.opt_state))):
+        ckpt.save(step, state, pipe.state(), config, skip_applied)
+        judge.saved(step)
+      else:
+        logging.error("state at step %d is not finite: not saving it", step)
     if stop:
       summary["stopped_by"] = "preemption"
       break
