@@ -18,6 +18,11 @@ PAPER_RESAMPLER = dict(num_layers=6, dim=1536, num_heads=16, key_size=128, ffw_m
 # The SentencePiece model of the tiny configs (synthetic captions; tools/train_tokenizer.py).
 SYNTHETIC_TOKENIZER = os.path.join(os.path.dirname(__file__), "data", "assets", "synthetic_sp.model")
 
+# PAPER.md §3.3: random horizontal flip and colour augmentation, parameters unspecified; the
+# jitter strength (brightness, contrast, saturation factors in [0.9, 1.1]) is ours. Tiny and
+# CPU configs keep augmentation off (their synthetic captions say "moving left").
+PAPER_AUGMENT = dict(flip=True, color_jitter=0.1)
+
 # PAPER.md §3, §4: per-stream weights λ and the ablation batch sizes. `source` is the kind of
 # raw data (data/sources.py): interleaved | image_text | video_text.
 PAPER_STREAMS = {

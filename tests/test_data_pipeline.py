@@ -68,7 +68,7 @@ def test_interleaved_document_exact_arrays(tiny_config, tmp_path, p_next):
   tk = tokenizer()
   if p_next:
     pieces = [BOS, IMG, "a", "▁page", "▁about", "▁shapes", ".", EOC, IMG, "two", "▁red",
-              "▁circles", EOC, "one", "▁blue", "▁square", EOC, EOS]
+              "▁circles", "▁one", "▁blue", "▁square", EOC, EOS]     # one chunk after image 1
   else:
     pieces = [BOS, "a", "▁page", "▁about", "▁shapes", ".", EOC, IMG, "two", "▁red",
               "▁circles", EOC, IMG, "one", "▁blue", "▁square", EOC, EOS]
@@ -216,7 +216,7 @@ def test_same_seed_same_batches_other_seed_other_batches(tiny_config, tmp_path):
   assert not np.array_equal(other["m3w"]["input_ids"], first[0]["m3w"]["input_ids"])
 
 
-def test_batches_match_the_schema_and_skip_long_captions(tiny_config, tmp_path):
+def test_batches_match_the_schema_and_truncate_long_captions(tiny_config, tmp_path):
   raw = tmp_path / "raw"
   save_png(solid(RED), str(raw / "a.png"))
   long_caption = " ".join(["two red circles"] * 5)
@@ -230,19 +230,46 @@ def test_batches_match_the_schema_and_skip_long_captions(tiny_config, tmp_path):
   shapes = schema.stream_shapes(config.data.streams.align, config.model.image_size)
   for key, shape in shapes.items():
     assert batch[key].shape == shape.shape and batch[key].dtype == shape.dtype, key
-  assert all(tokenizer().decode(r).count("two") == 1 for r in batch["input_ids"])
-  skipped = pipe.skipped()["align"]
-  assert skipped["missing_file"] == 1 and skipped["text_too_long"] >= 1
+  # Both captions are used; the long one cut to the 10 + 1 tokens (its end markers too).
+  texts = [tokenizer().decode(r) for r in batch["input_ids"]]
+  assert any(t.count("two") > 1 for t in texts) and any(t.count("two") == 1 for t in texts)
+  long_rows = [r for r, t in zip(batch["loss_mask"], texts) if t.count("two") > 1]
+  assert all(r.sum() == 10 - 1 for r in long_rows)      # every target real but the <image>
+  assert pipe.skipped()["align"] == {"missing_file": 1}
   pipe.close()
 
 
-def test_source_that_never_fits_is_an_error_naming_the_stream(tiny_config, tmp_path):
-  raw = tmp_path / "raw"
-  save_png(solid(RED), str(raw / "a.png"))
-  write_jsonl(str(raw / "pairs.jsonl"), [{"image": "a.png", "text": "two red circles " * 5}])
-  config = make_config(tiny_config, tmp_path,
-                       {"align": stream("image_text", raw, batch_size=1, max_tokens=10)})
-  pipe = pipeline.InputPipeline(config)
-  with pytest.raises(ValueError, match="stream align: .* skipped"):
-    next(pipe)
-  pipe.close()
+
+
+def test_augmentation_draws_once_per_clip(tiny_config):
+  """Flip and colour jitter on: the frames of one clip change together (a per-frame draw
+  would make it flicker), and different clips get different draws."""
+  from flamingo_jax.data import builders  # pylint: disable=g-import-not-at-top
+  config = copy.deepcopy(tiny_config)
+  config.data.augment.flip = True
+  config.data.augment.color_jitter = 0.4
+  frame = np.zeros((64, 64, 3), np.uint8)
+  frame[:, :32] = (200, 40, 40)                     # left half red, right half blue
+  frame[:, 32:] = (40, 40, 200)
+  raw = {"frames": [builders.encode_image(frame)] * 8, "fps": 1.0, "text": "a clip"}
+  spec = config.data.streams.vtp
+  outputs = []
+  for seed in range(6):
+    row = pipeline.process_example("video_text", raw, spec, config.data, tokenizer(),
+                                   config.model.image_size, np.random.default_rng(seed))
+    clip = row["media"][0, :int(spec.frames)]
+    for f in range(1, len(clip)):
+      np.testing.assert_array_equal(clip[f], clip[0])
+    outputs.append(clip[0])
+  assert len({o.tobytes() for o in outputs}) == len(outputs)
+  flipped = [o[32, 8, 2] > o[32, 8, 0] for o in outputs]     # blue on the left: flipped
+  assert any(flipped) and not all(flipped)
+
+
+@pytest.mark.parametrize("name", ["flamingo_3b", "flamingo_9b", "flamingo_80b"])
+def test_paper_configs_augment_and_tiny_does_not(name, tiny_config):
+  from conftest import config_path  # pylint: disable=g-import-not-at-top
+  from flamingo_jax import config_base  # pylint: disable=g-import-not-at-top
+  augment = config_base.load_config(config_path(name)).data.augment
+  assert augment.flip and augment.color_jitter > 0
+  assert not tiny_config.data.augment.flip and tiny_config.data.augment.color_jitter == 0

@@ -36,10 +36,41 @@ def test_interleaved_layout_p_next_moves_each_marker_before_the_text_it_follows(
   tk = tokenizer()
   seq = preprocessing.interleaved_tokens(DOC_TEXTS, DOC_IMAGE_INDEX, tk.encode, p_next=True)
   # "a page about shapes." now sees image 0, "two red circles" image 1; the last text, after
-  # the last image, keeps image 1.
+  # the last image, keeps image 1 and is one chunk with the text before it (one <EOC>).
   assert seq == ids(tk, BOS, IMG, "a", "▁page", "▁about", "▁shapes", ".", EOC,
-                    IMG, "two", "▁red", "▁circles", EOC,
-                    "one", "▁blue", "▁square", EOC, EOS)
+                    IMG, "two", "▁red", "▁circles", "▁one", "▁blue", "▁square", EOC, EOS)
+
+
+# PAPER.md §2's M3W example, with each chunk split into two texts (two MMC4 sentences, two
+# paragraphs): the texts between two images are one chunk, joined by a space, with one <EOC>
+# before the next <image> and one after the final text.
+PAPER_TEXTS = ["one blue", "square", "two red", "circles", "a green", "triangle"]
+PAPER_IMAGES = [2, 4]           # before "two red" and before "a green"
+
+
+@pytest.mark.parametrize("p_next,expected", [
+    (False, [BOS, "one", "▁blue", "▁square", EOC,
+             IMG, "two", "▁red", "▁circles", EOC,
+             IMG, "a", "▁green", "▁triangle", EOC, EOS]),
+    # p_next: each <image> moves to the start of the chunk before it; the last chunk follows
+    # the second chunk directly (no image between them): one chunk, one <EOC>.
+    (True, [BOS, IMG, "one", "▁blue", "▁square", EOC,
+            IMG, "two", "▁red", "▁circles", "▁a", "▁green", "▁triangle", EOC, EOS]),
+])
+def test_interleaved_layout_is_the_papers_chunks_and_eoc(p_next, expected):
+  tk = tokenizer()
+  seq = preprocessing.interleaved_tokens(PAPER_TEXTS, PAPER_IMAGES, tk.encode, p_next)
+  assert seq == ids(tk, *expected)
+  assert seq.count(tok.EOC_ID) == 2 + (not p_next)
+
+
+def test_long_captions_are_truncated_not_dropped():
+  tk = tokenizer()
+  full = preprocessing.pair_tokens("two red circles", tk.encode, False, max_tokens=None)
+  assert full == ids(tk, BOS, IMG, "two", "▁red", "▁circles", EOC, EOS)
+  assert preprocessing.pair_tokens("two red circles", tk.encode, False, max_tokens=4) == \
+      ids(tk, BOS, IMG, "two", "▁red", "▁circles")
+  assert preprocessing.pair_tokens("two red circles", tk.encode, False, max_tokens=6) == full
 
 
 @pytest.mark.parametrize("p_next,expected", [
@@ -91,8 +122,11 @@ def test_pad_colour_matches_the_model_normalisation():
 
 def test_colour_jitter_changes_pixels_within_range():
   image = solid((100, 150, 200), 64, 64)
-  out = preprocessing.resize_and_pad(image, 64, jitter=0.4, rng=np.random.default_rng(0))
+  colors = preprocessing.color_factors(0.4, np.random.default_rng(0))
+  assert np.all(np.abs(colors - 1) <= 0.4)
+  out = preprocessing.resize_and_pad(image, 64, colors=colors)
   assert not np.array_equal(out, image) and out.dtype == np.uint8
+  assert preprocessing.color_factors(0.0, np.random.default_rng(0)) is None
 
 
 def test_frame_indices():

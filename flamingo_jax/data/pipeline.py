@@ -12,7 +12,7 @@ kP + p), so processes read disjoint examples that together cover the split, and 
 only its own (by index, from ArrayRecord). Every random choice for an example (window,
 p_next, leading space, frames, augmentation) comes from a generator seeded by
 (seed, s, position), so an example does not depend on threads, on skips before it, or on
-restarts. An example skipped here (e.g. a caption too long for the stream) is counted and
+restarts. An example that fails here (e.g. an fps out of range in an older build) is counted and
 the process moves to its next position.
 
 State. Per stream: the process's cursor k and its skip counts. `restore` resumes exactly,
@@ -127,10 +127,11 @@ def _media(images: list[np.ndarray], n: int, t: int, size: int, data: Any,
   """len(images) items of t frames each -> uint8 [n, t, size, size, 3], zero-padded slots."""
   out = np.zeros((n, t, size, size, 3), np.uint8)
   for slot, frames in enumerate(images):
-    flip = bool(data.augment.flip) and rng.random() < 0.5     # same for all frames of an item
+    # One draw per image or clip: the frames of a video flip and change colour together.
+    flip = bool(data.augment.flip) and rng.random() < 0.5
+    colors = preprocessing.color_factors(float(data.augment.color_jitter), rng)
     for f, frame in enumerate(frames):
-      out[slot, f] = preprocessing.resize_and_pad(frame, size, flip=flip,
-                                                  jitter=float(data.augment.color_jitter), rng=rng)
+      out[slot, f] = preprocessing.resize_and_pad(frame, size, flip=flip, colors=colors)
   return out
 
 
@@ -152,7 +153,7 @@ def process_example(kind: str, raw: dict, spec: Any, data: Any, tokenizer: tok.T
   else:
     leading = rng.random() < float(data.leading_space_prob)
     tokens = preprocessing.pair_tokens(_text(raw["text"]), tokenizer.encode, leading,
-                                       tokenizer.special)
+                                       tokenizer.special, max_tokens=length)
     if kind == "image_text":
       images = [[sources.decode_image(raw["image"])]]
     else:
@@ -162,7 +163,7 @@ def process_example(kind: str, raw: dict, spec: Any, data: Any, tokenizer: tok.T
       idx = preprocessing.frame_indices(len(all_frames), fps, t,
                                         float(spec.get("frame_rate", 1.0)), rng)
       images = [[sources.decode_image(all_frames[i]) for i in idx]]
-  row = preprocessing.to_arrays(tokens, length, tokenizer.special)  # Skip("text_too_long")
+  row = preprocessing.to_arrays(tokens, length, tokenizer.special)
   row["media"] = _media(images, n, t, size, data, rng)
   row["media_mask"] = np.arange(n) < len(images)
   return row

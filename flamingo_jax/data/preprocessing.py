@@ -2,12 +2,12 @@
 
 Token layouts (ids: tokenizer.py):
 
-  interleaved  <BOS> text <EOC> <image> text <EOC> ... <EOS>, then a random window of L+1
+  interleaved  <BOS> text <EOC> <image> text <EOC> ... <EOS> (the texts between two images
+               are one chunk with one <EOC>), then a random window of L+1
                tokens keeping the first `max_media` <image> markers in it (later markers are
                dropped from the window, their images unused)
   pairs/video  <BOS> <image> caption <EOC> <EOS>; the caption gets a leading space with
-               probability `leading_space_prob`; captions that do not fit are skipped
-               ("text_too_long")
+               probability `leading_space_prob`; captions that do not fit are truncated
 
 input_ids = seq[:L], target_ids = seq[1:L+1]; loss_mask is 1 where the target is a real token
 other than <image> (where the next image goes is not text to predict) and 0 on padding.
@@ -33,12 +33,19 @@ from flamingo_jax.data import sources
 from flamingo_jax.data import tokenizer as tok
 
 PAD_RGB = sources.PAD_RGB
+_IMAGE = object()               # an image's place among a document's texts
+
+
+def color_factors(jitter: float, rng: np.random.Generator) -> np.ndarray | None:
+  """(brightness, contrast, saturation) factors in [1 - jitter, 1 + jitter]; None when 0.
+  Drawn once per image or video, so that the frames of a clip get the same colours."""
+  return rng.uniform(1 - jitter, 1 + jitter, 3) if jitter > 0 else None
 
 
 def resize_and_pad(image: np.ndarray, size: int, *, flip: bool = False,
-                   jitter: float = 0.0, rng: np.random.Generator | None = None) -> np.ndarray:
-  """uint8 [H, W, 3] -> uint8 [size, size, 3]; `flip` mirrors; `jitter` > 0 scales
-  brightness, contrast and saturation by factors in [1 - jitter, 1 + jitter] (needs rng)."""
+                   colors: np.ndarray | None = None) -> np.ndarray:
+  """uint8 [H, W, 3] -> uint8 [size, size, 3]; `flip` mirrors; `colors` (color_factors)
+  scale brightness, contrast and saturation."""
   h, w = image.shape[:2]
   scale = size / max(h, w)
   nh, nw = max(1, round(h * scale)), max(1, round(w * scale))
@@ -46,12 +53,11 @@ def resize_and_pad(image: np.ndarray, size: int, *, flip: bool = False,
     image = np.asarray(Image.fromarray(image).resize((nw, nh), Image.BILINEAR))
   if flip:
     image = image[:, ::-1]
-  if jitter > 0:
-    factors = rng.uniform(1 - jitter, 1 + jitter, 3)
-    x = image.astype(np.float32) * factors[0]                                   # brightness
-    x = (x - x.mean()) * factors[1] + x.mean()                                   # contrast
+  if colors is not None:
+    x = image.astype(np.float32) * colors[0]                                    # brightness
+    x = (x - x.mean()) * colors[1] + x.mean()                                    # contrast
     gray = x @ np.array([0.299, 0.587, 0.114], np.float32)
-    x = (x - gray[..., None]) * factors[2] + gray[..., None]                    # saturation
+    x = (x - gray[..., None]) * colors[2] + gray[..., None]                     # saturation
     image = np.clip(np.round(x), 0, 255).astype(np.uint8)
   out = np.empty((size, size, 3), np.uint8)
   out[:] = PAD_RGB
@@ -77,28 +83,39 @@ def frame_indices(num_frames: int, fps: float, frames: int, frame_rate: float,
 def interleaved_tokens(texts: Sequence[str], image_index: Sequence[int],
                        encode: Callable[[str], list[int]], p_next: bool,
                        special: tok.SpecialIds = tok.SENTENCEPIECE_IDS) -> list[int]:
-  """The whole document as ids: <BOS> ... <EOS>, one <image> per image, in image order."""
-  # Elements in document order: ("image", None) or ("text", ids + <EOC>).
+  """The whole document as ids (PAPER.md §2): <BOS> chunk <EOC> <image> chunk <EOC> … <EOS>.
+
+  The texts between two images form one chunk (joined by a space); each chunk ends with one
+  <EOC>: before the <image> that follows it, or before <EOS>. One <image> per image, in image
+  order.
+  """
+  # Elements in document order: _IMAGE or a text.
   elements, j = [], 0
   for t, text in enumerate(list(texts) + [None]):
     while j < len(image_index) and image_index[j] == t:
-      elements.append(("image", None))
+      elements.append(_IMAGE)
       j += 1
     if text is not None:
-      elements.append(("text", encode(text) + [special.eoc]))
+      elements.append(text)
   if p_next:
     moved, run_start = [], 0                  # run_start: where the current text run began
-    for kind, ids in elements:
-      if kind == "image":
-        moved.insert(run_start, (kind, ids))
+    for element in elements:
+      if element is _IMAGE:
+        moved.insert(run_start, element)
         run_start = len(moved)
       else:
-        moved.append((kind, ids))
+        moved.append(element)
     elements = moved
-  seq = [special.bos]
-  for kind, ids in elements:
-    seq += [special.image] if kind == "image" else ids
-  return seq + [special.eos]
+  seq, chunk = [special.bos], []
+  for element in elements + [_IMAGE]:         # a final _IMAGE ends the last chunk
+    if element is not _IMAGE:
+      chunk.append(element)
+      continue
+    if chunk:
+      seq += encode(" ".join(chunk)) + [special.eoc]
+      chunk = []
+    seq.append(special.image)
+  return seq[:-1] + [special.eos]
 
 
 def window(seq: Sequence[int], length: int, max_media: int, rng: np.random.Generator,
@@ -118,9 +135,14 @@ def window(seq: Sequence[int], length: int, max_media: int, rng: np.random.Gener
 
 
 def pair_tokens(text: str, encode: Callable[[str], list[int]], leading_space: bool,
-                special: tok.SpecialIds = tok.SENTENCEPIECE_IDS) -> list[int]:
-  return ([special.bos, special.image] + encode((" " if leading_space else "") + text)
-          + [special.eoc, special.eos])
+                special: tok.SpecialIds = tok.SENTENCEPIECE_IDS,
+                max_tokens: int | None = None) -> list[int]:
+  """<BOS> <image> caption <EOC> <EOS>, cut to `max_tokens` + 1 tokens when longer: a long
+  caption is truncated (its end markers go with it, so that the model never learns an end
+  that is not there), not dropped, which would bias the data towards short captions."""
+  seq = ([special.bos, special.image] + encode((" " if leading_space else "") + text)
+         + [special.eoc, special.eos])
+  return seq if max_tokens is None else seq[:max_tokens + 1]
 
 
 def to_arrays(seq: Sequence[int], length: int,
