@@ -7,9 +7,11 @@ r"""Expand a config's `get_sweep()` into runs with distinct names and workdirs, 
   ... --dry_run     # print the commands only
 
 `get_sweep()` returns a list of override dicts ({"optim.learning_rate": 3e-4, "seed": 1});
-each becomes `--config.KEY=VALUE` flags and the run name `KEY=VALUE,...`. Locally the runs
-go one after another; on a pod each is a `launch/tpu.py run` (one after another too: a pod
-runs one job at a time).
+each becomes `--config.KEY=VALUE` flags and the run name `KEY=VALUE,...`. The runs go one
+after another, each with its own workdir: locally as `flamingo_jax.train`, on a pod as an
+attached `launch/tpu.py run` (it returns when the run ends) with its own log on the workers,
+`~/flamingo_logs/<run name>.log`. A failed run does not stop the sweep; the failures are
+listed at the end (exit 1).
 """
 
 import argparse
@@ -21,6 +23,7 @@ import subprocess
 import sys
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+POD_LOG_DIR = "~/flamingo_logs"
 
 
 def load_sweep(config_spec: str) -> list[dict]:
@@ -73,16 +76,20 @@ def commands(argv) -> tuple[list[list[str]], bool]:
         raise SystemExit("--tpu needs --zone")
       cmds.append([args.python, os.path.join("launch", "tpu.py"), "run", f"--name={args.tpu}",
                    f"--zone={args.zone}", f"--config={args.config}", f"--workdir={workdir}",
-                   "--", *flags_of(overrides)])
+                   f"--log={POD_LOG_DIR}/{name}.log", "--", *flags_of(overrides)])
   return cmds, args.dry_run
 
 
 def main(argv=None):
   cmds, dry_run = commands(sys.argv[1:] if argv is None else argv)
-  for cmd in cmds:
+  failed = []
+  for i, cmd in enumerate(cmds, 1):
     print(shlex.join(cmd), flush=True)
-    if not dry_run:
-      subprocess.run(cmd, check=True, cwd=REPO)
+    if not dry_run and subprocess.run(cmd, check=False, cwd=REPO).returncode:
+      failed.append(f"run {i}/{len(cmds)}: {shlex.join(cmd)}")
+  if failed:
+    print(f"{len(failed)} of {len(cmds)} runs failed:\n" + "\n".join(failed), file=sys.stderr)
+    sys.exit(1)
 
 
 if __name__ == "__main__":

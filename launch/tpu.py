@@ -9,8 +9,8 @@ Every worker of a pod slice runs the same command (`--worker=all`); the trainer'
   python launch/tpu.py setup  --name=fl80b --zone=us-central2-b
   python launch/tpu.py run    --name=fl80b --zone=us-central2-b \
       --config=experiments/configs/flamingo_80b.py --workdir=gs://BUCKET/runs/fl80b \
-      -- --config.train.steps=500000
-  python launch/tpu.py logs   --name=fl80b --zone=us-central2-b
+      [--detach] [--log=~/flamingo_train.log] -- --config.train.steps=500000
+  python launch/tpu.py logs   --name=fl80b --zone=us-central2-b [--log=...]
   python launch/tpu.py delete --name=fl80b --zone=us-central2-b --queued
 
 Standard library only: it runs on a laptop without the project installed.
@@ -64,21 +64,29 @@ def setup(args):
 
 
 def run(args):
-  """The trainer on every worker, in the background, logging to ~/flamingo_train.log.
+  """The trainer on every worker. Attached (default): waits for the run, streams its output
+  (also kept in the log on each worker) and returns its exit status, so that runs given one
+  after another (launch/sweep.py) run one after another. `--detach`: starts it in the
+  background and returns at once.
 
   First step of a pod run: `python -m flamingo_jax.tools.aot_compile --config=... --topology=...`
   on any machine proves the config fits before the slice is paid for (WORKSPACE.md).
   """
   if not args.workdir.startswith("gs://"):
     raise SystemExit(f"--workdir={args.workdir}: pod runs need a gs:// workdir every worker sees")
-  train = [".venv/bin/python", "-m", "flamingo_jax.train", f"--config={args.config}",
-           f"--workdir={args.workdir}", *args.overrides]
-  command = f"cd {REMOTE_DIR} && nohup {shlex.join(train)} > {LOG} 2>&1 &"
+  train = shlex.join([".venv/bin/python", "-m", "flamingo_jax.train", f"--config={args.config}",
+                      f"--workdir={args.workdir}", *args.overrides])
+  log = args.log
+  prepare = f"mkdir -p $(dirname {log}) && cd {REMOTE_DIR}"
+  if args.detach:
+    command = f"{prepare} && nohup {train} > {log} 2>&1 &"
+  else:   # pipefail: the run's status, not tee's
+    command = f"set -o pipefail && {prepare} && {train} 2>&1 | tee {log}"
   return [_ssh(args, command)]
 
 
 def logs(args):
-  return [_ssh(args, f"tail -n {args.lines} {LOG}", worker=str(args.worker))]
+  return [_ssh(args, f"tail -n {args.lines} {args.log}", worker=str(args.worker))]
 
 
 def ssh(args):
@@ -108,6 +116,9 @@ def parser() -> argparse.ArgumentParser:
   p.add_argument("--workdir", default="")
   p.add_argument("--worker", default="0")
   p.add_argument("--lines", type=int, default=100)
+  p.add_argument("--log", default=LOG, help="the run's log file on each worker")
+  p.add_argument("--detach", action="store_true",
+                 help="run: start in the background and return at once")
   p.add_argument("--dry_run", action="store_true", help="print the commands, run nothing")
   return p
 
@@ -126,7 +137,9 @@ def main(argv=None):
   for cmd in cmds:
     print(shlex.join(cmd), flush=True)
     if not dry_run:
-      subprocess.run(cmd, check=True)
+      status = subprocess.run(cmd, check=False).returncode
+      if status:
+        sys.exit(status)            # the run's (or gcloud's) exit status
 
 
 if __name__ == "__main__":

@@ -46,10 +46,17 @@ def test_tpu_setup_ships_the_code_and_installs_pinned_jax_on_every_worker():
 def test_tpu_run_logs_ssh_delete():
   (run,) = dry_run("tpu.py", "run", *POD, "--config=experiments/configs/flamingo_80b.py",
                    "--workdir=gs://b/runs/x", "--", "--config.train.steps=10")
+  train = (".venv/bin/python -m flamingo_jax.train --config=experiments/configs/flamingo_80b.py "
+           "--workdir=gs://b/runs/x --config.train.steps=10")
+  # Attached by default: the command ends with the run, with the run's exit status.
   assert run == ["gcloud", "compute", "tpus", "tpu-vm", "ssh", "fl80b", "--worker=all",
-                 "--command=cd ~/flamingo_jax && nohup .venv/bin/python -m flamingo_jax.train "
-                 "--config=experiments/configs/flamingo_80b.py --workdir=gs://b/runs/x "
-                 "--config.train.steps=10 > ~/flamingo_train.log 2>&1 &", *ZONE]
+                 "--command=set -o pipefail && mkdir -p $(dirname ~/flamingo_train.log) && "
+                 f"cd ~/flamingo_jax && {train} 2>&1 | tee ~/flamingo_train.log", *ZONE]
+  (detached,) = dry_run("tpu.py", "run", *POD, "--config=experiments/configs/flamingo_80b.py",
+                        "--workdir=gs://b/runs/x", "--detach", "--log=~/logs/x.log", "--",
+                        "--config.train.steps=10")
+  assert detached[-3] == ("--command=mkdir -p $(dirname ~/logs/x.log) && cd ~/flamingo_jax && "
+                          f"nohup {train} > ~/logs/x.log 2>&1 &")
   assert dry_run("tpu.py", "logs", *POD) == [[
       "gcloud", "compute", "tpus", "tpu-vm", "ssh", "fl80b", "--worker=0",
       "--command=tail -n 100 ~/flamingo_train.log", *ZONE]]
@@ -85,5 +92,27 @@ def test_sweep_on_a_pod_goes_through_tpu_run():
   assert len(cmds) == 4
   assert cmds[0] == ["python3", "launch/tpu.py", "run", "--name=pod1", "--zone=z1",
                      "--config=experiments/configs/tiny.py",
-                     "--workdir=gs://b/sw/optim.learning_rate=0.001,seed=0", "--",
+                     "--workdir=gs://b/sw/optim.learning_rate=0.001,seed=0",
+                     "--log=~/flamingo_logs/optim.learning_rate=0.001,seed=0.log", "--",
                      "--config.optim.learning_rate=0.001", "--config.seed=0"]
+  # One after another (attached tpu.py runs, none --detach), each with its own log.
+  assert not any("--detach" in c for c in cmds)
+  assert len({c[7] for c in cmds}) == len({c[6] for c in cmds}) == 4
+
+
+def test_a_sweep_runs_its_members_in_turn_and_reports_failures(tmp_path):
+  """Real local runs of a stand-in trainer: sequential, a failure does not stop the rest."""
+  sweep_config = tmp_path / "cfg.py"
+  sweep_config.write_text("def get_sweep():\n  return [{'seed': 0}, {'seed': 1}, {'seed': 2}]\n")
+  fake = tmp_path / "fake_python"
+  # Records each start and end; fails for seed=1.
+  fake.write_text("#!/bin/sh\necho start $5 >> %s\nsleep 0.2\necho end $5 >> %s\n"
+                  "case \"$5\" in *seed=1) exit 3;; esac\n" % (tmp_path / "order", tmp_path / "order"))
+  fake.chmod(0o755)
+  result = subprocess.run([sys.executable, os.path.join(REPO, "launch", "sweep.py"),
+                           f"--config={sweep_config}", f"--workdir={tmp_path}/runs", "--local",
+                           f"--python={fake}"], capture_output=True, text=True, cwd=REPO)
+  assert result.returncode == 1
+  assert "1 of 3 runs failed" in result.stderr and "run 2/3" in result.stderr
+  order = (tmp_path / "order").read_text().split("\n")
+  assert [line.split()[0] for line in order if line] == ["start", "end"] * 3
