@@ -112,6 +112,7 @@ def base_config(model: ml_collections.ConfigDict, *, streams: dict, image_size: 
       on_nonfinite="stop",            # then "stop" (exit 1) | "rollback" (to the last good
       max_rollbacks=3,                #   checkpoint, at most this often; trainer.py)
       skip_batches=0,                 # batches per stream a resumed run drops first (once)
+      profile_steps=(),               # (first, last): a jax.profiler trace of those steps
       peak_tflops_per_device=0.0,     # for MFU; 0 = known chips by device_kind (trainer.py)
   ))
   config.optim = ml_collections.ConfigDict(dict(   # PAPER.md §4

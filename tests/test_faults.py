@@ -35,10 +35,19 @@ def base(tiny_config, tmp_path_factory):
   root = tmp_path_factory.mktemp("faults")
   trainer.train(fault_config(tiny_config, root, steps=4), str(root / "base"))
   shutil.copytree(root / "base", root / "reference")
-  trainer.train(fault_config(tiny_config, root, steps=6), str(root / "reference"))
+  # (profiled: tracing changes no number)
+  trainer.train(fault_config(tiny_config, root, steps=6, profile_steps=(5, 6)),
+                str(root / "reference"))
   expected = losses(root / "reference")
   assert sorted(expected) == [1, 2, 3, 4, 5, 6]
   return root, expected
+
+
+def test_profile_steps_write_a_trace_of_that_window(base):
+  root, _ = base
+  traces = glob.glob(str(root / "reference" / "profile" / "**" / "*.xplane.pb"), recursive=True)
+  assert len(traces) == 1 and os.path.getsize(traces[0]) > 0
+  assert not os.path.exists(root / "base" / "profile")
 
 
 def copy_of_base(root, name):

@@ -106,8 +106,9 @@ def test_a_sweep_runs_its_members_in_turn_and_reports_failures(tmp_path):
   sweep_config.write_text("def get_sweep():\n  return [{'seed': 0}, {'seed': 1}, {'seed': 2}]\n")
   fake = tmp_path / "fake_python"
   # Records each start and end; fails for seed=1.
-  fake.write_text("#!/bin/sh\necho start $5 >> %s\nsleep 0.2\necho end $5 >> %s\n"
-                  "case \"$5\" in *seed=1) exit 3;; esac\n" % (tmp_path / "order", tmp_path / "order"))
+  order_file = tmp_path / "order"
+  fake.write_text(f"#!/bin/sh\necho start $5 >> {order_file}\nsleep 0.2\n"
+                  f"echo end $5 >> {order_file}\ncase \"$5\" in *seed=1) exit 3;; esac\n")
   fake.chmod(0o755)
   result = subprocess.run([sys.executable, os.path.join(REPO, "launch", "sweep.py"),
                            f"--config={sweep_config}", f"--workdir={tmp_path}/runs", "--local",

@@ -28,8 +28,8 @@ def _fail(message: str) -> None:
 
 
 def _config_flag_names() -> list[str]:
-  return [name for name, flag in flags.FLAGS._flags().items()       # pylint: disable=protected-access
-          if hasattr(flag, "config_filename")]
+  all_flags = flags.FLAGS._flags()         # pylint: disable=protected-access
+  return [name for name, flag in all_flags.items() if hasattr(flag, "config_filename")]
 
 
 def _override(argv: list[str], key: str) -> str:

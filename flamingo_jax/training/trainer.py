@@ -75,6 +75,7 @@ def _flatten(d: dict, prefix: str = "") -> dict:
 RUN_CONTROL_KEYS = ("train.steps", "train.log_every", "train.checkpoint_every",
                     "train.keep_checkpoints", "train.max_consecutive_nonfinite",
                     "train.on_nonfinite", "train.max_rollbacks", "train.skip_batches",
+                    "train.profile_steps",
                     "train.peak_tflops_per_device", "data.prefetch", "data.workers")
 
 
@@ -345,6 +346,34 @@ def train(config: Any, workdir: str, allow_config_change: bool = False) -> dict:
       multihost_utils.sync_global_devices("training finished")
 
 
+class _Profile:
+  """`train.profile_steps = (first, last)`: a jax.profiler trace of those steps (input,
+  dispatch and device work) in WORKDIR/profile, for TensorBoard's profile plugin or Perfetto."""
+
+  def __init__(self, steps, directory: str):
+    if steps and (len(steps) != 2 or not 0 < steps[0] <= steps[1]):
+      raise ValueError(f"train.profile_steps is {tuple(steps)}; expected (first, last) with "
+                       f"0 < first <= last")
+    self.first, self.last = (steps or (0, 0))
+    self.directory, self.active = directory, False
+
+  def before(self, step: int) -> None:
+    if step == self.first and not self.active:
+      jax.profiler.start_trace(self.directory)
+      self.active = True
+
+  def after(self, step: int, metrics) -> None:
+    if self.active and step >= self.last:
+      jax.block_until_ready(metrics)            # the traced steps' device work, whole
+      self.stop()
+
+  def stop(self) -> None:
+    if self.active:
+      jax.profiler.stop_trace()
+      self.active = False
+      logging.info("profile of steps from %d in %s", self.first, self.directory)
+
+
 class _Judge:
   """Which updates were skipped and which checkpoints are good, read from the steps' flags
   in bulk at log and save steps (no host sync on every step)."""
@@ -408,76 +437,82 @@ def _loop(config, setup, ckpt, pipe, log, preemption, state, frozen, step, resum
     step_fn = setup.step.lower(state, frozen, setup.abstract_batches).compile()
     ocp_multihost.sync_global_processes("train step compiled")
 
-  while step < total:
-    batches = global_batches(setup, next(pipe))
-    state, metrics = step_fn(state, frozen, batches)
-    step += 1
-    judge.add(step, metrics)
-    stop = preemption.requested or ckpt.manager.reached_preemption(step)
-    if jax.process_count() > 1:       # every process stops at the same step
-      stop = bool(np.any(multihost_utils.process_allgather(np.array(stop))))
-    log_now = step % config.train.log_every == 0 or step == total
-    periodic_save = step % config.train.checkpoint_every == 0
-    if not (log_now or periodic_save or stop):
-      continue
-    streak = judge.update()
-    if streak is not None:
-      good, moved = _set_aside_diverged(ckpt, judge.verified, judge.unverified)
-      summary["moved_aside"] += moved
-      judge.unverified.clear()
-      moved_text = f"; moved aside: {', '.join(moved)}" if moved else ""
-      what = (f"{streak[1] - streak[0] + 1} non-finite steps in a row (steps "
-              f"{streak[0]}-{streak[1]})")
-      if (config.train.on_nonfinite == "rollback" and good is not None
-          and summary["rollbacks"] < config.train.max_rollbacks):
-        state, _ = ckpt.restore_step(good, setup)
-        logging.warning("%s: rolled back to step %d, the last good checkpoint%s; going on with "
-                        "the data after the bad stretch", what, good, moved_text)
-        print(f"rollback: {what}; back to step {good}{moved_text}", flush=True)
-        step = good
-        summary["rollbacks"] += 1
-        log.rewind(step)
-        last_log_time, last_log_step = time.time(), step
+  profile = _Profile(config.train.profile_steps, os.path.join(ckpt.workdir, "profile"))
+  try:
+    while step < total:
+      profile.before(step + 1)
+      batches = global_batches(setup, next(pipe))
+      state, metrics = step_fn(state, frozen, batches)
+      step += 1
+      judge.add(step, metrics)
+      profile.after(step, metrics)
+      stop = preemption.requested or ckpt.manager.reached_preemption(step)
+      if jax.process_count() > 1:       # every process stops at the same step
+        stop = bool(np.any(multihost_utils.process_allgather(np.array(stop))))
+      log_now = step % config.train.log_every == 0 or step == total
+      periodic_save = step % config.train.checkpoint_every == 0
+      if not (log_now or periodic_save or stop):
         continue
-      summary["stopped_by"] = "nonfinite"
-      remaining = ckpt.all_steps()
-      resume = (f"rerunning resumes from step {max(remaining)}" if remaining
-                else "rerunning starts from step 0")
-      raise NonFiniteError(
-          f"{what}; stopping. The last good checkpoint is step {good} in {ckpt.directory} "
-          f"(its parameters gave a finite loss afterwards){moved_text}; {resume} — lower the "
-          f"learning rate, or pass --config.train.skip_batches=N to step over the data since")
-    summary["skipped_updates"] = judge.skipped_updates
-    if log_now:
-      now = time.time()
-      seconds = (now - last_log_time) / max(1, step - last_log_step)
-      record = {"step": step, **{k: float(v) for k, v in jax.device_get(metrics).items()}}
-      record.update(
-          step_seconds=seconds,
-          examples_per_sec=examples_per_step / seconds, tokens_per_sec=tokens_per_step / seconds,
-          tflops_per_device=analytic_flops / seconds / jax.device_count() / 1e12,
-          skipped_updates=judge.skipped_updates)
-      if peak:
-        record["mfu"] = record["tflops_per_device"] / peak
-      skipped_examples = pipe.skipped()
-      for name, counts in skipped_examples.items():
-        for reason, count in counts.items():
-          record[f"skipped_examples/{name}/{reason}"] = count
-      summary["losses"][step] = record["loss"]
-      eta = (now - start_time) / max(1, step - start_step) * (total - step)
-      log.write(record, eta)
-      log.show_skips(skipped_examples)
-      last_log_time, last_log_step = time.time(), step
-    # No periodic save of a skipped step: its state is the last one's, not yet judged good.
-    if (periodic_save and not judge.last_skipped) or step == total or stop:
-      if bool(all_finite((state.params, state.opt_state))):
-        ckpt.save(step, state, pipe.state(), config, skip_applied)
-        judge.saved(step)
-      else:
-        logging.error("state at step %d is not finite: not saving it", step)
-    if stop:
-      summary["stopped_by"] = "preemption"
-      break
+      streak = judge.update()
+      if streak is not None:
+        good, moved = _set_aside_diverged(ckpt, judge.verified, judge.unverified)
+        summary["moved_aside"] += moved
+        judge.unverified.clear()
+        moved_text = f"; moved aside: {', '.join(moved)}" if moved else ""
+        what = (f"{streak[1] - streak[0] + 1} non-finite steps in a row (steps "
+                f"{streak[0]}-{streak[1]})")
+        if (config.train.on_nonfinite == "rollback" and good is not None
+            and summary["rollbacks"] < config.train.max_rollbacks):
+          state, _ = ckpt.restore_step(good, setup)
+          logging.warning("%s: rolled back to step %d, the last good checkpoint%s; going on with "
+                          "the data after the bad stretch", what, good, moved_text)
+          print(f"rollback: {what}; back to step {good}{moved_text}", flush=True)
+          step = good
+          summary["rollbacks"] += 1
+          log.rewind(step)
+          last_log_time, last_log_step = time.time(), step
+          continue
+        summary["stopped_by"] = "nonfinite"
+        remaining = ckpt.all_steps()
+        resume = (f"rerunning resumes from step {max(remaining)}" if remaining
+                  else "rerunning starts from step 0")
+        raise NonFiniteError(
+            f"{what}; stopping. The last good checkpoint is step {good} in {ckpt.directory} "
+            f"(its parameters gave a finite loss afterwards){moved_text}; {resume} — lower the "
+            f"learning rate, or pass --config.train.skip_batches=N to step over the data since")
+      summary["skipped_updates"] = judge.skipped_updates
+      if log_now:
+        now = time.time()
+        seconds = (now - last_log_time) / max(1, step - last_log_step)
+        record = {"step": step, **{k: float(v) for k, v in jax.device_get(metrics).items()}}
+        record.update(
+            step_seconds=seconds,
+            examples_per_sec=examples_per_step / seconds, tokens_per_sec=tokens_per_step / seconds,
+            tflops_per_device=analytic_flops / seconds / jax.device_count() / 1e12,
+            skipped_updates=judge.skipped_updates)
+        if peak:
+          record["mfu"] = record["tflops_per_device"] / peak
+        skipped_examples = pipe.skipped()
+        for name, counts in skipped_examples.items():
+          for reason, count in counts.items():
+            record[f"skipped_examples/{name}/{reason}"] = count
+        summary["losses"][step] = record["loss"]
+        eta = (now - start_time) / max(1, step - start_step) * (total - step)
+        log.write(record, eta)
+        log.show_skips(skipped_examples)
+        last_log_time, last_log_step = time.time(), step
+      # No periodic save of a skipped step: its state is the last one's, not yet judged good.
+      if (periodic_save and not judge.last_skipped) or step == total or stop:
+        if bool(all_finite((state.params, state.opt_state))):
+          ckpt.save(step, state, pipe.state(), config, skip_applied)
+          judge.saved(step)
+        else:
+          logging.error("state at step %d is not finite: not saving it", step)
+      if stop:
+        summary["stopped_by"] = "preemption"
+        break
+  finally:
+    profile.stop()
   summary["last_step"] = step
   return summary
 
