@@ -6,6 +6,7 @@ import os
 import jax
 import pytest
 
+from conftest import config_path
 from flamingo_jax import models
 from flamingo_jax.training import sharding
 
@@ -38,3 +39,24 @@ def test_mesh_errors_name_the_numbers(tiny_config):
   with pytest.raises(ValueError, match=r"no partition rule matches foo/bar/w \(2000, 1000\)"):
     sharding.spec_for("foo/bar/w", (2000, 1000))
   assert sharding.spec_for("foo/bar/w", (1000, 1000)) == jax.sharding.PartitionSpec()
+
+
+@pytest.mark.parametrize("name,data", [("flamingo_3b", 64), ("flamingo_9b", 32),
+                                       ("flamingo_80b", 96)])
+def test_paper_configs_name_batches_their_pod_mesh_divides(name, data):
+  """One rule for training and aot_compile: the configs' batches divide data x microbatches
+  on the slice each is sized for (WORKSPACE.md, pod configs); nothing rounds them."""
+  from flamingo_jax import config_base  # pylint: disable=g-import-not-at-top
+  config = config_base.load_config(config_path(name))
+  sharding.check_batches_fit_mesh(config.data.streams, data, config.train.microbatches)
+
+
+def test_aot_compile_refuses_a_batch_the_mesh_does_not_divide(tiny_config):
+  import copy  # pylint: disable=g-import-not-at-top
+  from flamingo_jax.tools import aot_compile  # pylint: disable=g-import-not-at-top
+  config = copy.deepcopy(tiny_config)
+  config.data.streams.m3w.batch_size = 12
+  with pytest.raises(ValueError, match="stream 'm3w': batch_size=12 is not divisible by mesh "
+                                       "data=8"):
+    aot_compile.compile_report(config, "cpu", "data=8,model=1")
+  assert config.data.streams.m3w.batch_size == 12

@@ -18,4 +18,8 @@ def get_config(arg=None):
   # M3W in 3 microbatches: its activations (the largest stream's) then fit next to the
   # others within a v4 chip's 32 GiB (tools/aot_compile: 31.5 GiB on v4:8x12x16, batch 288).
   config.train.microbatches.m3w = 3
+  # Batches for v4-3072 (data=96): the paper's 256/512/512/64 (PAPER.md §4) rounded up to
+  # multiples of data x microbatches (m3w: 96 x 3), the same in training and aot_compile.
+  for name, batch in (("m3w", 288), ("align", 576), ("ltip", 576), ("vtp", 96)):
+    config.data.streams[name].batch_size = batch
   return config_base.apply_variant(config, arg)

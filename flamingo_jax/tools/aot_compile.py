@@ -34,8 +34,9 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file.", lock_c
 _TOPOLOGY = flags.DEFINE_string("topology", "cpu", "TPU topology (v4:8x12x16, v5p:..., v5e:..., "
                                 "v6e:...) or 'cpu' for the local devices.")
 _MESH = flags.DEFINE_string("mesh", "", "data=D,model=M (default: config.mesh).")
-_ROUND = flags.DEFINE_bool("round_batches", True, "Round each stream's batch up to a multiple "
-                           "of data x microbatches (the paper's sizes rarely divide a pod).")
+_ROUND = flags.DEFINE_bool("round_batches", False, "Round each stream's batch up to a "
+                           "multiple of data x microbatches, for exploring meshes (reported); "
+                           "without it a batch that does not divide is an error, as in training.")
 _MODE = flags.DEFINE_enum("mode", "train", ["train", "generate"], "What to compile.")
 _BATCH = flags.DEFINE_integer("gen_batch", 8, "generate: prompts decoded together.")
 _CONTEXT = flags.DEFINE_integer("gen_context", 2048, "generate: cache slots = prompt length.")
@@ -58,16 +59,21 @@ def topology_devices(topology: str) -> list:
 
 
 def round_batches(config, data_axis: int) -> dict[str, int]:
-  """Rounds each stream's batch up to a multiple of data x microbatches; returns the sizes."""
+  """Rounds each stream's batch up to a multiple of data x microbatches (only when asked:
+  --round_batches); prints each change; returns the sizes."""
   sizes = {}
   for name, spec in config.data.streams.items():
     unit = data_axis * int(config.train.microbatches.get(name, 1))
-    spec.batch_size = math.ceil(spec.batch_size / unit) * unit
-    sizes[name] = spec.batch_size
+    rounded = math.ceil(spec.batch_size / unit) * unit
+    if rounded != spec.batch_size:
+      print(f"--round_batches: {name} batch {spec.batch_size} -> {rounded} (data={data_axis} x "
+            f"microbatches={unit // data_axis})", flush=True)
+    spec.batch_size = sizes[name] = rounded
   return sizes
 
 
-def compile_report(config, topology: str, mesh_text: str = "", round_to_mesh: bool = True) -> dict:
+def compile_report(config, topology: str, mesh_text: str = "",
+                   round_to_mesh: bool = False) -> dict:
   """Compiles the train step for `topology` and returns the report (see module doc)."""
   devices = topology_devices(topology)
   data, model = sharding.parse_mesh(mesh_text, config.mesh.data, config.mesh.model)
