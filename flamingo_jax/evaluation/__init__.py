@@ -1,0 +1,1 @@
+"""Few-shot evaluation (DESIGN.md §2): imports `inference` and `data`."""
