@@ -323,8 +323,9 @@ def train(config: Any, workdir: str, allow_config_change: bool = False) -> dict:
       pipe.restore(data["process"])
       skip_applied = data.get("skip_batches_applied", 0)
     if config.train.skip_batches and config.train.skip_batches != skip_applied:
-      print(f"dropping {config.train.skip_batches} batches per stream before step {step + 1} "
-            f"(train.skip_batches)", flush=True)
+      if jax.process_index() == 0:
+        print(f"dropping {config.train.skip_batches} batches per stream before step "
+              f"{step + 1} (train.skip_batches)", flush=True)
       for _ in range(config.train.skip_batches):
         next(pipe)
       skip_applied = config.train.skip_batches
