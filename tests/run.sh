@@ -6,9 +6,10 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 source launch/install.sh dev,tpu
 export JAX_PLATFORMS=cpu
-# One file per worker (module fixtures computed once); the two heaviest files first, so they
-# start together instead of queueing behind the quick ones.
+# One file per worker (module fixtures computed once); the heaviest files first, longest
+# first, so that the quick ones fill the gaps at the end instead of a long one starting last.
 if [[ $# -eq 0 ]]; then
-  set -- tests/test_trainer.py tests/test_train_step.py tests
+  set -- tests/test_train_step.py tests/test_trainer.py tests/test_faults.py \
+      tests/test_inference.py tests/test_lm_import.py tests
 fi
 exec "$PYTHON" -m pytest -q --durations=10 -n "${TEST_WORKERS:-auto}" --dist loadfile "$@"
