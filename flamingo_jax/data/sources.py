@@ -314,16 +314,17 @@ def read_source(kind: str, directory: str, counts: collections.Counter,
     if skip_log is not None and len(skip_log) < MAX_SKIP_LOG:
       skip_log.append(f"{where}: {skip}")
 
+  parse = {"image_text": _image_text, "video_text": _video_text}.get(kind)
   for path in jsonl:
     root = os.path.dirname(path)
     for key, record in _jsonl(path, os.path.relpath(path, directory)):
-      parse = {"interleaved": lambda r, root_, k=key: _interleaved(
-                   r, root_, lambda skip, k_=k: count(k_, skip)),
-               "image_text": _image_text, "video_text": _video_text}[kind]
       try:
         if isinstance(record, Skip):
           raise record
-        yield key, parse(record, root)
+        if parse is None:             # interleaved: a dropped image is counted under its line
+          yield key, _interleaved(record, root, lambda skip, where=key: count(where, skip))
+        else:
+          yield key, parse(record, root)
       except Skip as skip:
         count(key, skip)
   if kind == "image_text":

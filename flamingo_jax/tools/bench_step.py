@@ -10,7 +10,6 @@ import time
 
 from absl import flags
 import jax
-import numpy as np
 from ml_collections import config_flags
 
 from flamingo_jax import models

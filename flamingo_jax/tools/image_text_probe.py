@@ -16,7 +16,6 @@ from absl import flags
 from absl import logging
 import haiku as hk
 import jax
-import jax.numpy as jnp
 import numpy as np
 from ml_collections import config_flags
 

@@ -33,6 +33,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
+from flamingo_jax import weights
 from flamingo_jax.training import train_step
 
 _STATE, _DATA, _CONFIG = "state", "data", "config"
@@ -99,15 +100,6 @@ def leaf_shapes(tree) -> dict[str, tuple]:
           for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
 
 
-def _stored_shapes(directory: str) -> dict[str, tuple]:
-  """Leaf shapes of an orbax pytree item, from its metadata only (no array is read)."""
-  metadata = ocp.PyTreeCheckpointHandler().metadata(epath.Path(directory))
-  tree = getattr(metadata, "tree", None)
-  if not isinstance(tree, dict):
-    raise ValueError(f"no pytree metadata in {directory}")
-  return leaf_shapes(tree)
-
-
 def _first_words(error: BaseException) -> str:
   """An orbax/TensorStore error in one short line (their specs run to dozens of lines)."""
   text = str(error).split(" See full TensorStore details")[0].split("\n")[0]
@@ -134,7 +126,7 @@ def _load_checked(directory: str, pytree_directory: str, expected: dict[str, tup
     problem = f"no {_COMMIT_MARKER} (the save did not finish)"
   else:
     try:
-      stored = _stored_shapes(pytree_directory)
+      stored = leaf_shapes(weights.pytree_metadata(pytree_directory))
     except Exception as e:  # pylint: disable=broad-except
       problem = f"unreadable metadata ({_first_words(e)})"
     else:
@@ -228,10 +220,14 @@ class Checkpointer:
 
   # -- moving aside -------------------------------------------------------------------------
 
+  def aside_path(self, name: str, suffix: str = "") -> str:
+    """WORKDIR/moved_aside/<name>-<UTC time><suffix>: where set-aside things go."""
+    return os.path.join(self.aside_directory,
+                        f"{name}-{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}{suffix}")
+
   def move_aside(self, path: str, name: str, sync: bool = True) -> str:
-    """Renames `path` to moved_aside/<name>-<UTC time> (process 0; the others wait)."""
-    target = os.path.join(self.aside_directory,
-                          f"{name}-{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}")
+    """Renames `path` to aside_path(name) (process 0; the others wait)."""
+    target = self.aside_path(name)
     if jax.process_index() == 0:
       epath.Path(self.aside_directory).mkdir(parents=True, exist_ok=True)
       suffix = 1

@@ -156,10 +156,9 @@ class MetricsLog:
       return
     kept = epath.Path(str(self.path) + ".tmp")
     kept.write_text("".join(r for r in rows if r.strip() and json.loads(r)["step"] <= step))
-    aside = epath.Path(self._ckpt.aside_directory)
-    aside.mkdir(parents=True, exist_ok=True)
-    (aside / f"metrics-after-step-{step}-{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}"
-             ".jsonl").write_text("".join(later))
+    epath.Path(self._ckpt.aside_directory).mkdir(parents=True, exist_ok=True)
+    epath.Path(self._ckpt.aside_path(f"metrics-after-step-{step}", ".jsonl")).write_text(
+        "".join(later))
     kept.replace(self.path)
 
   def show_skips(self, skipped: dict[str, dict[str, int]]) -> None:
@@ -415,6 +414,17 @@ class _Judge:
         return streak
     return None
 
+  def set_aside_diverged(self) -> tuple[int | None, list[str]]:
+    """(last good step or None, paths moved): checkpoints newer than the last good one, and
+    those saved since the parameters were last judged, go to moved_aside/."""
+    self.ckpt.wait()
+    steps = self.ckpt.all_steps()
+    good = max((s for s in steps if s in self.verified), default=None)
+    suspect = sorted(s for s in steps
+                     if s in self.unverified or (good is not None and s > good))
+    self.unverified.clear()
+    return good, self.ckpt.move_steps_aside(suspect, "diverged")
+
 
 def _loop(config, setup, ckpt, pipe, log, preemption, state, frozen, step, resumed,
           skip_applied) -> dict:
@@ -456,9 +466,8 @@ def _loop(config, setup, ckpt, pipe, log, preemption, state, frozen, step, resum
         continue
       streak = judge.update()
       if streak is not None:
-        good, moved = _set_aside_diverged(ckpt, judge.verified, judge.unverified)
+        good, moved = judge.set_aside_diverged()
         summary["moved_aside"] += moved
-        judge.unverified.clear()
         moved_text = f"; moved aside: {', '.join(moved)}" if moved else ""
         what = (f"{streak[1] - streak[0] + 1} non-finite steps in a row (steps "
                 f"{streak[0]}-{streak[1]})")
@@ -516,13 +525,3 @@ def _loop(config, setup, ckpt, pipe, log, preemption, state, frozen, step, resum
     profile.stop()
   summary["last_step"] = step
   return summary
-
-
-def _set_aside_diverged(ckpt, verified: set[int], unverified: list[int]):
-  """(last good step or None, paths moved): checkpoints newer than the last good one, and
-  those saved since the parameters were last judged, go to moved_aside/."""
-  ckpt.wait()
-  steps = ckpt.all_steps()
-  good = max((s for s in steps if s in verified), default=None)
-  suspect = sorted(s for s in steps if s in unverified or (good is not None and s > good))
-  return good, ckpt.move_steps_aside(suspect, "diverged")

@@ -311,16 +311,26 @@ def save_params(path: str, params: hk.Params) -> None:
   checkpointer.close()
 
 
-def _stored_tree(path: str) -> Mapping:
+def pytree_metadata(path: str) -> Mapping:
+  """The tree of an orbax pytree checkpoint directory, from its metadata only (ArrayMetadata
+  leaves: shapes and dtypes, no array read); ValueError when it holds none."""
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  from etils import epath  # pylint: disable=g-import-not-at-top
+  tree = getattr(ocp.PyTreeCheckpointHandler().metadata(epath.Path(path)), "tree", None)
+  if not isinstance(tree, Mapping):
+    raise ValueError(f"no pytree metadata in {path}")
+  return tree
+
+
+def _stored_tree(path: str) -> Mapping:
   from etils import epath  # pylint: disable=g-import-not-at-top
   if not epath.Path(path).exists():
     raise CheckpointError(f"parameter checkpoint {path!r} does not exist")
-  metadata = ocp.Checkpointer(ocp.PyTreeCheckpointHandler()).metadata(path)
-  stored = getattr(getattr(metadata, "item_metadata", metadata), "tree", None)
-  if not isinstance(stored, Mapping):
-    raise CheckpointError(f"{path} is not a parameter checkpoint written by import_weights")
-  return stored
+  try:
+    return pytree_metadata(path)
+  except ValueError:
+    raise CheckpointError(f"{path} is not a parameter checkpoint written by import_weights"
+                          ) from None
 
 
 def stored_param_names(path: str) -> set[tuple[str, str]]:
