@@ -8,6 +8,10 @@ r"""Train a Flamingo model (DESIGN.md §7).
 
 On Cloud TPU pods every worker runs the same command; `jax.distributed.initialize()` finds
 its peers. Re-running with the same --workdir resumes; SIGTERM saves and exits 0.
+
+  # will this config start on that slice? (mesh, model and batch checks, which data shards
+  # each host feeds; no TPU, no data, no workdir needed)
+  python -m flamingo_jax.train --config=experiments/configs/flamingo_80b.py --dry_run=v4:8x12x16
 """
 
 import os
@@ -28,6 +32,22 @@ _COORDINATOR = flags.DEFINE_string("coordinator_address", "", "HOST:PORT of proc
                                    "(multi-process runs without a TPU).")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", 1, "Processes in the run.")
 _PROCESS_ID = flags.DEFINE_integer("process_id", 0, "This process's index.")
+_DRY_RUN = flags.DEFINE_string("dry_run", "", "TOPOLOGY (e.g. v4:8x12x16, or cpu): build the "
+                               "mesh, the train setup and the input plan for its devices, print "
+                               "them and exit; trains nothing.")
+
+
+def _print_plan(plan: dict) -> None:
+  mesh = plan["mesh"]
+  print(f"dry run on {plan['topology']}: {plan['devices']} devices, {plan['processes']} "
+        f"processes, mesh data={mesh['data']} x model={mesh['model']}")
+  spans = ", ".join(map(str, plan["processes_per_shard"]))
+  print(f"each process feeds {plan['shards_per_process']} data shard(s); each data shard (one "
+        f"model group) is fed by {spans} process(es), which produce the same rows")
+  for name, batch in plan["batch"].items():
+    print(f"  {name}: global batch {batch} = {mesh['data']} shards x {plan['rows_per_shard'][name]}"
+          f" rows; {plan['rows_per_process'][name]} rows per process per step")
+  print("ok: the model and the batches fit the mesh and every data shard is fed", flush=True)
 
 
 def _init_distributed() -> None:
@@ -43,6 +63,10 @@ def _init_distributed() -> None:
 
 def main(argv):
   del argv
+  if _DRY_RUN.value:
+    from flamingo_jax.training import trainer  # pylint: disable=g-import-not-at-top
+    _print_plan(trainer.dry_run(_CONFIG.value, _DRY_RUN.value))
+    return
   _init_distributed()
   import jax  # pylint: disable=g-import-not-at-top
   from flamingo_jax.training import checkpointing  # pylint: disable=g-import-not-at-top
@@ -61,5 +85,8 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  flags.mark_flags_as_required(["config", "workdir"])
+  flags.mark_flags_as_required(["config"])
+  flags.register_multi_flags_validator(
+      ["workdir", "dry_run"], lambda f: bool(f["workdir"] or f["dry_run"]),
+      message="--workdir is required (except with --dry_run)")
   cli.run(main)

@@ -164,25 +164,42 @@ def synthetic_config(tiny_config, tmp_path, examples=40, batch=8):
   return config
 
 
-def test_processes_read_disjoint_examples_covering_the_split(tiny_config, tmp_path):
+def test_data_shards_read_disjoint_examples_and_any_process_split_gives_one_batch(
+    tiny_config, tmp_path):
   config = synthetic_config(tiny_config, tmp_path, examples=40, batch=4)
-  pipes = [pipeline.InputPipeline(config, process_index=p, process_count=2, prefetch=1)
-           for p in range(2)]
+  # 4 data shards fed by two processes of two shards each, and by a third that shares
+  # shards 1 and 2 with them (a model group spanning hosts).
+  pipes = {shards: pipeline.InputPipeline(config, shards=shards, num_shards=4, prefetch=1)
+           for shards in [(0, 1), (2, 3), (1, 2)]}
+  whole = pipeline.InputPipeline(config, shards=(0, 1, 2, 3), num_shards=4, prefetch=1)
   for name in config.data.streams:
-    seen = [[pipe.streams[name].example_index(k) for k in range(20)] for pipe in pipes]
-    assert not set(seen[0]) & set(seen[1])
-    assert sorted(seen[0] + seen[1]) == list(range(40))
-  # Each process's batch holds its own examples: half the global batch, the rows it indexes.
-  batches = [next(pipe) for pipe in pipes]
-  source = pipes[0].streams["align"].source
-  for p, pipe in enumerate(pipes):
-    assert batches[p]["align"]["input_ids"].shape == (2, 16)
-    for k in range(2):
-      raw = source[pipe.streams["align"].example_index(k)]
-      caption = raw["text"].decode()
-      decoded = tokenizer().decode(batches[p]["align"]["input_ids"][k])
-      assert caption in decoded, (caption, decoded)
-  for pipe in pipes:
+    stream = whole.streams[name]
+    seen = [[stream.example_index(d, k) for k in range(10)] for d in range(4)]
+    assert sorted(sum(seen, [])) == list(range(40))        # disjoint, covering the split
+  batches = {shards: [next(pipe) for _ in range(3)] for shards, pipe in pipes.items()}
+  batches_whole = [next(whole) for _ in range(3)]
+  for step in range(3):
+    for name in config.data.streams:
+      for key, rows in batches_whole[step][name].items():
+        # 1 row per shard: process (0, 1) holds rows 0-1, (2, 3) rows 2-3, (1, 2) rows 1-2.
+        np.testing.assert_array_equal(batches[(0, 1)][step][name][key], rows[0:2])
+        np.testing.assert_array_equal(batches[(2, 3)][step][name][key], rows[2:4])
+        np.testing.assert_array_equal(batches[(1, 2)][step][name][key], rows[1:3])
+  # The rows are the examples the shards index.
+  source, tk = whole.streams["align"].source, tokenizer()
+  for d in range(4):
+    caption = source[whole.streams["align"].example_index(d, 0)]["text"].decode()
+    assert caption in tk.decode(batches_whole[0]["align"]["input_ids"][d])
+  # The states of the processes merge into the whole pipeline's; any split resumes from it.
+  merged = pipeline.merge_states([pipe.state() for pipe in pipes.values()])
+  assert merged == whole.state()
+  resumed = pipeline.InputPipeline(config, shards=(3,), num_shards=4, prefetch=1)
+  resumed.restore(merged)
+  np.testing.assert_array_equal(next(resumed)["m3w"]["input_ids"],
+                                next(whole)["m3w"]["input_ids"][3:4])
+  with pytest.raises(ValueError, match="iterator state is for 4 data shards, this pipeline has 2"):
+    pipeline.InputPipeline(config, shards=(0,), num_shards=2, prefetch=1).restore(merged)
+  for pipe in [*pipes.values(), whole, resumed]:
     pipe.close()
 
 

@@ -94,6 +94,48 @@ def test_window_keeps_first_markers_and_drops_later_ones():
   assert tokens == [10, 4, 11, 4, 12, 4, 13, 3] and kept == [1, 2, 3]
 
 
+# Three images, before the 2nd, 3rd and 4th text. Without p_next the document is
+#  0 BOS 1 a 2 ▁page 3 ▁about 4 ▁shapes 5 . 6 EOC 7 IMG 8 two 9 ▁red 10 ▁circles 11 EOC
+#  12 IMG 13 one 14 ▁blue 15 ▁square 16 EOC 17 IMG 18 a 19 ▁green 20 ▁triangle 21 EOC 22 EOS;
+# with p_next each marker moves before the chunk it followed, and the last text (no image
+# after it) joins the chunk before it:
+#  0 BOS 1 IMG 2 a 3 ▁page 4 ▁about 5 ▁shapes 6 . 7 EOC 8 IMG 9 two 10 ▁red 11 ▁circles
+#  12 EOC 13 IMG 14 one 15 ▁blue 16 ▁square 17 ▁a 18 ▁green 19 ▁triangle 20 EOC 21 EOS.
+EDGE_TEXTS = ["a page about shapes.", "two red circles", "one blue square", "a green triangle"]
+EDGE_IMAGES = [1, 2, 3]
+
+
+@pytest.mark.parametrize("p_next,start,length,max_media,pieces,kept,phi", [
+    # A window that starts inside a chunk: that partial chunk sees no image (its image is
+    # before the window), and the kept images are the document's images 1 and 2, not 0 and 1.
+    (False, 9, 8, 5, ["▁red", "▁circles", EOC, IMG, "one", "▁blue", "▁square", EOC, IMG],
+     [1, 2], [0, 0, 0, 1, 1, 1, 1, 1]),
+    # More markers than slots: the later marker goes, its text stays (it sees the last kept
+    # image, PAPER.md §9.4 leaves this open).
+    (False, 9, 12, 1, ["▁red", "▁circles", EOC, IMG, "one", "▁blue", "▁square", EOC,
+                       "a", "▁green", "▁triangle", EOC], [1], [0, 0, 0] + [1] * 9),
+    # p_next, starting inside the first chunk: its image (moved before it) is outside.
+    (True, 3, 8, 5, ["▁page", "▁about", "▁shapes", ".", EOC, IMG, "two", "▁red", "▁circles"],
+     [1], [0, 0, 0, 0, 0, 1, 1, 1]),
+    # p_next, the end of the document: the text after the last image is in the window and
+    # keeps that image; <EOS> ends the row.
+    (True, 13, 8, 5, [IMG, "one", "▁blue", "▁square", "▁a", "▁green", "▁triangle", EOC, EOS],
+     [2], [1] * 8),
+])
+def test_window_edges_on_a_hand_written_document(p_next, start, length, max_media, pieces, kept,
+                                                 phi):
+  from flamingo_jax.models import gated_xattn  # pylint: disable=g-import-not-at-top
+  tk = tokenizer()
+  seq = preprocessing.interleaved_tokens(EDGE_TEXTS, EDGE_IMAGES, tk.encode, p_next)
+  tokens, kept_images = preprocessing.window(seq, length, max_media, FixedRng(integers=start))
+  assert tokens == ids(tk, *pieces)
+  assert kept_images == kept
+  row = preprocessing.to_arrays(tokens, length)
+  got_phi = gated_xattn.media_positions(row["input_ids"][None], tok.IMAGE_ID)[0]
+  np.testing.assert_array_equal(got_phi, phi)
+  assert int(got_phi.max()) <= max_media          # no token points past the kept images
+
+
 def test_to_arrays_targets_and_loss_mask():
   rows = preprocessing.to_arrays([2, 4, 20, 21, 5, 3], length=8)
   np.testing.assert_array_equal(rows["input_ids"], [2, 4, 20, 21, 5, 3, 0, 0])

@@ -251,7 +251,7 @@ def test_skip_batches_drops_data_once_per_resume_point(base, tiny_config, capsys
     return data
   # Step 5 trained on the batch the undisturbed run met at step 6: the data positions after
   # it are those of the reference run's step 6.
-  assert data_state(skipping, 5)["processes"] == data_state(root / "reference", 6)["processes"]
+  assert data_state(skipping, 5)["pipeline"] == data_state(root / "reference", 6)["pipeline"]
   assert data_state(skipping, 5)["skip_batches_applied"] == 1
   # The same command again (the flag still set) resumes from 5 without dropping more.
   trainer.train(fault_config(tiny_config, root, steps=6, skip_batches=1), str(skipping))

@@ -6,7 +6,7 @@ import os
 import jax
 import pytest
 
-from conftest import config_path
+from conftest import REPO, config_path
 from flamingo_jax import models
 from flamingo_jax.training import sharding
 
@@ -60,3 +60,54 @@ def test_aot_compile_refuses_a_batch_the_mesh_does_not_divide(tiny_config):
                                        "data=8"):
     aot_compile.compile_report(config, "cpu", "data=8,model=1")
   assert config.data.streams.m3w.batch_size == 12
+
+
+def test_assign_data_shards_by_hand():
+  # 2 processes x 2 devices, mesh data 2 x model 2, devices in process order: one shard each.
+  assert sharding.assign_data_shards([[0, 0], [1, 1]]) == [(0,), (1,)]
+  # Model groups spanning both processes: both feed both shards.
+  assert sharding.assign_data_shards([[0, 1], [0, 1]]) == [(0, 1), (0, 1)]
+  # 4 processes, data 2 x model 4 (the 4-process test's layout): a group spans 2 processes.
+  assert sharding.assign_data_shards([[0, 0, 1, 1], [2, 2, 3, 3]]) == [(0,), (0,), (1,), (1,)]
+  with pytest.raises(ValueError, match=r"unequal input work: process 0 feeds data shards "
+                                       r"\[0, 1\], process 1 feeds \[1\]"):
+    sharding.assign_data_shards([[0, 0], [0, 1]])
+  with pytest.raises(ValueError, match=r"processes \[1\] own no device"):
+    sharding.assign_data_shards([[0, 0], [2, 2]])
+
+
+@pytest.mark.parametrize("name,topology,processes,shards_each,feeders", [
+    ("flamingo_80b", "v4:8x12x16", 384, 4, 16),     # v4-3072, data 96 x model 16
+    ("flamingo_3b", "v4:4x4x4", 16, 4, 1),          # v4-128, data 64 x model 1
+])
+def test_paper_configs_feed_every_data_shard_of_their_slice(name, topology, processes,
+                                                            shards_each, feeders):
+  """The real device layout of the slice (libtpu's topology: each chip's host): every data
+  shard is fed, and every host holding a device of a model group feeds that group's shard.
+  The 80B's model groups lie on 16-chip rings across 16 hosts, so each host feeds 4 shards."""
+  from flamingo_jax import config_base  # pylint: disable=g-import-not-at-top
+  from flamingo_jax.training import trainer  # pylint: disable=g-import-not-at-top
+  config = config_base.load_config(config_path(name))
+  plan = trainer.dry_run(config, topology)
+  assert plan["processes"] == processes and plan["shards_per_process"] == shards_each
+  assert plan["processes_per_shard"] == [feeders]
+  mesh = sharding.make_mesh(config.mesh.data, config.mesh.model,
+                            sharding.topology_devices(topology))
+  grid = sharding.process_grid(mesh)
+  for shard, row in enumerate(grid):
+    assert all(shard in plan["assignment"][p] for p in set(row.tolist()))
+  fed = sorted(d for shards in plan["assignment"] for d in shards)
+  assert sorted(set(fed)) == list(range(mesh.shape["data"]))
+  for stream, batch in plan["batch"].items():
+    assert plan["rows_per_shard"][stream] * mesh.shape["data"] == batch
+
+
+def test_train_dry_run_on_the_80b_slice_from_the_command_line():
+  import subprocess  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  result = subprocess.run([sys.executable, "-m", "flamingo_jax.train",
+                           f"--config={config_path('flamingo_80b')}", "--dry_run=v4:8x12x16"],
+                          capture_output=True, text=True, cwd=REPO)
+  assert result.returncode == 0, result.stderr[-2000:]
+  assert "384 processes, mesh data=96 x model=16" in result.stdout
+  assert "m3w: global batch 288 = 96 shards x 3 rows; 12 rows per process" in result.stdout

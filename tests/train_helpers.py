@@ -76,8 +76,22 @@ def leaves_by_path(params):
 
 # -- whole runs (the trainer) ------------------------------------------------------------
 
-def train_command(workdir, data_dir, steps, *extra):
-  return [sys.executable, "-m", "flamingo_jax.train", f"--config={config_path('tiny')}",
+def two_stream_config_file(directory) -> str:
+  """A config file: tiny with m3w and vtp only (two_stream), for the costlier subprocess runs."""
+  path = os.path.join(str(directory), "two_stream.py")
+  with open(path, "w") as f:
+    f.write(f"from flamingo_jax import config_base\n\n\n"
+            f"def get_config(arg=None):\n"
+            f"  config = config_base.load_config({config_path('tiny')!r})\n"
+            f"  for name in ('align', 'ltip'):\n"
+            f"    del config.data.streams[name]\n"
+            f"    del config.train.microbatches[name]\n"
+            f"  return config\n")
+  return path
+
+
+def train_command(workdir, data_dir, steps, *extra, config=None):
+  return [sys.executable, "-m", "flamingo_jax.train", f"--config={config or config_path('tiny')}",
           f"--workdir={workdir}", f"--config.train.steps={steps}", "--config.train.log_every=1",
           "--config.train.checkpoint_every=10", f"--config.data.data_dir={data_dir}",
           "--config.data.synthetic_examples=64", *extra]
@@ -94,12 +108,13 @@ def train(command, devices):
   assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
 
 
-def losses(workdir):
+def losses(workdir, key="loss"):
+  """{step: metrics[key]} of a run's metrics.jsonl."""
   with open(os.path.join(workdir, "metrics.jsonl")) as f:
     records = [json.loads(line) for line in f]
   steps = [r["step"] for r in records]
   assert len(steps) == len(set(steps)), steps            # a resume never repeats a step
-  return {r["step"]: r["loss"] for r in records}
+  return {r["step"]: r[key] for r in records}
 
 
 def small_config(tiny_config, tmp_path, **train):

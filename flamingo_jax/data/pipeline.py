@@ -1,22 +1,27 @@
 """The multi-stream, multi-host input pipeline: prepared TFDS datasets -> per-process batches.
 
-    pipe = pipeline.InputPipeline(config, process_index=jax.process_index(),
-                                  process_count=jax.process_count())
-    batches = next(pipe)          # {stream: batch (DESIGN.md §4)}, this process's rows only
+    shards = sharding.assign_data_shards(sharding.process_grid(mesh))[jax.process_index()]
+    pipe = pipeline.InputPipeline(config, shards=shards, num_shards=mesh.shape["data"])
+    batches = next(pipe)          # {stream: batch (DESIGN.md §4)}: the rows of `shards`
     state = pipe.state()          # JSON-able; pipe.restore(state) resumes exactly
 
 Order. Stream s reads its split in epochs; epoch e visits the examples in the permutation
 drawn from (seed, s, e); positions 0, 1, 2, ... run through epoch 0, then epoch 1, ... with
-no seam. Process p of P takes positions p, p + P, p + 2P, ... (its k-th example is position
-kP + p), so processes read disjoint examples that together cover the split, and each reads
-only its own (by index, from ArrayRecord). Every random choice for an example (window,
+no seam. The global batch is split into `num_shards` data shards (the mesh's 'data' axis);
+shard d of D takes positions d, d + D, d + 2D, ... (its k-th example is position kD + d),
+so the shards read disjoint examples that together cover the split. A process produces the
+rows of the shards its devices hold, in shard order; processes holding the same shard (a
+model group spanning hosts) produce the same rows with no communication, and the batch does
+not depend on how many processes there are. Every random choice for an example (window,
 p_next, leading space, frames, augmentation) comes from a generator seeded by
 (seed, s, position), so an example does not depend on threads, on skips before it, or on
 restarts. An example that fails here (e.g. an fps out of range in an older build) is counted and
-the process moves to its next position.
+the shard moves to its next position.
 
-State. Per stream: the process's cursor k and its skip counts. `restore` resumes exactly,
-mid-epoch or across epochs. The state is per process (a restart must keep the process count).
+State. Per stream and data shard: the shard's cursor k and its skip counts. `restore` takes
+the state of any set of shards that includes this pipeline's (the trainer stores the union
+over processes), so a run may resume with another process count but not another number of
+data shards.
 
 Prefetch. A background thread fills a queue of `prefetch` batches; a thread pool decodes and
 preprocesses the examples of a batch in parallel (PIL and numpy release the GIL).
@@ -79,20 +84,20 @@ def prepare_stream(config: Any, name: str):
 
 
 class _Stream:
-  """One stream of one process: reads, preprocesses and batches its examples."""
+  """One stream of one process: reads, preprocesses and batches the rows of its shards."""
 
-  def __init__(self, config: Any, name: str, tokenizer: tok.Tokenizer, process_index: int,
-               process_count: int):
+  def __init__(self, config: Any, name: str, tokenizer: tok.Tokenizer, shards: tuple[int, ...],
+               num_shards: int):
     self.name, self.spec = name, config.data.streams[name]
     self.index = list(config.data.streams).index(name)
     self.data = config.data
     self.seed, self.size = int(config.seed), int(config.model.image_size)
     self.tokenizer = tokenizer
-    self.process_index, self.process_count = process_index, process_count
-    if self.spec.batch_size % process_count:
+    self.shards, self.num_shards = shards, num_shards
+    if self.spec.batch_size % num_shards:
       raise ValueError(f"stream {name}: batch_size {self.spec.batch_size} is not divisible "
-                       f"by the process count {process_count}")
-    self.local_batch = self.spec.batch_size // process_count
+                       f"by the {num_shards} data shards (mesh data axis)")
+    self.shard_batch = self.spec.batch_size // num_shards
     builder = prepare_stream(config, name)
     self.source = builder.as_data_source(split="train")
     self.build_skipped = dict(builder.info.metadata.get("skipped", {}))
@@ -107,17 +112,17 @@ class _Stream:
       self._permutations[epoch] = rng.permutation(self.num_examples)
     return self._permutations[epoch]
 
-  def position(self, k: int) -> int:
-    return k * self.process_count + self.process_index
+  def position(self, shard: int, k: int) -> int:
+    return k * self.num_shards + shard
 
-  def example_index(self, k: int) -> int:
-    epoch, i = divmod(self.position(k), self.num_examples)
+  def example_index(self, shard: int, k: int) -> int:
+    epoch, i = divmod(self.position(shard, k), self.num_examples)
     return int(self.permutation(epoch)[i])
 
-  def example(self, k: int) -> dict:
-    """This process's k-th example, preprocessed; raises sources.Skip."""
-    raw = self.source[self.example_index(k)]
-    rng = np.random.default_rng([self.seed, self.index, self.position(k)])
+  def example(self, shard: int, k: int) -> dict:
+    """Shard `shard`'s k-th example, preprocessed; raises sources.Skip."""
+    raw = self.source[self.example_index(shard, k)]
+    rng = np.random.default_rng([self.seed, self.index, self.position(shard, k)])
     return process_example(self.spec.source, raw, self.spec, self.data, self.tokenizer,
                            self.size, rng)
 
@@ -184,43 +189,60 @@ def load_tokenizer(config: Any):
 
 
 class InputPipeline(Iterator[dict]):
-  """{stream: batch} of this process's rows, prefetched, deterministic and resumable."""
+  """{stream: batch} of the rows of this process's data shards, prefetched, deterministic and
+  resumable. By default one shard: the whole global batch."""
 
-  def __init__(self, config: Any, process_index: int = 0, process_count: int = 1,
+  def __init__(self, config: Any, shards: tuple[int, ...] = (0,), num_shards: int = 1,
                prefetch: int | None = None, workers: int | None = None):
-    self.config = config
+    shards = tuple(sorted(set(int(d) for d in shards)))
+    if not shards or not all(0 <= d < num_shards for d in shards):
+      raise ValueError(f"data shards {shards} are not a non-empty subset of 0..{num_shards - 1}")
+    self.config, self.shards, self.num_shards = config, shards, int(num_shards)
     tokenizer = load_tokenizer(config)
-    self.streams = {name: _Stream(config, name, tokenizer, process_index, process_count)
+    self.streams = {name: _Stream(config, name, tokenizer, shards, self.num_shards)
                     for name in config.data.streams}
     self._prefetch = int(prefetch if prefetch is not None else config.data.prefetch)
     self._pool = concurrent.futures.ThreadPoolExecutor(
         workers or int(config.data.workers) or os.cpu_count() or 1)
-    self._state = {name: {"cursor": 0, "skipped": {}} for name in self.streams}
+    self._state = {"num_shards": self.num_shards,
+                   "streams": {name: {str(d): {"cursor": 0, "skipped": {}} for d in shards}
+                               for name in self.streams}}
     self._thread = None
     self._start()
 
   # -- producer ---------------------------------------------------------------------------
 
   def _batch(self, stream: _Stream, state: dict) -> dict:
-    rows, k, skipped = [], state["cursor"], collections.Counter(state["skipped"])
-    while len(rows) < stream.local_batch:
-      want = stream.local_batch - len(rows)
-      for result in self._pool.map(_try(stream.example), range(k, k + want)):
+    """The rows of `stream`'s shards, in shard order; advances `state` ({shard: cursor...})."""
+    rows = {d: [] for d in stream.shards}
+    start = {d: state[str(d)]["cursor"] for d in stream.shards}
+    cursor = dict(start)
+    skipped = {d: collections.Counter(state[str(d)]["skipped"]) for d in stream.shards}
+    while True:
+      work = [(d, k) for d in stream.shards
+              for k in range(cursor[d], cursor[d] + stream.shard_batch - len(rows[d]))]
+      if not work:
+        break
+      for (d, k), result in zip(work, self._pool.map(_try(stream.example), work)):
         if isinstance(result, sources.Skip):
-          skipped[result.reason] += 1
+          skipped[d][result.reason] += 1
         else:
-          rows.append(result)
-      k += want
-      if k > 100 * stream.local_batch + state["cursor"] and not rows:
-        raise ValueError(f"stream {stream.name}: {k - state['cursor']} examples in a row were "
-                         f"skipped ({dict(skipped)}); check max_tokens and the source")
-    state["cursor"], state["skipped"] = k, dict(skipped)
-    return {key: np.stack([r[key] for r in rows]) for key in rows[0]}
+          rows[d].append(result)
+        cursor[d] = k + 1
+      for d in stream.shards:
+        if cursor[d] > 100 * stream.shard_batch + start[d] and not rows[d]:
+          raise ValueError(f"stream {stream.name}: {cursor[d] - start[d]} examples in a row "
+                           f"were skipped ({dict(skipped[d])}); check max_tokens and the source")
+    for d in stream.shards:
+      state[str(d)] = {"cursor": cursor[d], "skipped": dict(skipped[d])}
+    ordered = [row for d in stream.shards for row in rows[d]]
+    return {key: np.stack([r[key] for r in ordered]) for key in ordered[0]}
 
   def _produce(self, state: dict, out: queue.Queue, stop: threading.Event) -> None:
     try:
       while not stop.is_set():
-        batches = {name: self._batch(stream, state[name]) for name, stream in self.streams.items()}
+        batches = {name: self._batch(stream, state["streams"][name])
+                   for name, stream in self.streams.items()}
         item = (batches, copy.deepcopy(state))
         while not stop.is_set():
           try:
@@ -258,22 +280,39 @@ class InputPipeline(Iterator[dict]):
     return batches
 
   def state(self) -> dict:
-    """Where the next batch starts (JSON-able)."""
+    """Where the next batch of each of this pipeline's shards starts (JSON-able)."""
     return copy.deepcopy(self._state)
 
   def restore(self, state: dict) -> None:
-    if set(state) != set(self.streams):
-      raise ValueError(f"iterator state has streams {sorted(state)}, config {sorted(self.streams)}")
+    """Resumes from `state` of any set of shards that includes this pipeline's."""
+    if "streams" not in state:
+      raise ValueError("iterator state has no per-shard streams (written by an older version "
+                       "of the pipeline)")
+    if state["num_shards"] != self.num_shards:
+      raise ValueError(f"iterator state is for {state['num_shards']} data shards, this pipeline "
+                       f"has {self.num_shards} (the data order is per data shard: keep the mesh's "
+                       f"data axis when resuming)")
+    if set(state["streams"]) != set(self.streams):
+      raise ValueError(f"iterator state has streams {sorted(state['streams'])}, config "
+                       f"{sorted(self.streams)}")
+    mine = {}
+    for name, shards in state["streams"].items():
+      missing = [d for d in self.shards if str(d) not in shards]
+      if missing:
+        raise ValueError(f"iterator state of stream {name} lacks data shards {missing}")
+      mine[name] = {str(d): copy.deepcopy(shards[str(d)]) for d in self.shards}
     self._halt()
-    self._state = copy.deepcopy(state)
+    self._state = {"num_shards": self.num_shards, "streams": mine}
     self._start()
 
   def skipped(self) -> dict[str, dict[str, int]]:
-    """Per stream: examples skipped when building (whole source) and here (this process)."""
+    """Per stream: examples skipped when building (whole source) and here (this pipeline's
+    shards)."""
     out = {}
     for name, stream in self.streams.items():
       counts = collections.Counter(stream.build_skipped)
-      counts.update(self._state[name]["skipped"])
+      for shard in self._state["streams"][name].values():
+        counts.update(shard["skipped"])
       out[name] = dict(counts)
     return out
 
@@ -288,10 +327,27 @@ class InputPipeline(Iterator[dict]):
       pass
 
 
+def merge_states(states: list[dict]) -> dict:
+  """The states of several pipelines (one per process) -> one state of all their shards.
+  Pipelines feeding the same shard must agree (their rows are the same by construction)."""
+  merged = {"num_shards": states[0]["num_shards"], "streams": {}}
+  for state in states:
+    if state["num_shards"] != merged["num_shards"]:
+      raise ValueError(f"pipelines split the batch into {merged['num_shards']} and "
+                       f"{state['num_shards']} data shards")
+    for name, shards in state["streams"].items():
+      into = merged["streams"].setdefault(name, {})
+      for shard, value in shards.items():
+        if into.setdefault(shard, value) != value:
+          raise RuntimeError(f"stream {name}, data shard {shard}: processes disagree on the "
+                             f"input position ({into[shard]} vs {value}); their inputs differ")
+  return merged
+
+
 def _try(fn):
-  def call(k):
+  def call(args):
     try:
-      return fn(k)
+      return fn(*args)
     except sources.Skip as skip:
       return skip
   return call

@@ -50,14 +50,6 @@ HBM_BYTES = {"TPU v4": 32 * GIB, "TPU v5 lite": 16 * GIB, "TPU v5e": 16 * GIB,
              "TPU v5p": 95 * GIB, "TPU v5": 95 * GIB, "TPU v6 lite": 32 * GIB, "TPU v6e": 32 * GIB}
 
 
-def topology_devices(topology: str) -> list:
-  if topology == "cpu":
-    return jax.devices()
-  from jax.experimental import topologies  # pylint: disable=g-import-not-at-top
-  kwargs = {"chip_config_name": "megacore"} if topology.startswith("v4") else {}
-  return list(topologies.get_topology_desc(topology_name=topology, platform="tpu", **kwargs).devices)
-
-
 def round_batches(config, data_axis: int) -> dict[str, int]:
   """Rounds each stream's batch up to a multiple of data x microbatches (only when asked:
   --round_batches); prints each change; returns the sizes."""
@@ -75,7 +67,7 @@ def round_batches(config, data_axis: int) -> dict[str, int]:
 def compile_report(config, topology: str, mesh_text: str = "",
                    round_to_mesh: bool = False) -> dict:
   """Compiles the train step for `topology` and returns the report (see module doc)."""
-  devices = topology_devices(topology)
+  devices = sharding.topology_devices(topology)
   data, model = sharding.parse_mesh(mesh_text, config.mesh.data, config.mesh.model)
   mesh = sharding.make_mesh(data, model, devices)
   data_axis = mesh.shape[sharding.DATA]
@@ -137,7 +129,7 @@ def generate_report(config, topology: str, mesh_text: str = "", *, batch: int = 
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   from jax.sharding import NamedSharding, PartitionSpec as P  # pylint: disable=g-import-not-at-top
   from flamingo_jax import inference, models  # pylint: disable=g-import-not-at-top
-  devices = topology_devices(topology)
+  devices = sharding.topology_devices(topology)
   data, model = sharding.parse_mesh(mesh_text, config.mesh.data, config.mesh.model)
   mesh = sharding.make_mesh(data, model, devices)
   sharding.check_model_fits_mesh(config.model, mesh.shape[sharding.MODEL])

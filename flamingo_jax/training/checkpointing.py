@@ -1,8 +1,9 @@
 """Checkpoints (DESIGN.md §9): orbax CheckpointManager, async, keep-N, restore into shardings.
 
     WORKDIR/checkpoints/<step>/state    TrainState (params, opt_state, step, rng key data)
-                              /data     {"process_count": P, "processes": [iterator state per
-                                        process], "skip_batches_applied": N}
+                              /data     {"pipeline": the input pipeline's state of every
+                                        data shard, "process_count": P,
+                                        "skip_batches_applied": N}
                               /config   the run's config (JSON)
     WORKDIR/frozen/                    the frozen towers, written once when they were
                                        initialised at random (no init_checkpoint), so that
@@ -265,15 +266,16 @@ class Checkpointer:
 
   # -- train state --------------------------------------------------------------------------
 
-  def save(self, step: int, state: train_step.TrainState, data_state: dict, config: Any,
+  def save(self, step: int, state: train_step.TrainState, pipeline_state: dict, config: Any,
            skip_batches_applied: int = 0) -> None:
-    processes = gather_process_states(data_state)
+    """`pipeline_state`: the input state of every data shard (the same on every process)."""
     if jax.process_index() == 0:
       epath.Path(self.directory).mkdir(parents=True, exist_ok=True)
     _sync("checkpoint directory")
     self.manager.save(step, args=ocp.args.Composite(**{
         _STATE: ocp.args.StandardSave(_savable(state)),
-        _DATA: ocp.args.JsonSave({"process_count": jax.process_count(), "processes": processes,
+        _DATA: ocp.args.JsonSave({"pipeline": pipeline_state,
+                                  "process_count": jax.process_count(),
                                   "skip_batches_applied": skip_batches_applied}),
         _CONFIG: ocp.args.JsonSave(json.loads(config.to_json())),
     }), force=True)
@@ -285,15 +287,23 @@ class Checkpointer:
     state, data = restored[_STATE], restored[_DATA]
     if int(state.step) != step:
       raise ValueError(f"state.step {int(state.step)} != directory step {step}")
-    if data["process_count"] != jax.process_count():
-      raise IncompatibleCheckpointError(
-          f"checkpoint {step} was written by {data['process_count']} processes; this run has "
-          f"{jax.process_count()} (the data order is per process)")
+    if "processes" in data:       # before per-shard input state: process p read as shard p
+      data = {"pipeline": {"num_shards": data["process_count"],
+                           "streams": {name: {str(p): process[name]
+                                              for p, process in enumerate(data["processes"])}
+                                       for name in data["processes"][0]}},
+              "process_count": data["process_count"],
+              "skip_batches_applied": data.get("skip_batches_applied", 0)}
     return state._replace(rng=jax.random.wrap_key_data(state.rng)), data
 
+  def data_item(self, step: int) -> dict:
+    """A step's data item alone (input positions, process count), without the train state."""
+    args = ocp.args.Composite(**{_DATA: ocp.args.JsonRestore()})
+    return self.manager.restore(step, args=args)[_DATA]
+
   def restore(self, setup: train_step.TrainSetup) -> tuple[train_step.TrainState, dict] | None:
-    """(state, data item with this process's iterator state as "process") of the newest
-    loadable step, or None when there is no step. Damaged newer steps are moved aside."""
+    """(state, data item) of the newest loadable step, or None when there is no step.
+    Damaged newer steps are moved aside."""
     _filter_restore_noise()
     steps = self.all_steps()
     damaged = []
@@ -314,8 +324,7 @@ class Checkpointer:
         for moved in self.move_steps_aside(damaged, "damaged"):
           logging.warning("resuming from step %d: the damaged checkpoint was moved to %s",
                           step, moved)
-      state, data = restored
-      return state, dict(data, process=data["processes"][jax.process_index()])
+      return restored
     if steps:
       raise NoLoadableCheckpointError(
           f"none of the checkpoints {steps} in {self.directory} loads; refusing to start from "

@@ -7,6 +7,7 @@ vocab, q/k/v and ffw_in column-parallel, attention output and ffw_out row-parall
 the gated xattn blocks and the resampler. The NFNet is replicated (as in the paper).
 """
 
+import collections
 import re
 from typing import Any, Iterable, Optional, Sequence
 
@@ -57,6 +58,17 @@ def parse_mesh(text: str, default_data: int, default_model: int) -> tuple[int, i
   return values["data"], values["model"]
 
 
+def topology_devices(topology: str) -> list:
+  """The devices of a TPU topology ("v4:8x12x16", from libtpu; no TPU needed: each device
+  knows its process and coordinates), or "cpu": this machine's devices."""
+  if topology == "cpu":
+    return jax.devices()
+  from jax.experimental import topologies  # pylint: disable=g-import-not-at-top
+  kwargs = {"chip_config_name": "megacore"} if topology.startswith("v4") else {}
+  return list(topologies.get_topology_desc(topology_name=topology, platform="tpu",
+                                           **kwargs).devices)
+
+
 def make_mesh(data: int, model: int, devices: Optional[Sequence[Any]] = None) -> Mesh:
   """Mesh ('data', 'model') over `devices` (default: all). data=-1: all the devices left."""
   devices = list(jax.devices() if devices is None else devices)
@@ -92,6 +104,47 @@ def check_model_fits_mesh(model_config: Any, model_axis: int) -> None:
   if bad:
     raise ValueError(f"mesh model={model_axis} does not divide " +
                      ", ".join(f"{k}={v}" for k, v in bad.items()))
+
+
+def assign_data_shards(process_grid: np.ndarray) -> list[tuple[int, ...]]:
+  """The data shards each process feeds, from which process owns each device of the mesh.
+
+  `process_grid` is int [data, model]: the process index of the device at each mesh position
+  (`process_grid(mesh)`, or a topology's devices laid out as `make_mesh` lays them out, to
+  check a pod without one). Data shard d (mesh row d) holds rows [d·b, (d+1)·b) of every
+  global batch (b = batch / data); a process feeds every shard any of its devices hold, so
+  the processes of a model group that spans hosts feed the same shard and, the pipeline being
+  a function of (seed, shard, position), produce the same rows without talking to each other.
+  Returns, per process index, its shards in increasing order.
+
+  Raises for meshes the loader cannot feed evenly: a process with no device in the mesh, or
+  processes feeding different numbers of shards (the host with more would decode more
+  examples per step and hold every step back).
+  """
+  grid = np.asarray(process_grid)
+  if grid.ndim != 2:
+    raise ValueError(f"process grid has shape {grid.shape}; expected [data, model]")
+  count = int(grid.max()) + 1
+  shards = [sorted({int(d) for d in np.nonzero((grid == p).any(axis=1))[0]}) for p in range(count)]
+  idle = [p for p, s in enumerate(shards) if not s]
+  if idle:
+    raise ValueError(f"processes {idle} own no device of the {grid.shape[0]}x{grid.shape[1]} "
+                     f"mesh and cannot feed it; build the mesh over every process's devices")
+  sizes = collections.Counter(len(s) for s in shards)
+  if len(sizes) > 1:
+    most = max(range(count), key=lambda p: len(shards[p]))
+    fewest = min(range(count), key=lambda p: len(shards[p]))
+    raise ValueError(
+        f"the mesh gives processes unequal input work: process {most} feeds data shards "
+        f"{shards[most]}, process {fewest} feeds {shards[fewest]}; choose mesh axes so that "
+        f"every host's devices cover the same number of data shards (e.g. model dividing or "
+        f"a multiple of the devices per host)")
+  return [tuple(s) for s in shards]
+
+
+def process_grid(mesh: Mesh) -> np.ndarray:
+  """int [data, model]: the process owning each device of `mesh`."""
+  return np.vectorize(lambda d: d.process_index, otypes=[int])(mesh.devices)
 
 
 def check_batches_fit_mesh(streams: Any, data_axis: int, microbatches: Any) -> None:

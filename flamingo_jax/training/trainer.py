@@ -20,6 +20,7 @@ a resumed run drop N batches per stream first (once per resume point), to step o
 that triggered a loss spike.
 """
 
+import collections
 import copy
 import json
 import os
@@ -31,7 +32,6 @@ from absl import logging
 from etils import epath
 import haiku as hk
 import jax
-import numpy as np
 from jax.experimental import multihost_utils
 from orbax.checkpoint import multihost as ocp_multihost
 
@@ -182,11 +182,18 @@ def _duration(seconds: float) -> str:
 
 
 class _Preemption:
-  """SIGTERM sets a flag; the loop saves and stops after the current step."""
+  """SIGTERM sets a flag; the loop saves and stops after the current step.
+
+  One process: a Python handler. Several: JAX's preemption service (started by
+  `jax.distributed.initialize`) catches SIGTERM itself and agrees on a step at which every
+  process stops (`reached_preemption`), without a host synchronisation per step, so no
+  handler of ours is installed over its own."""
 
   def __init__(self):
     self.requested = False
-    self._previous = signal.signal(signal.SIGTERM, self._handle)
+    self._previous = None
+    if jax.process_count() == 1:
+      self._previous = signal.signal(signal.SIGTERM, self._handle)
 
   def _handle(self, signum, frame):
     del signum, frame
@@ -194,15 +201,77 @@ class _Preemption:
     self.requested = True
 
   def restore(self):
-    signal.signal(signal.SIGTERM, self._previous)
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
 
 
-def global_batches(setup: train_step.TrainSetup, local: dict) -> dict:
-  """This process's rows -> global arrays on the mesh (rows of process p at p's devices)."""
+def global_batches(setup: train_step.TrainSetup, local: dict, shards: tuple[int, ...]) -> dict:
+  """The rows of this process's data shards (in shard order) -> global arrays on the mesh.
+
+  Data shard d holds rows [d·b, (d+1)·b) of the global batch; every device of mesh row d
+  takes its rows from the process that holds it, whichever other processes hold the rest of
+  its model group."""
+  num_shards = setup.mesh.shape[sharding.DATA]
+  local_offset = {d: i for i, d in enumerate(shards)}
+
   def put(sharding_, x):
-    shape = (x.shape[0] * jax.process_count(),) + x.shape[1:]
-    return jax.make_array_from_process_local_data(sharding_, x, shape)
+    rows = x.shape[0] // len(shards)                       # per data shard
+    shape = (rows * num_shards,) + x.shape[1:]
+
+    def rows_of(index):
+      start = index[0].start or 0
+      stop = shape[0] if index[0].stop is None else index[0].stop
+      shard = start // rows
+      begin = local_offset[shard] * rows + start - shard * rows
+      return x[(slice(begin, begin + stop - start),) + tuple(index[1:])]
+
+    return jax.make_array_from_callback(shape, sharding_, rows_of)
   return jax.tree.map(put, setup.batch_shardings, local)
+
+
+def input_shards(mesh) -> tuple[int, ...]:
+  """The data shards this process feeds (sharding.assign_data_shards)."""
+  return sharding.assign_data_shards(sharding.process_grid(mesh))[jax.process_index()]
+
+
+def input_plan(config: Any, mesh) -> dict:
+  """How `mesh` is fed: each process's data shards (sharding.assign_data_shards) and rows per
+  stream, and how many processes feed each shard. Reads no data and touches no device, so a
+  pod's layout can be checked from its topology (train.py --dry_run)."""
+  num_shards = mesh.shape[sharding.DATA]
+  sharding.check_batches_fit_mesh(config.data.streams, num_shards, config.train.microbatches)
+  assignment = sharding.assign_data_shards(sharding.process_grid(mesh))
+  feeders = collections.Counter(d for shards in assignment for d in shards)
+  unfed = sorted(set(range(num_shards)) - set(feeders))
+  if unfed:
+    raise ValueError(f"data shards {unfed} are fed by no process")
+  per_shard = {name: spec.batch_size // num_shards for name, spec in config.data.streams.items()}
+  shards_per_process = len(assignment[0])
+  return {
+      "processes": len(assignment), "devices": int(mesh.devices.size),
+      "mesh": dict(mesh.shape), "shards_per_process": shards_per_process,
+      "processes_per_shard": sorted(set(feeders.values())),
+      "batch": {name: spec.batch_size for name, spec in config.data.streams.items()},
+      "rows_per_shard": per_shard,
+      "rows_per_process": {n: b * shards_per_process for n, b in per_shard.items()},
+      "assignment": [list(shards) for shards in assignment],
+  }
+
+
+def dry_run(config: Any, topology: str) -> dict:
+  """Everything `train` builds before it needs devices or data, for `topology`'s devices
+  (e.g. "v4:8x12x16" through libtpu): option checks, the mesh, the train setup (the model and
+  the batches fit the mesh) and the input plan."""
+  _validate_train_options(config)
+  mesh = sharding.make_mesh(config.mesh.data, config.mesh.model,
+                            sharding.topology_devices(topology))
+  train_step.make_train_setup(config, mesh)
+  return dict(input_plan(config, mesh), topology=topology)
+
+
+def save_checkpoint(ckpt, step, state, pipe, config, skip_applied) -> None:
+  pipeline_state = pipeline_lib.merge_states(checkpointing.gather_process_states(pipe.state()))
+  ckpt.save(step, state, pipeline_state, config, skip_applied)
 
 
 def _initial_state(config, setup, ckpt):
@@ -310,17 +379,18 @@ def train(config: Any, workdir: str, allow_config_change: bool = False) -> dict:
         for name in config.data.streams:
           pipeline_lib.prepare_stream(config, name)
       multihost_utils.sync_global_devices("datasets prepared")
-    pipe = pipeline_lib.InputPipeline(config, jax.process_index(), jax.process_count())
+    shards = input_shards(mesh)
+    pipe = pipeline_lib.InputPipeline(config, shards, mesh.shape[sharding.DATA])
     state, frozen, data, frozen_is_new = _initial_state(config, setup, ckpt)
+    skip_applied = 0
+    if data is not None:
+      pipe.restore(data["pipeline"])
+      skip_applied = data.get("skip_batches_applied", 0)
     # Everything is checked: from here on the workdir is written.
     write_config(config, workdir)
     if frozen_is_new:
       ckpt.save_frozen(frozen)
     step = int(state.step)
-    skip_applied = 0
-    if data is not None:
-      pipe.restore(data["process"])
-      skip_applied = data.get("skip_batches_applied", 0)
     if config.train.skip_batches and config.train.skip_batches != skip_applied:
       if jax.process_index() == 0:
         print(f"dropping {config.train.skip_batches} batches per stream before step "
@@ -330,7 +400,7 @@ def train(config: Any, workdir: str, allow_config_change: bool = False) -> dict:
       skip_applied = config.train.skip_batches
     log = MetricsLog(workdir, int(config.train.steps), ckpt, step)
     preemption = _Preemption()
-    return _loop(config, setup, ckpt, pipe, log, preemption, state, frozen, step,
+    return _loop(config, setup, ckpt, pipe, shards, log, preemption, state, frozen, step,
                  resumed=data is not None, skip_applied=skip_applied)
   finally:
     if preemption is not None:
@@ -426,7 +496,7 @@ class _Judge:
     return good, self.ckpt.move_steps_aside(suspect, "diverged")
 
 
-def _loop(config, setup, ckpt, pipe, log, preemption, state, frozen, step, resumed,
+def _loop(config, setup, ckpt, pipe, shards, log, preemption, state, frozen, step, resumed,
           skip_applied) -> dict:
   total = int(config.train.steps)
   logging.info("starting at step %d of %d in %s (%d processes, mesh %s)", step, total,
@@ -452,14 +522,12 @@ def _loop(config, setup, ckpt, pipe, log, preemption, state, frozen, step, resum
   try:
     while step < total:
       profile.before(step + 1)
-      batches = global_batches(setup, next(pipe))
+      batches = global_batches(setup, next(pipe), shards)
       state, metrics = step_fn(state, frozen, batches)
       step += 1
       judge.add(step, metrics)
       profile.after(step, metrics)
       stop = preemption.requested or ckpt.manager.reached_preemption(step)
-      if jax.process_count() > 1:       # every process stops at the same step
-        stop = bool(np.any(multihost_utils.process_allgather(np.array(stop))))
       log_now = step % config.train.log_every == 0 or step == total
       periodic_save = step % config.train.checkpoint_every == 0
       if not (log_now or periodic_save or stop):
@@ -514,7 +582,7 @@ def _loop(config, setup, ckpt, pipe, log, preemption, state, frozen, step, resum
       # No periodic save of a skipped step: its state is the last one's, not yet judged good.
       if (periodic_save and not judge.last_skipped) or step == total or stop:
         if bool(all_finite((state.params, state.opt_state))):
-          ckpt.save(step, state, pipe.state(), config, skip_applied)
+          save_checkpoint(ckpt, step, state, pipe, config, skip_applied)
           judge.saved(step)
         else:
           logging.error("state at step %d is not finite: not saving it", step)
