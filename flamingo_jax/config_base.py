@@ -58,6 +58,7 @@ def model_config(*, vocab_size: int, image_size: int, vision_variant: str, lm: d
       eoc_token_id=EOC_ID,
       image_size=image_size,          # pixels, square (320 training, 480 fine-tuning)
       remat="none",                   # per LM / xattn block: none | full | dots (language_model.py)
+      attention_impl="einsum",        # einsum | xla | cudnn | auto (models/attention.py)
       vision=dict(variant=vision_variant, activation="gelu", stochdepth_rate=0.1,
                   trainable=False,    # True: the paper's fine-tuning recipe (PAPER.md §8)
                   init_checkpoint=""),

@@ -208,3 +208,52 @@ def test_trainable_predicate_and_new_token_rows(setup):
       jnp.asarray([cfg.image_token_id, cfg.eoc_token_id])].set(100.0)
   apply = jax.jit(model.apply)
   np.testing.assert_array_equal(apply(poked, None, ids, media), apply(params, None, ids, media))
+
+
+@pytest.mark.parametrize("impl", ["xla"])
+def test_attention_kernels_equal_the_einsum_reference(setup, impl):
+  """config.model.attention_impl: jax.nn.dot_product_attention on XLA gives
+  the einsum path's logits and trainable gradients, on rows with text before the first image
+  (fully masked xattn rows) and the resampler's unmasked attention."""
+  cfg, model, params, ids, media = setup
+  params = set_gates(params, 0.5)
+  other = copy.deepcopy(cfg)
+  other.attention_impl = impl
+  kernel = models.make_flamingo(other)
+
+  def loss(apply, p):
+    return jnp.mean(apply(p, None, ids, media) ** 2)
+  np.testing.assert_allclose(jax.jit(kernel.apply)(params, None, ids, media),
+                             jax.jit(model.apply)(params, None, ids, media), rtol=1e-5, atol=1e-5)
+  want = jax.jit(jax.grad(lambda p: loss(model.apply, p)))(params)
+  got = jax.jit(jax.grad(lambda p: loss(kernel.apply, p)))(params)
+  for path in ("flamingo/perceiver_resampler", "flamingo/language_model/groups/xattn"):
+    for module in [m for m in want if m.startswith(path)]:
+      for name in want[module]:
+        np.testing.assert_allclose(got[module][name], want[module][name], rtol=1e-4, atol=1e-6,
+                                   err_msg=f"{module}/{name}")
+
+
+def test_attention_kernel_with_grouped_query_heads_and_a_cache():
+  from flamingo_jax.models import attention  # pylint: disable=g-import-not-at-top
+  rng = np.random.RandomState(0)
+  x = jnp.asarray(rng.randn(2, 5, 16), jnp.float32)
+  cache = {"k": jnp.asarray(rng.randn(2, 8, 2, 4), jnp.float32),
+           "v": jnp.asarray(rng.randn(2, 8, 2, 4), jnp.float32)}
+  positions = jnp.asarray([[3, 4, 5, 6, 7], [0, 1, 2, 3, 4]])
+  mask = jnp.asarray(rng.rand(2, 1, 5, 8) < 0.6).at[1, 0, 2].set(False)   # a fully masked row
+
+  def run(impl):
+    def f(x):
+      return attention.MultiHeadAttention(num_heads=4, num_kv_heads=2, key_size=4,
+                                          model_size=16, impl=impl, name="attn")(
+          x, x, mask=mask, positions=positions, rotary=attention.Rotary(10_000.0, 1.0, "half"),
+          cache=cache)
+    model = hk.without_apply_rng(hk.transform(f))
+    return model.apply(model.init(jax.random.key(0), x), x)
+  (want, want_cache), (got, got_cache) = run("einsum"), run("xla")
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+  np.testing.assert_array_equal(got_cache["k"], want_cache["k"])
+  with pytest.raises(ValueError, match="attention impl='flash'; expected one of"):
+    hk.transform(lambda: attention.MultiHeadAttention(
+        num_heads=4, key_size=4, model_size=16, impl="flash")).init(None)

@@ -17,6 +17,11 @@ import numpy as np
 # Mask value for logits: finite so that a fully masked row gives a uniform softmax
 # (never NaN); exp(MASK - max) underflows to exactly 0 for any real max.
 MASK_VALUE = float(np.finfo(np.float32).min)
+# How attention is computed (config.model.attention_impl). "einsum": our own einsums, the
+# reference the tests compare against; "xla": jax.nn.dot_product_attention on XLA; "cudnn":
+# its cuDNN flash attention (GPU, bfloat16/float16 only); "auto": JAX picks (cuDNN where it
+# applies, else XLA). All keep float32 logits and softmax.
+ATTENTION_IMPLS = ("einsum", "xla", "cudnn", "auto")
 
 
 def squared_relu(x: jax.Array) -> jax.Array:
@@ -126,8 +131,11 @@ class MultiHeadAttention(hk.Module):
   def __init__(self, *, num_heads: int, key_size: int, model_size: int,
                num_kv_heads: Optional[int] = None, qkv_bias: bool = False,
                output_bias: bool = False, w_init_scale: float = 1.0,
-               name: Optional[str] = None):
+               impl: str = "einsum", name: Optional[str] = None):
     super().__init__(name=name)
+    if impl not in ATTENTION_IMPLS:
+      raise ValueError(f"attention impl={impl!r}; expected one of {ATTENTION_IMPLS}")
+    self.impl = impl
     self.num_heads = num_heads
     self.num_kv_heads = num_kv_heads or num_heads
     if num_heads % self.num_kv_heads:
@@ -186,6 +194,13 @@ class MultiHeadAttention(hk.Module):
                "v": write(cache["v"], v, positions[:, 0])}
       k, v = cache["k"], cache["v"]                                        # [B, S, Hkv, K]
     b, lq = q.shape[:2]
+    if self.impl != "einsum":
+      attn = jax.nn.dot_product_attention(
+          q, k.astype(q.dtype), v.astype(q.dtype), mask=mask,
+          implementation=None if self.impl == "auto" else self.impl)        # [B, Lq, H, K]
+      attn = attn.reshape(b, lq, self.num_heads * self.key_size)
+      out = self._linear("output", self.model_size, self.output_bias)(attn)
+      return out if cache is None else (out, cache)
     groups = self.num_heads // self.num_kv_heads
     if groups > 1:                  # grouped-query: no copies of the key/value heads
       q = q.reshape(b, lq, self.num_kv_heads, groups, self.key_size)       # [B, Lq, Hkv, G, K]

@@ -106,6 +106,7 @@ class Flamingo(hk.Module):
         num_layers=r.num_layers, dim=r.dim, num_heads=r.num_heads, key_size=r.key_size,
         ffw_mult=r.ffw_mult, num_latents=r.num_latents,
         num_time_embeddings=r.num_time_embeddings, max_frames=r.max_frames,
+        attention_impl=self.config.get("attention_impl", "einsum"),
         name="perceiver_resampler")(features)
 
   @hk.name_like("__call__")           # paths: flamingo/language_model, not ~_language_model
@@ -123,7 +124,7 @@ class Flamingo(hk.Module):
         tied_embeddings=lm.get("tied_embeddings", False),
         embed_multiplier=lm.get("embed_multiplier", 1.0),
         valid_vocab_size=lm.get("valid_vocab_size", 0), remat=cfg.remat,
-        name="language_model")
+        attention_impl=cfg.get("attention_impl", "einsum"), name="language_model")
 
   @hk.name_like("__call__")
   def decode(self, input_ids: jax.Array, visual: Optional[jax.Array]) -> jax.Array:

@@ -45,8 +45,10 @@ class GatedCrossAttentionDense(hk.Module):
   """One GATED XATTN-DENSE block; both tanh gates start at 0 (output = input)."""
 
   def __init__(self, *, num_heads: int, key_size: int, ffw_mult: int,
-               only_attend_immediate_media: bool = True, name: Optional[str] = None):
+               only_attend_immediate_media: bool = True, attention_impl: str = "einsum",
+               name: Optional[str] = None):
     super().__init__(name=name)
+    self.attention_impl = attention_impl
     self.num_heads = num_heads
     self.key_size = key_size
     self.ffw_mult = ffw_mult
@@ -65,7 +67,8 @@ class GatedCrossAttentionDense(hk.Module):
 
   def _cross_attention(self, dim: int):
     return self._module("cross_attention", lambda n: attention.MultiHeadAttention(
-        num_heads=self.num_heads, key_size=self.key_size, model_size=dim, name=n))
+        num_heads=self.num_heads, key_size=self.key_size, model_size=dim,
+        impl=self.attention_impl, name=n))
 
   @hk.name_like("__call__")
   def media_kv(self, visual: jax.Array, dim: int) -> tuple[jax.Array, jax.Array]:

@@ -68,12 +68,14 @@ class DecoderBlock(hk.Module):
   """Pre-norm LM block: causal self-attention with rotary positions, then the FFW."""
 
   def __init__(self, *, num_heads: int, key_size: int, ffw_size: int,
-               options: DecoderOptions, name: Optional[str] = None):
+               options: DecoderOptions, attention_impl: str = "einsum",
+               name: Optional[str] = None):
     super().__init__(name=name)
     self.num_heads = num_heads
     self.key_size = key_size
     self.ffw_size = ffw_size
     self.options = options
+    self.attention_impl = attention_impl
 
   def __call__(self, x: jax.Array, positions: jax.Array, mask: jax.Array,
                cache: Optional[dict] = None):
@@ -85,7 +87,7 @@ class DecoderBlock(hk.Module):
     attn = attention.MultiHeadAttention(
         num_heads=self.num_heads, key_size=self.key_size, model_size=x.shape[-1],
         num_kv_heads=o.num_kv_heads or None, qkv_bias=o.qkv_bias, output_bias=o.output_bias,
-        name="self_attention")(
+        impl=self.attention_impl, name="self_attention")(
             h, h, mask=mask, positions=positions,
             rotary=attention.Rotary(o.rotary_max_wavelength, o.rotary_fraction, o.rotary_layout),
             cache=cache)
@@ -122,7 +124,7 @@ class LanguageModel(hk.Module):
                xattn_key_size: int, xattn_ffw_mult: int, only_attend_immediate_media: bool,
                new_token_ids: Sequence[int], options: DecoderOptions = DecoderOptions(),
                tied_embeddings: bool = False, embed_multiplier: float = 1.0,
-               valid_vocab_size: int = 0, remat: str = "none",
+               valid_vocab_size: int = 0, remat: str = "none", attention_impl: str = "einsum",
                name: Optional[str] = "language_model"):
     super().__init__(name=name)
     if not 1 <= xattn_every <= num_layers:
@@ -145,10 +147,11 @@ class LanguageModel(hk.Module):
     if remat not in REMAT_POLICIES:
       raise ValueError(f"remat={remat!r}; expected one of {sorted(REMAT_POLICIES)}")
     self._block_kwargs = dict(num_heads=num_heads, key_size=key_size, ffw_size=ffw_size,
-                              options=options)
+                              options=options, attention_impl=attention_impl)
     self._xattn_kwargs = dict(num_heads=xattn_num_heads, key_size=xattn_key_size,
                               ffw_mult=xattn_ffw_mult,
-                              only_attend_immediate_media=only_attend_immediate_media)
+                              only_attend_immediate_media=only_attend_immediate_media,
+                              attention_impl=attention_impl)
     self._table = None
 
   @property

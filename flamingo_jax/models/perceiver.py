@@ -42,8 +42,10 @@ class PerceiverResampler(hk.Module):
 
   def __init__(self, *, num_layers: int, dim: int, num_heads: int, key_size: int,
                ffw_mult: int, num_latents: int, num_time_embeddings: int,
-               max_frames: int, name: Optional[str] = "perceiver_resampler"):
+               max_frames: int, attention_impl: str = "einsum",
+               name: Optional[str] = "perceiver_resampler"):
     super().__init__(name=name)
+    self.attention_impl = attention_impl
     self.num_layers = num_layers
     self.dim = dim
     self.num_heads = num_heads
@@ -77,7 +79,7 @@ class PerceiverResampler(hk.Module):
       kv = jnp.concatenate([media_normed, latents_normed], axis=1)                # [BN, T*S+R, D]
       x = x + attention.MultiHeadAttention(
           num_heads=self.num_heads, key_size=self.key_size, model_size=self.dim,
-          name="attention")(latents_normed, kv)
+          impl=self.attention_impl, name="attention")(latents_normed, kv)
       h = attention.LayerNorm(name="ffw_norm")(x)
       return x + attention.FeedForward(hidden_size=self.ffw_mult * self.dim,
                                        activation="squared_relu", name="ffw")(h)

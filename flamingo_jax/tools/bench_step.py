@@ -2,7 +2,11 @@ r"""Benchmark the train step on the local devices: steps/s, tokens/s, examples/s
 model-FLOPs utilisation (analytic FLOPs / step time / chip peak). A benchmark, not a test.
 
   python -m flamingo_jax.tools.bench_step --config=experiments/configs/tiny.py --steps=20
-  python -m flamingo_jax.tools.bench_step --config=experiments/configs/bench_1b.py --peak_tflops=989
+  python -m flamingo_jax.tools.bench_step --config=experiments/configs/bench.py:1b \
+      --peak_tflops=989 --config.model.attention_impl=cudnn --profile_dir=/tmp/prof --json
+
+--profile_dir writes a jax.profiler trace of the timed steps (TensorBoard's profile plugin or
+Perfetto); --config.model.attention_impl picks the attention kernel (models/attention.py).
 """
 
 import json
@@ -23,9 +27,11 @@ _STEPS = flags.DEFINE_integer("steps", 10, "Timed steps (after one compile + war
 _PEAK = flags.DEFINE_float("peak_tflops", 0.0, "Peak TFLOP/s of one device, for MFU (0: skip). "
                            "H100 SXM dense bf16: 989.")
 _JSON = flags.DEFINE_bool("json", False, "Print one JSON object.")
+_PROFILE_DIR = flags.DEFINE_string("profile_dir", "", "Write a jax.profiler trace of the timed "
+                                   "steps here.")
 
 
-def benchmark(config, steps: int, peak_tflops: float = 0.0) -> dict:
+def benchmark(config, steps: int, peak_tflops: float = 0.0, profile_dir: str = "") -> dict:
   setup = train_step.make_train_setup(config)
   start = time.perf_counter()
   state, frozen = setup.init(jax.random.key(config.seed))
@@ -36,11 +42,15 @@ def benchmark(config, steps: int, peak_tflops: float = 0.0) -> dict:
   state, metrics = setup.step(state, frozen, batches[0])
   jax.block_until_ready(metrics)
   first_seconds = time.perf_counter() - start
+  if profile_dir:
+    jax.profiler.start_trace(profile_dir)
   start = time.perf_counter()
   for i in range(steps):
     state, metrics = setup.step(state, frozen, batches[i % 2])
   jax.block_until_ready((state, metrics))
   seconds = (time.perf_counter() - start) / steps
+  if profile_dir:
+    jax.profiler.stop_trace()
   streams = config.data.streams
   tokens = sum(s.batch_size * s.max_tokens for s in streams.values())
   examples = sum(s.batch_size for s in streams.values())
@@ -57,6 +67,7 @@ def benchmark(config, steps: int, peak_tflops: float = 0.0) -> dict:
       "analytic_tflops_per_step": analytic / 1e12,
       "tflops_per_sec_per_device": tflops_per_device,
       "loss": float(metrics["loss"]),
+      "attention_impl": config.model.get("attention_impl", "einsum"),
   }
   if peak_tflops:
     report["mfu"] = tflops_per_device / peak_tflops
@@ -65,7 +76,7 @@ def benchmark(config, steps: int, peak_tflops: float = 0.0) -> dict:
 
 def main(argv):
   del argv
-  report = benchmark(_CONFIG.value, _STEPS.value, _PEAK.value)
+  report = benchmark(_CONFIG.value, _STEPS.value, _PEAK.value, _PROFILE_DIR.value)
   if _JSON.value:
     print(json.dumps(report))
   else:

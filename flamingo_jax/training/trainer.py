@@ -76,7 +76,8 @@ RUN_CONTROL_KEYS = ("train.steps", "train.log_every", "train.checkpoint_every",
                     "train.keep_checkpoints", "train.max_consecutive_nonfinite",
                     "train.on_nonfinite", "train.max_rollbacks", "train.skip_batches",
                     "train.profile_steps",
-                    "train.peak_tflops_per_device", "data.prefetch", "data.workers")
+                    "train.peak_tflops_per_device", "data.prefetch", "data.workers",
+                    "model.attention_impl")   # how attention is computed, not what
 
 
 def check_workdir(workdir: str) -> None:
