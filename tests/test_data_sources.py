@@ -359,3 +359,47 @@ def test_sixteen_bit_and_palette_images_convert_properly():
     palette.putpixel((x, 0), x)
   np.testing.assert_array_equal(sources.decode_image(png_bytes(palette))[0],
                                 [[255, 0, 0], [0, 255, 0], [10, 20, 30]])
+
+
+def test_large_jpegs_decode_at_a_reduced_scale_that_covers_the_fitted_size():
+  from flamingo_jax.data import preprocessing  # pylint: disable=g-import-not-at-top
+  y, x = np.mgrid[0:800, 0:1200]
+  image = np.stack([x // 5 % 256, y // 4 % 256, (x + y) // 7 % 256], -1).astype(np.uint8)
+  buffer = io.BytesIO()
+  Image.fromarray(image).save(buffer, format="JPEG", quality=95)
+  full = sources.decode_image(buffer.getvalue())
+  assert full.shape == (800, 1200, 3)
+  # Fitted into 320: 320 x 213 is covered by the 1/2 scale (600 x 400), not by 1/4.
+  assert sources.decode_image(buffer.getvalue(), fit=320).shape == (400, 600, 3)
+  assert sources.decode_image(buffer.getvalue(), fit=200).shape == (200, 300, 3)   # 1/4
+  assert sources.decode_image(buffer.getvalue(), fit=140).shape == (100, 150, 3)   # 1/8
+  assert sources.decode_image(buffer.getvalue(), fit=700).shape == (800, 1200, 3)  # no gain
+  # After the resize the model sees almost the same pixels.
+  reduced = preprocessing.resize_and_pad(sources.decode_image(buffer.getvalue(), fit=320), 320)
+  reference = preprocessing.resize_and_pad(full, 320)
+  assert np.abs(reduced.astype(float) - reference).mean() < 0.5
+  # PNG (no DCT scales) decodes whole.
+  png = io.BytesIO()
+  Image.fromarray(image).save(png, format="PNG")
+  assert sources.decode_image(png.getvalue(), fit=320).shape == (800, 1200, 3)
+
+
+def test_plain_jpeg_sources_are_stored_as_they_are(tmp_path):
+  y, x = np.mgrid[0:96, 0:128]
+  pixels = np.stack([x * 2, y * 2, x + y], -1).astype(np.uint8)
+  plain, rotated, png = (str(tmp_path / n) for n in ("plain.jpg", "rotated.jpg", "image.png"))
+  Image.fromarray(pixels).save(plain, quality=90)
+  exif = Image.Exif()
+  exif[0x0112] = 6                                   # stored sideways, shown rotated
+  Image.fromarray(pixels).save(rotated, quality=90, exif=exif)
+  Image.fromarray(pixels).save(png)
+  with open(plain, "rb") as f:
+    assert builders.encode_image(sources.read_image(plain)) == f.read()   # the file itself
+  upright = sources.read_image(rotated)
+  assert upright.shape == (128, 96, 3) and sources.source_bytes(upright) is None
+  for path in (rotated, png):                        # pixels changed or not a JPEG: encoded
+    stored = builders.encode_image(sources.read_image(path))
+    assert Image.open(io.BytesIO(stored)).format == "JPEG"
+  # Pixels derived from a kept JPEG are not that JPEG any more.
+  image = sources.read_image(plain)
+  assert sources.source_bytes(image[:, ::-1]) is None and sources.source_bytes(image + 1) is None

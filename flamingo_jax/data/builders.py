@@ -2,9 +2,9 @@
 
 One builder per source kind. Datasets are written as ArrayRecord so that the pipeline reads
 them by index (`as_data_source`): per-process sharding by index and an exactly resumable
-iterator follow from that (pipeline.py). Images (and video frames) are stored as JPEG bytes
-that we encode and decode with PIL (`encode_image` / `sources.decode_image`), so reading needs
-no TensorFlow ops; the skip counts of the build go into the dataset's `metadata.json`
+iterator follow from that (pipeline.py). Images (and video frames) are stored as JPEG bytes:
+the source file itself when it is a plain upright RGB/greyscale JPEG, else encoded with PIL
+(`encode_image`); decoded with PIL (`sources.decode_image`), so reading needs no TensorFlow ops; the skip counts of the build go into the dataset's `metadata.json`
 (`info.metadata["skipped"]`).
 
     builder = builders.prepare("image_text", manual_dir="raw/laion", data_dir="tfds/laion")
@@ -76,6 +76,10 @@ def _image() -> tfds.features.Tensor:
 
 
 def encode_image(image: np.ndarray) -> bytes:
+  """JPEG bytes of `image`: its source file's when it is that file's unchanged decoding."""
+  kept = sources.source_bytes(image)
+  if kept is not None:
+    return kept
   buffer = io.BytesIO()
   Image.fromarray(image).save(buffer, format="JPEG", quality=_JPEG_QUALITY)
   return buffer.getvalue()

@@ -154,20 +154,20 @@ def process_example(kind: str, raw: dict, spec: Any, data: Any, tokenizer: tok.T
                                            [int(i) for i in raw["image_index"]],
                                            tokenizer.encode, p_next, tokenizer.special)
     tokens, kept = preprocessing.window(seq, length, n, rng, tokenizer.special.image)
-    images = [[sources.decode_image(raw["images"][i])] for i in kept]
+    images = [[sources.decode_image(raw["images"][i], fit=size)] for i in kept]
   else:
     leading = rng.random() < float(data.leading_space_prob)
     tokens = preprocessing.pair_tokens(_text(raw["text"]), tokenizer.encode, leading,
                                        tokenizer.special, max_tokens=length)
     if kind == "image_text":
-      images = [[sources.decode_image(raw["image"])]]
+      images = [[sources.decode_image(raw["image"], fit=size)]]
     else:
       all_frames, fps = raw["frames"], float(raw["fps"])
       if not 0 < fps <= sources.MAX_FPS:      # NaN too (datasets built before the check)
         raise sources.Skip("invalid_field", f"fps {fps}")
       idx = preprocessing.frame_indices(len(all_frames), fps, t,
                                         float(spec.get("frame_rate", 1.0)), rng)
-      images = [[sources.decode_image(all_frames[i]) for i in idx]]
+      images = [[sources.decode_image(all_frames[i], fit=size) for i in idx]]
   row = preprocessing.to_arrays(tokens, length, tokenizer.special)
   row["media"] = _media(images, n, t, size, data, rng)
   row["media_mask"] = np.arange(n) < len(images)

@@ -72,6 +72,9 @@ def check_image(image: np.ndarray) -> np.ndarray:
   return image
 
 
+_EXIF_ORIENTATION = 0x0112
+
+
 def _to_rgb(image: Image.Image) -> np.ndarray:
   """Any PIL mode -> uint8 [H, W, 3], as the image looks."""
   image = ImageOps.exif_transpose(image)
@@ -89,12 +92,43 @@ def _to_rgb(image: Image.Image) -> np.ndarray:
   return np.asarray(image.convert("RGB"))
 
 
-def decode_image(data: bytes, what: str = "") -> np.ndarray:
-  """Encoded bytes -> uint8 [H, W, 3]; a truncated or corrupt file raises Skip."""
+class DecodedJpeg(np.ndarray):
+  """A decoded image that is exactly its source JPEG's content (RGB or greyscale, upright):
+  `source_bytes` holds that file, so that dataset building stores it as it is instead of
+  encoding the pixels again (no second quality loss, no encoding time). Arrays derived from
+  it (slices, arithmetic) are plain pixels: they do not carry the bytes."""
+
+  source_bytes: bytes | None = None
+
+  def __array_finalize__(self, obj):
+    self.source_bytes = None
+
+
+def source_bytes(image: np.ndarray) -> bytes | None:
+  """The source JPEG an image is the unchanged decoding of, else None."""
+  return getattr(image, "source_bytes", None)
+
+
+def decode_image(data: bytes, what: str = "", fit: int = 0) -> np.ndarray:
+  """Encoded bytes -> uint8 [H, W, 3]; a truncated or corrupt file raises Skip.
+
+  `fit`: the square the image will be resized into (0: full size). A JPEG then decodes at
+  the smallest DCT scale (1/2, 1/4 or 1/8) whose size still covers the fitted size, which
+  skips most of the decoding work for sources much larger than the model's input."""
   try:
     with Image.open(io.BytesIO(data)) as image:
+      if fit and image.format == "JPEG":
+        w, h = image.size
+        scale = fit / max(w, h)
+        if scale < 0.5:
+          image.draft(image.mode, (max(1, round(w * scale)), max(1, round(h * scale))))
       image.load()                    # decodes fully: truncated files fail here
-      return _to_rgb(image)
+      pixels = _to_rgb(image)
+      if (not fit and image.format == "JPEG" and image.mode in ("RGB", "L")
+          and image.getexif().get(_EXIF_ORIENTATION, 1) == 1):
+        pixels = pixels.view(DecodedJpeg)
+        pixels.source_bytes = data
+      return pixels
   except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
     raise Skip("unreadable_image", f"{what}: {e}") from None
 
