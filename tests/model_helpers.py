@@ -1,7 +1,6 @@
 """Small builders shared by the model tests."""
 
 import haiku as hk
-import jax
 import jax.numpy as jnp
 import numpy as np
 

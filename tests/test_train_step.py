@@ -1,6 +1,5 @@
 """The distributed train step (DESIGN.md §8): mesh equivalence, accumulation, freezing, ZeRO-1."""
 
-import haiku as hk
 import jax
 import jax.numpy as jnp
 import numpy as np

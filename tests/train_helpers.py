@@ -76,14 +76,15 @@ def leaves_by_path(params):
 
 # -- whole runs (the trainer) ------------------------------------------------------------
 
-def two_stream_config_file(directory) -> str:
-  """A config file: tiny with m3w and vtp only (two_stream), for the costlier subprocess runs."""
-  path = os.path.join(str(directory), "two_stream.py")
+def stream_subset_config_file(directory, keep=("m3w",)) -> str:
+  """A config file: tiny with only the streams `keep` (cheaper subprocess runs: each stream
+  adds a loss and its gradient to the compiled step)."""
+  path = os.path.join(str(directory), "subset_config.py")
   with open(path, "w") as f:
     f.write(f"from flamingo_jax import config_base\n\n\n"
             f"def get_config(arg=None):\n"
             f"  config = config_base.load_config({config_path('tiny')!r})\n"
-            f"  for name in ('align', 'ltip'):\n"
+            f"  for name in [n for n in config.data.streams if n not in {tuple(keep)!r}]:\n"
             f"    del config.data.streams[name]\n"
             f"    del config.train.microbatches[name]\n"
             f"  return config\n")
