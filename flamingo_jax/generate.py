@@ -85,7 +85,7 @@ def load_media(images, video, size: int, frames: int) -> list[np.ndarray]:
   items = []
   try:
     for path in images:
-      items.append(preprocessing.resize_and_pad(sources.read_image(path), size)[None])
+      items.append(preprocessing.load_image(path, size)[None])
     if video:
       clip = sources.read_video(video)
       index = np.linspace(0, len(clip) - 1, min(frames, len(clip))).round().astype(int)

@@ -73,3 +73,44 @@ def test_random_shots_depend_only_on_seed_and_query():
   assert not np.array_equal(a, shots_lib.random_shots(1, 7, 100, 8))
   with pytest.raises(ValueError, match="32 shots asked for but the support set holds 16"):
     shots_lib.random_shots(0, 0, 16, 32)
+
+
+def test_rices_features_are_pooled_encoder_features_cached_by_fingerprint(tiny_config, tmp_path):
+  """The cached features of a support set: the frozen encoder's mean-pooled grid of each
+  image as training sees it; an identical query image picks its twin as the closest shot."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  from flamingo_jax import models  # pylint: disable=g-import-not-at-top
+  from flamingo_jax.data import preprocessing  # pylint: disable=g-import-not-at-top
+  from flamingo_jax.evaluation import features  # pylint: disable=g-import-not-at-top
+  from flamingo_jax.inference import engine as engine_lib  # pylint: disable=g-import-not-at-top
+  cfg = tiny_config.model
+  rng = np.random.RandomState(0)
+  paths = []
+  for i in range(5):
+    paths.append(str(tmp_path / f"{i}.png"))
+    Image.fromarray(rng.randint(0, 256, (40 + 8 * i, 64, 3)).astype(np.uint8)).save(paths[-1])
+  params = models.make_flamingo(cfg).init(
+      jax.random.key(0), np.zeros((1, 4), np.int32),
+      np.zeros((1, 1, 1, cfg.image_size, cfg.image_size, 3), np.uint8))
+  extract = features.FeatureExtractor(engine_lib.Engine(cfg, params), batch_size=4)
+  calls = []
+
+  def compute(image_paths):
+    calls.append(len(image_paths))
+    return extract(image_paths)
+  cache = str(tmp_path / "cache" / "support.npy")
+  support = features.cached_features(cache, paths, compute, key="run-a")
+  assert support.shape[0] == 5 and calls == [5]
+  # By hand: the encoder's final grid of image 2, mean-pooled.
+  stages = models.make_flamingo_stages(cfg)
+  image = preprocessing.load_image(paths[2], cfg.image_size)[None]
+  np.testing.assert_allclose(support[2], stages.apply.vision_features(params, None, image)[0],
+                             rtol=1e-5, atol=1e-6)
+  np.testing.assert_array_equal(features.cached_features(cache, paths, compute, key="run-a"),
+                                support)
+  assert calls == [5]                                   # read from the cache
+  features.cached_features(cache, paths, compute, key="run-b")
+  assert calls == [5, 5]                                # other parameters: computed again
+  query = extract([paths[3]])
+  assert shots_lib.rices_shots(query, support, shots=2)[0, -1] == 3

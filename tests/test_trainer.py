@@ -18,15 +18,17 @@ from flamingo_jax.training import checkpointing
 from flamingo_jax.training import sharding
 from flamingo_jax.training import train_step
 from flamingo_jax.training import trainer
-from train_helpers import env, losses, poison, small_config, train, train_command
+from train_helpers import env, losses, poison, small_config, stream_subset_config_file
+from train_helpers import train, train_command
 
 
 @pytest.mark.slow
 def test_sigterm_and_resume_log_exactly_the_same_losses(tmp_path):
   data = str(tmp_path / "data")
+  config = stream_subset_config_file(tmp_path, keep=("m3w", "vtp"))   # two iterator states
   straight, resumed = str(tmp_path / "straight"), str(tmp_path / "resumed")
-  train(train_command(straight, data, 40), devices=1)
-  proc = subprocess.Popen(train_command(resumed, data, 40), env=env(1), cwd=REPO,
+  train(train_command(straight, data, 40, config=config), devices=1)
+  proc = subprocess.Popen(train_command(resumed, data, 40, config=config), env=env(1), cwd=REPO,
                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
   metrics = os.path.join(resumed, "metrics.jsonl")
   deadline = time.time() + 600
@@ -39,7 +41,7 @@ def test_sigterm_and_resume_log_exactly_the_same_losses(tmp_path):
   stopped_at = max(losses(resumed))
   assert 15 <= stopped_at < 40, stopped_at
   assert stopped_at in [int(d) for d in os.listdir(os.path.join(resumed, "checkpoints"))]
-  train(train_command(resumed, data, 40), devices=1)
+  train(train_command(resumed, data, 40, config=config), devices=1)
   expected, got = losses(straight), losses(resumed)
   assert sorted(got) == list(range(1, 41))
   assert got == expected                                 # float equality, data order included

@@ -24,6 +24,7 @@ model's pixel mean (so padding normalises to 0); optional horizontal flip and co
 The pipeline ships uint8.
 """
 
+import os
 from typing import Callable, Sequence
 
 import numpy as np
@@ -64,6 +65,16 @@ def resize_and_pad(image: np.ndarray, size: int, *, flip: bool = False,
   top, left = (size - nh) // 2, (size - nw) // 2
   out[top:top + nh, left:left + nw] = image
   return out
+
+
+def load_image(path: str, size: int) -> np.ndarray:
+  """An image file -> uint8 [size, size, 3] as training sees it (no augmentation): decoded
+  (a large JPEG at a reduced DCT scale), fitted and padded. Raises sources.Skip for a
+  missing or unreadable file."""
+  if not os.path.isfile(path):
+    raise sources.Skip("missing_file", path)
+  with open(path, "rb") as f:
+    return resize_and_pad(sources.decode_image(f.read(), path, fit=size), size)
 
 
 def frame_indices(num_frames: int, fps: float, frames: int, frame_rate: float,

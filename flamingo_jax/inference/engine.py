@@ -63,6 +63,8 @@ class Engine:
     stages = models.make_flamingo_stages(model_config, compute_dtype=self.dtype)
     self._apply = stages.apply
     self._encode = jax.jit(self._encode_fn)
+    self._vision_features = jax.jit(
+        lambda params, images: self._apply.vision_features(params, None, images))
     self._prefill = jax.jit(self._prefill_fn, static_argnums=(4,))
     self._step = jax.jit(self._step_fn, donate_argnums=(4,))
     self._extend = jax.jit(self._extend_fn, donate_argnums=(4,))
@@ -145,6 +147,12 @@ class Engine:
     if media is None:
       return None
     return self._encode(self.params, self.put_batch(np.asarray(media, np.uint8)))
+
+  def vision_features(self, images: np.ndarray) -> np.ndarray:
+    """uint8 [N, H, W, 3] -> float32 [N, C]: the frozen encoder's pooled features (RICES),
+    on the host. N should divide over the mesh's 'data' axis."""
+    return self.to_host(self._vision_features(self.params,
+                                              self.put_batch(np.asarray(images, np.uint8))))
 
   def prefill(self, ids: np.ndarray, lengths: np.ndarray, visual: Optional[jax.Array],
               slots: Optional[int] = None) -> Prompt:

@@ -87,8 +87,7 @@ class Flamingo(hk.Module):
     r = cfg.resampler
     frames = media.reshape(b * n * t, h, w, c)                                   # [BNT, H, W, 3]
     vision_trainable = cfg.vision.trainable
-    encoder = nfnet.NFNet(cfg.vision.variant, activation=cfg.vision.activation,
-                          stochdepth_rate=cfg.vision.stochdepth_rate, name="vision_encoder")
+    encoder = self._vision_encoder()
 
     # Parameters are created in float32 whatever the compute dtype: Haiku layers take their
     # input's dtype, and every layer after this one sees activations derived from it.
@@ -108,6 +107,22 @@ class Flamingo(hk.Module):
         num_time_embeddings=r.num_time_embeddings, max_frames=r.max_frames,
         attention_impl=self.config.get("attention_impl", "einsum"),
         name="perceiver_resampler")(features)
+
+  @hk.name_like("__call__")           # paths: flamingo/vision_encoder
+  def _vision_encoder(self) -> nfnet.NFNet:
+    cfg = self.config.vision
+    return nfnet.NFNet(cfg.variant, activation=cfg.activation,
+                       stochdepth_rate=cfg.stochdepth_rate, name="vision_encoder")
+
+  @hk.name_like("__call__")
+  def vision_features(self, images: jax.Array) -> jax.Array:
+    """images uint8 [N, H, W, 3] -> the frozen encoder's final grid, mean-pooled, float32
+    [N, C]: what RICES compares (PAPER.md §6)."""
+    if images.ndim != 4 or images.shape[-1] != 3:
+      raise ValueError(f"images must be [N, H, W, 3] uint8, got shape {images.shape}")
+    x = ((images.astype(jnp.float32) - PIXEL_MEAN) / PIXEL_STD).astype(self.compute_dtype)
+    grid = self._vision_encoder()(x, is_training=False)                          # [N, h, w, C]
+    return jnp.mean(grid.astype(jnp.float32), axis=(1, 2))
 
   @hk.name_like("__call__")           # paths: flamingo/language_model, not ~_language_model
   def _language_model(self) -> language_model.LanguageModel:
@@ -170,6 +185,7 @@ def make_flamingo(config: Any, *, compute_dtype: Any = jnp.float32,
 
 class FlamingoStages(NamedTuple):
   encode_media: Any    # (params, rng, media, is_training=False) -> visual [B, N, R, D]
+  vision_features: Any  # (params, rng, images [N, H, W, 3]) -> pooled features [N, C]
   decode: Any          # (params, rng, input_ids, visual) -> logits [B, L, V]
   decode_cached: Any   # (params, rng, input_ids, positions, phi, cache, visual=None)
                        #   -> (logits [B, T, V], cache)
@@ -180,7 +196,8 @@ def make_flamingo_stages(config: Any, *, compute_dtype: Any = jnp.float32) -> hk
 
   def stages():
     model = Flamingo(config, compute_dtype=compute_dtype)
-    return model.__call__, FlamingoStages(model.encode_media, model.decode, model.decode_cached)
+    return model.__call__, FlamingoStages(model.encode_media, model.vision_features,
+                                          model.decode, model.decode_cached)
 
   return hk.multi_transform(stages)
 
