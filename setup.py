@@ -35,7 +35,8 @@ setuptools.setup(
         "tokenizers==0.23.3",
     ],
     extras_require={
-        "dev": ["pytest==9.2.0", "pytest-xdist==3.8.0"],   # tests/run.sh runs files in parallel
+        # tests/run.sh runs files in parallel; matplotlib draws the few-shot demo's plot.
+        "dev": ["pytest==9.2.0", "pytest-xdist==3.8.0", "matplotlib==3.10.8"],
         # libtpu lets a CPU-only machine compile for TPU topologies (tools/aot_compile.py).
         "tpu": ["libtpu==0.0.42.1"],
     },

@@ -63,7 +63,8 @@ def model_config(*, vocab_size: int, image_size: int, vision_variant: str, lm: d
                   trainable=False,    # True: the paper's fine-tuning recipe (PAPER.md §8)
                   init_checkpoint=""),
       resampler=dict(resampler or PAPER_RESAMPLER),
-      lm=dict(LM_OPTIONS, init_checkpoint="", **lm),
+      # lm.trainable: False (PAPER.md), True: the "LM unfrozen" ablation (Table 3 xiii).
+      lm=dict(LM_OPTIONS, init_checkpoint="", trainable=False) | lm,
       xattn=dict(every=xattn_every, num_heads=xattn_num_heads, key_size=xattn_key_size,
                  ffw_mult=4,
                  only_attend_immediate_media=True),  # False: attend to all earlier media
@@ -101,6 +102,8 @@ def base_config(model: ml_collections.ConfigDict, *, streams: dict, image_size: 
       augment=dict(flip=False, color_jitter=0.0),
       synthetic_examples=2000,        # per stream, when manual_dir == "synthetic"
       synthetic_image_size=96,        # their pixels (square; video frames too)
+      synthetic_in_context=0.5,       # share of interleaved documents that name shapes with
+      synthetic_pairs=(2, 4),         #   made-up words; image-text pairs per document
       prefetch=2,                     # batches queued ahead of the step
       workers=0,                      # decode threads; 0 = one per CPU
   ))

@@ -24,9 +24,7 @@ process runs the same command and process 0 prints (gloo collectives on CPU).
 
 import json
 import os
-import re
 import sys
-import time
 
 from absl import flags
 from absl import logging
@@ -58,25 +56,8 @@ _COORDINATOR = flags.DEFINE_string("coordinator_address", "", "HOST:PORT of proc
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", 1, "Processes in the run.")
 _PROCESS_ID = flags.DEFINE_integer("process_id", 0, "This process's index.")
 
-MARKERS = re.compile(r"(<image>|<EOC>)")
-
-
 class BadRow(ValueError):
   """A prompt row that cannot run; the message says why."""
-
-
-def encode_prompt(text: str, tokenizer) -> list[int]:
-  """BOS + text with `<image>` / `<EOC>` markers placed as their ids (never tokenised)."""
-  special = tokenizer.special
-  ids = [special.bos]
-  for piece in MARKERS.split(text):
-    if piece == "<image>":
-      ids.append(special.image)
-    elif piece == "<EOC>":
-      ids.append(special.eoc)
-    elif piece:
-      ids.extend(tokenizer.encode(piece))
-  return ids
 
 
 def load_media(images, video, size: int, frames: int) -> list[np.ndarray]:
@@ -87,9 +68,7 @@ def load_media(images, video, size: int, frames: int) -> list[np.ndarray]:
     for path in images:
       items.append(preprocessing.load_image(path, size)[None])
     if video:
-      clip = sources.read_video(video)
-      index = np.linspace(0, len(clip) - 1, min(frames, len(clip))).round().astype(int)
-      items.append(np.stack([preprocessing.resize_and_pad(clip[i], size) for i in index]))
+      items.append(preprocessing.load_video(video, size, frames))
   except sources.Skip as e:
     raise BadRow(str(e)) from None
   return items
@@ -109,17 +88,6 @@ def stack_media(rows: list[list[np.ndarray]]) -> np.ndarray | None:
     for j, item in enumerate(r):
       out[i, j] = item
   return out
-
-
-def continuation_text(tokens, tokenizer) -> str:
-  """Generated ids -> text, cut at `<EOC>` (and EOS), on one line."""
-  special = tokenizer.special
-  cut = []
-  for t in tokens:
-    if t in (special.eoc, special.eos):
-      break
-    cut.append(t)
-  return tokenizer.decode(cut).replace("\n", " ").strip()
 
 
 def decode_options() -> dict:
@@ -151,39 +119,6 @@ def read_rows(path: str) -> list[dict]:
   return rows
 
 
-class Progress:
-  """`[generate] done/total rows, rows/s, ETA` on stderr (a terminal line, updated)."""
-
-  def __init__(self, total: int, enabled: bool):
-    self.total, self.enabled, self.done, self.start = total, enabled, 0, time.time()
-
-  def update(self, count: int) -> None:
-    self.done += count
-    if not self.enabled:
-      return
-    rate = self.done / max(time.time() - self.start, 1e-9)
-    eta = (self.total - self.done) / max(rate, 1e-9)
-    end = "\n" if self.done >= self.total else ""
-    print(f"\r[generate] {self.done}/{self.total} rows, {rate:.2f} rows/s, eta {eta:.0f}s",
-          end=end, file=sys.stderr, flush=True)
-
-
-def _place(config, params):
-  """(params on the --mesh, mesh) or (params, None) without one."""
-  import jax  # pylint: disable=g-import-not-at-top
-  from flamingo_jax.training import sharding  # pylint: disable=g-import-not-at-top
-  if not _MESH.value:
-    return params, None
-  data, model = sharding.parse_mesh(_MESH.value, -1, 1)
-  mesh = sharding.make_mesh(data, model)
-  sharding.check_model_fits_mesh(config.model, model)
-  specs = sharding.named(mesh, sharding.param_specs(params, sharding.rules_for(config.model,
-                                                                                model)))
-  params = jax.device_get(params)
-  return jax.tree.map(lambda x, s: jax.make_array_from_callback(x.shape, s, lambda i: x[i]),
-                      params, specs), mesh
-
-
 def main(argv):
   del argv
   import jax  # pylint: disable=g-import-not-at-top
@@ -193,6 +128,7 @@ def main(argv):
                                process_id=_PROCESS_ID.value)
   from flamingo_jax import inference, weights  # pylint: disable=g-import-not-at-top
   from flamingo_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+  from flamingo_jax.data import tokenizer as tok  # pylint: disable=g-import-not-at-top
   from flamingo_jax.tools import model_params  # pylint: disable=g-import-not-at-top
   if not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)
@@ -211,7 +147,7 @@ def main(argv):
     else:
       rows = [{"prompt": _PROMPT.value, "images": list(_IMAGE.value), "video": _VIDEO.value}]
     params, _ = model_params.load(config, _WORKDIR.value or _PARAMS.value)
-    params, mesh = _place(config, params)
+    params, mesh = model_params.place(config, params, _MESH.value)
   except (BadRow, ValueError, FileNotFoundError, weights.CheckpointError) as e:
     sys.exit(f"error: {e}")
   size = config.model.image_size
@@ -220,7 +156,7 @@ def main(argv):
     try:
       if "error" in row:
         raise BadRow(row["error"])
-      ids = encode_prompt(row["prompt"], tokenizer)
+      ids = tok.encode_with_markers(row["prompt"], tokenizer)
       items = load_media(row["images"], row["video"], size, _FRAMES.value)
       images = ids.count(tokenizer.special.image)
       if images != len(items):
@@ -236,7 +172,7 @@ def main(argv):
   outputs, errors = {}, {i: e for i, e in (p for p in prepared if len(p) == 2)}
   stop = (tokenizer.special.eoc, tokenizer.special.eos)
   main_process = jax.process_index() == 0
-  progress = Progress(len(good), enabled=bool(_BATCH_FILE.value) and main_process)
+  progress = cli.Progress(len(good), "generate", unit="rows", enabled=bool(_BATCH_FILE.value) and main_process)
   # Rows with the same frame count decode together (one media array per batch).
   by_frames = {}
   for p in good:
@@ -249,7 +185,7 @@ def main(argv):
             engine, [p[1] for p in batch], stack_media([p[2] for p in batch]),
             max_new_tokens=_MAX_NEW.value, stop_ids=stop, **options)
         for p, result in zip(batch, results):
-          outputs[p[0]] = continuation_text(result[0].tokens, tokenizer)
+          outputs[p[0]] = tok.decode_until_stop(result[0].tokens, tokenizer)
       except (BadRow, ValueError) as e:
         for p in batch:
           errors[p[0]] = str(e)

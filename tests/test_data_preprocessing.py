@@ -18,6 +18,12 @@ def test_special_ids_are_fixed_and_never_come_from_text():
   # No dummy prefix: a leading space is a different first token (leading-space augmentation).
   assert tk.encode("one blue square") == ids(tk, "one", "▁blue", "▁square")
   assert tk.encode(" one blue square") == ids(tk, "▁one", "▁blue", "▁square")
+  # Prompts with markers; generated ids decoded up to <EOC>, the model's padded vocabulary
+  # rows (ids past the tokenizer's pieces) dropped.
+  prompt = tok.encode_with_markers("<image>one blue square<EOC><image>one", tk)
+  assert prompt == ids(tk, BOS, IMG, "one", "▁blue", "▁square", EOC, IMG, "one")
+  assert tok.decode_until_stop(ids(tk, "▁blue") + [tk.vocab_size, tk.vocab_size + 5]
+                               + ids(tk, "▁square", EOC, "▁red"), tk) == "blue square"
 
 
 DOC_TEXTS = ["a page about shapes.", "two red circles", "one blue square"]

@@ -26,21 +26,39 @@ IMAGES = {
                  "val/n01443537/d.JPEG", "val/n01443537/notes.txt"],
 }
 IMAGES["okvqa"] = IMAGES["vqav2"]
+# Clips: "<name>.npy" files or frame folders "<name>/" (made here, 3 frames).
+CLIPS = {
+    "msvd_qa": ["videos/vid1.npy", "videos/vid1201/", "videos/vid1202.npy"],
+    "msrvtt_qa": ["videos/video0/", "videos/video7010.npy"],          # video7011 is missing
+    "vatex": ["videos/Ptf_2VRj-V0_000122_000132.npy", "videos/G9zN5TTuGO4_000179_000189/"],
+    "youcook2": ["videos/GLd3aX16zBg_0.npy", "videos/GLd3aX16zBg_1.npy", "videos/xHr8X2Wpmno_0/"],
+}
 
 
 def task_dir(tmp_path, name):
   root = tmp_path / name
   shutil.copytree(os.path.join(FIXTURES, name), root)
-  for relative in IMAGES[name]:
+  for relative in IMAGES.get(name, []):
     path = root / relative
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(np.full((8, 8, 3), 128, np.uint8)).save(path, format="PNG")
+  for relative in CLIPS.get(name, []):
+    path = root / relative
+    frames = np.random.default_rng(0).integers(0, 256, (3, 24, 32, 3)).astype(np.uint8)
+    if relative.endswith("/"):
+      path.mkdir(parents=True)
+      for t, frame in enumerate(frames):
+        Image.fromarray(frame).save(path / f"{t:05d}.png")
+    else:
+      path.parent.mkdir(parents=True, exist_ok=True)
+      np.save(path, frames)
   return str(root)
 
 
 def test_every_task_is_registered_with_a_known_mode_and_metric():
-  assert tasks.names() == ["coco", "flickr30k", "hateful_memes", "imagenet", "okvqa", "textvqa",
-                           "vizwiz", "vqav2"]
+  assert tasks.names() == ["coco", "flickr30k", "hateful_memes", "imagenet", "msrvtt_qa",
+                           "msvd_qa", "naming", "okvqa", "textvqa", "vatex", "vizwiz", "vqav2",
+                           "youcook2"]
   for name in tasks.names():
     task = tasks.get(name)
     assert task.metric in ("cider", "vqa", "roc_auc", "top1") and task.mode in ("generate",
@@ -109,3 +127,43 @@ def test_bad_task_directories(tmp_path):
   shutil.rmtree(os.path.join(root, "val", "n01443537"))
   with pytest.raises(FileNotFoundError, match=r"class folder .*val/n01443537 is missing"):
     tasks.get("imagenet").load(root)
+
+
+def test_video_tasks_read_clips_as_npy_or_frame_folders(tmp_path):
+  root = task_dir(tmp_path, "msvd_qa")
+  split = tasks.get("msvd_qa").load(root)
+  assert tasks.get("msvd_qa").modality == "video"
+  assert [(e.id, e.fields["question"], e.references) for e in split.queries] == [
+      ("30933", "what is running across the yard?", ["dog"]),
+      ("30934", "what is the dog doing?", ["run"]), ("30935", "who is cooking?", ["woman"])]
+  assert split.queries[0].media == os.path.join(root, "videos", "vid1201")          # a folder
+  assert split.queries[2].media == os.path.join(root, "videos", "vid1202.npy")
+  assert [e.id for e in split.support] == ["0", "1"]
+  msrvtt = tasks.get("msrvtt_qa").load(task_dir(tmp_path, "msrvtt_qa"))
+  assert [e.id for e in msrvtt.queries] == ["158581"] and msrvtt.skipped == {"missing_image": 1}
+  vatex = tasks.get("vatex").load(task_dir(tmp_path, "vatex"))
+  assert vatex.queries[0].references == ["A woman is slicing a cucumber in a kitchen.",
+                                         "Someone cuts vegetables on a board."]
+  assert vatex.support[0].references[1] == "A person plays an acoustic guitar."
+  assert vatex.skipped == {"missing_image": 1}
+  cook = tasks.get("youcook2").load(task_dir(tmp_path, "youcook2"))
+  assert [(e.id, e.references) for e in cook.support] == [
+      ("GLd3aX16zBg_0", ["spread margarine on two slices of white bread"]),
+      ("GLd3aX16zBg_1", ["place a slice of cheese on the bread"])]
+  assert [(e.id, e.references) for e in cook.queries] == [("xHr8X2Wpmno_0", ["add oil to the pan"])]
+  assert prompts.build(prompts.CAPTION, cook.support[:1], cook.queries[0]).text == \
+      "<image>Output: spread margarine on two slices of white bread<EOC><image>Output:"
+
+
+def test_naming_task_binds_words_to_shapes(tmp_path):
+  from flamingo_jax.data import synthetic  # pylint: disable=g-import-not-at-top
+  synthetic.write_naming_task(str(tmp_path), seed=3, support=6, queries=9, size=32)
+  split = tasks.get("naming").load(str(tmp_path))
+  assert len(split.support) == 6 and len(split.queries) == 9 and len(split.candidates) == 3
+  with open(tmp_path / "naming.json") as f:
+    spec = __import__("json").load(f)
+  assert sorted(spec["names"].values()) == list(split.candidates)
+  for example, row in zip(split.queries, spec["queries"]):
+    assert example.references == [spec["names"][row["shape"]]]
+  assert prompts.build(prompts.NAMING, split.support[:1], split.queries[0]).text == \
+      f"<image>this is a {split.support[0].references[0]}.<EOC><image>this is a"

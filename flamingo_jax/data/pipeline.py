@@ -52,11 +52,14 @@ def synthetic_raw_dir(config: Any, name: str) -> str:
 
 
 def _write_synthetic(kind: str, directory: str, count: int, seed: int, spec: Any,
-                     size: int) -> None:
+                     data: Any) -> None:
   if os.path.exists(os.path.join(directory, "_COMPLETE")):
     return
+  size = int(data.synthetic_image_size)
   if kind == "interleaved":
-    synthetic.write_interleaved(directory, count, seed, size=size)
+    synthetic.write_interleaved(directory, count, seed, size=size,
+                                in_context=float(data.synthetic_in_context),
+                                pairs=tuple(data.synthetic_pairs))
   elif kind == "image_text":
     synthetic.write_image_text(directory, count, seed, size=size)
   else:
@@ -75,8 +78,7 @@ def prepare_stream(config: Any, name: str):
     manual_dir = synthetic_raw_dir(config, name)
     index = list(config.data.streams).index(name)
     _write_synthetic(spec.source, manual_dir, config.data.synthetic_examples,
-                     seed=1000 * config.seed + index, spec=spec,
-                     size=int(config.data.synthetic_image_size))
+                     seed=1000 * config.seed + index, spec=spec, data=config.data)
   elif not manual_dir:
     raise ValueError(f"config.data.streams.{name}.manual_dir is empty: the folder of raw "
                      f"{spec.source} files (sources.py), or {SYNTHETIC!r}")

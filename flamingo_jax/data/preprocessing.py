@@ -77,6 +77,16 @@ def load_image(path: str, size: int) -> np.ndarray:
     return resize_and_pad(sources.decode_image(f.read(), path, fit=size), size)
 
 
+def load_video(path: str, size: int, frames: int) -> np.ndarray:
+  """A clip (.npy uint8 [T, H, W, 3] or a folder of frames) -> uint8 [frames, size, size, 3]:
+  frames evenly spaced over it (a shorter clip repeats frames: every clip of a batch has the
+  same length), fitted and padded as training does. Raises sources.Skip for a missing or
+  unreadable clip."""
+  clip = sources.read_video(path)
+  index = np.linspace(0, len(clip) - 1, frames).round().astype(int)
+  return np.stack([resize_and_pad(clip[i], size) for i in index])
+
+
 def frame_indices(num_frames: int, fps: float, frames: int, frame_rate: float,
                   rng: np.random.Generator | None) -> np.ndarray:
   """Indices of `frames` frames `1/frame_rate` s apart in a clip of `num_frames` at `fps`.

@@ -83,31 +83,65 @@ def _save_png(array: np.ndarray, path: str) -> None:
   Image.fromarray(array).save(path, format="PNG")
 
 
-def document(rng: np.random.Generator, size: int = 96):
-  """An interleaved document: list of {"text"} / {"image": array} entries."""
-  pairs = int(rng.integers(2, 5))
+def document(rng: np.random.Generator, size: int = 96, in_context: float = 0.5,
+             pairs: tuple[int, int] = (2, 4)):
+  """An interleaved document: list of {"text"} / {"image": array} entries, `pairs` (low,
+  high) image-text pairs; an `in_context` fraction of documents name shapes with made-up
+  words (`naming_text`)."""
+  count = int(rng.integers(pairs[0], pairs[1] + 1))
   entries = [{"text": "a page about shapes."}] if rng.random() < 0.5 else []
-  if rng.random() < 0.5:                         # in-context naming
+  if rng.random() < in_context:                  # in-context naming
     names = dict(zip(SHAPES, rng.permutation(NONCE_WORDS)[:len(SHAPES)]))
-    for _ in range(pairs):
+    for _ in range(count):
       image, attrs = scene(rng, size)
-      entries += [{"image": image}, {"text": f"this is a {names[attrs['shape']]}."}]
+      entries += [{"image": image}, {"text": naming_text(names[attrs["shape"]])}]
   else:
-    for _ in range(pairs):
+    for _ in range(count):
       image, attrs = scene(rng, size)
       entries += [{"image": image}, {"text": f"a picture of {caption(attrs)}."}]
   return entries
 
 
-def write_interleaved(directory: str, count: int, seed: int, layout: str = "jsonl",
+def naming_text(word: str) -> str:
+  return f"this is a {word}."
+
+
+def write_naming_task(directory: str, seed: int, support: int = 64, queries: int = 100,
                       size: int = 96) -> str:
-  """`count` documents as `docs.jsonl` (layout "jsonl") or MMC4-style `docs.jsonl` ("mmc4")."""
+  """The few-shot naming benchmark (evaluation/tasks.py "naming"): one binding of made-up
+  words to shapes, drawn from `seed`, a support set and queries of new scenes named by it.
+  Training documents bind words afresh per document, so only the shots of a prompt tell the
+  model this binding. Writes `naming.json` {"names": {shape: word}, "support": [...],
+  "queries": [...]} (rows {"image", "name"}) and images/."""
+  rng = np.random.default_rng(seed)
+  names = dict(zip(SHAPES, (str(w) for w in rng.permutation(NONCE_WORDS)[:len(SHAPES)])))
+  out = {"names": names}
+  for split, count in (("support", support), ("queries", queries)):
+    rows = []
+    for k in range(count):
+      image, attrs = scene(rng, size)
+      name = f"images/{split}_{k:05d}.png"
+      _save_png(image, os.path.join(directory, name))
+      rows.append({"image": name, "name": names[attrs["shape"]], "shape": attrs["shape"]})
+    out[split] = rows
+  path = os.path.join(directory, "naming.json")
+  with open(path + ".tmp", "w") as f:
+    json.dump(out, f, indent=1)
+  os.replace(path + ".tmp", path)
+  return path
+
+
+def write_interleaved(directory: str, count: int, seed: int, layout: str = "jsonl",
+                      size: int = 96, in_context: float = 0.5,
+                      pairs: tuple[int, int] = (2, 4)) -> str:
+  """`count` documents (`document`) as `docs.jsonl` (layout "jsonl") or MMC4-style
+  `docs.jsonl` ("mmc4")."""
   rng = np.random.default_rng(seed)
   path = os.path.join(directory, "docs.jsonl")
   os.makedirs(directory, exist_ok=True)
   with open(path, "w") as f:
     for d in range(count):
-      entries = document(rng, size)
+      entries = document(rng, size, in_context, pairs)
       content, texts, infos = [], [], []
       for i, entry in enumerate(entries):
         if "image" in entry:
@@ -186,7 +220,7 @@ def corpus(seed: int = 0, count: int = 2000) -> list[str]:
     attrs = dict(colour=str(rng.choice(list(COLOURS))), shape=str(rng.choice(SHAPES)),
                  count=int(rng.integers(1, 4)))
     out += [caption(attrs), " " + caption(attrs), f"a picture of {caption(attrs)}.",
-            f"this is a {rng.choice(NONCE_WORDS)}.",
+            naming_text(rng.choice(NONCE_WORDS)),
             f"a {attrs['colour']} {attrs['shape']} moving {rng.choice(list(DIRECTIONS))}",
             f" a {attrs['colour']} {attrs['shape']} moving {rng.choice(list(DIRECTIONS))}"]
   return out

@@ -22,6 +22,7 @@ guarantee as the control symbols above); `decode` writes them as `<image>` / `<E
 import io
 import json
 import os
+import re
 from typing import Iterable, NamedTuple
 
 import sentencepiece as spm
@@ -81,11 +82,12 @@ class Tokenizer:
     return self._sp.encode(text)
 
   def decode(self, ids: Iterable[int]) -> str:
-    """Text of `ids`, special tokens written as their pieces; padding dropped."""
-    out, run = [], []
+    """Text of `ids`, special tokens written as their pieces; padding dropped, and ids past
+    the tokenizer's pieces (the model's vocabulary padded beyond it) too."""
+    out, run, size = [], [], self.vocab_size
     for i in ids:
       i = int(i)
-      if i == PAD_ID:
+      if i == PAD_ID or i >= size:
         continue
       if i in (BOS_ID, EOS_ID, IMAGE_ID, EOC_ID):
         out.append(self._sp.decode(run))
@@ -152,6 +154,35 @@ class HFTokenizer:
         run.append(i)
     out.append(self._tok.decode(run, skip_special_tokens=False))
     return "".join(out)
+
+
+_MARKERS = re.compile(r"(<image>|<EOC>)")
+
+
+def encode_with_markers(text: str, tokenizer) -> list[int]:
+  """BOS + `text`, whose `<image>` / `<EOC>` markers become their ids (never tokenised): a
+  prompt as training sequences look (generation, evaluation)."""
+  special = tokenizer.special
+  ids = [special.bos]
+  for piece in _MARKERS.split(text):
+    if piece == IMAGE_PIECE:
+      ids.append(special.image)
+    elif piece == EOC_PIECE:
+      ids.append(special.eoc)
+    elif piece:
+      ids.extend(tokenizer.encode(piece))
+  return ids
+
+
+def decode_until_stop(tokens, tokenizer) -> str:
+  """Generated ids -> text on one line, cut at the first `<EOC>` or EOS."""
+  special = tokenizer.special
+  cut = []
+  for t in tokens:
+    if t in (special.eoc, special.eos):
+      break
+    cut.append(t)
+  return tokenizer.decode(cut).replace("\n", " ").strip()
 
 
 def load(path: str):

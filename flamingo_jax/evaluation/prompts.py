@@ -62,6 +62,7 @@ QA = PromptFormat("qa", "Question: {question} Answer: {answer}", "answer")  # QA
 HATEFUL_MEMES = PromptFormat(
     "hateful_memes", 'is an image with written: "{text}" on it. Is it hateful? Answer: {answer}',
     "answer")
+NAMING = PromptFormat("naming", "this is a {name}.", "name")   # the synthetic naming task
 
 
 @dataclasses.dataclass(frozen=True)

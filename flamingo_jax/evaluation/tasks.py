@@ -23,6 +23,15 @@ Files each task expects under its directory (the official names):
 | vizwiz | `{train,val}.json` (Annotations), images in `train/`, `val/` |
 | hateful_memes | `train.jsonl`, `dev_seen.jsonl` (`img` paths relative to the directory) |
 | imagenet | `classnames.txt` (`<folder> <class name>` per line), `train/<folder>/*`, `val/<folder>/*` |
+| msvd_qa | `train_qa.json`, `test_qa.json` (rows `{id, video_id, question, answer}`), clips `videos/vid<video_id>` |
+| msrvtt_qa | `train_qa.json`, `test_qa.json` (as msvd_qa), clips `videos/video<video_id>` |
+| vatex | `vatex_training_v1.0.json`, `vatex_validation_v1.0.json` (rows `{videoID, enCap}`), clips `videos/<videoID>` |
+| youcook2 | `youcookii_annotations_trainval.json` (`database`: per video its subset and segments), clips `videos/<video>_<segment id>` |
+| naming | `naming.json` (data/synthetic.py `write_naming_task`: the few-shot demo's task) |
+
+A clip is a folder of frames or a `.npy` uint8 [T, H, W, 3] (`<name>.npy`, else the folder
+`<name>`): videos are decoded to frames beforehand (e.g. `ffmpeg -i v.mp4 -r 3 d/%05d.jpg`),
+so evaluation needs no video codec.
 
 Adding a task: a loader `data_dir -> Split` and one `register(Task(...))` line (WORKSPACE.md).
 """
@@ -103,10 +112,11 @@ def _read_jsonl(path: str) -> list[dict]:
 
 
 def _keep_present(examples: Sequence[Example], skipped: dict) -> list[Example]:
-  """Examples whose image file exists; the others counted as missing_image."""
+  """Examples whose media (an image file, a clip folder or .npy) exist; the others counted
+  as missing_image."""
   kept = []
   for example in examples:
-    if os.path.isfile(example.media):
+    if os.path.exists(example.media):
       kept.append(example)
     else:
       skipped["missing_image"] = skipped.get("missing_image", 0) + 1
@@ -232,3 +242,66 @@ def _image_folder(data_dir: str) -> Split:
 
 register(Task("hateful_memes", _hateful_memes, prompts.HATEFUL_MEMES, "score", "roc_auc"))
 register(Task("imagenet", _image_folder, prompts.CAPTION, "score", "top1"))
+
+
+# -- video ---------------------------------------------------------------------------------
+
+def _clip(directory: str, name: str) -> str:
+  """A clip's path: `<name>.npy` when present, else the frame folder `<name>`."""
+  path = os.path.join(directory, name)
+  return path + ".npy" if os.path.isfile(path + ".npy") else path
+
+
+def _video_qa(prefix: str) -> Callable[[str], Split]:
+  """MSVD-QA / MSRVTT-QA (Xu et al. 2017): {train,test}_qa.json; top-1 of the generated answer."""
+  def load(data_dir: str) -> Split:
+    def examples(split):
+      return [Example(str(r["id"]), _clip(os.path.join(data_dir, "videos"),
+                                          f"{prefix}{r['video_id']}"),
+                      {"question": r["question"]}, [r["answer"]])
+              for r in _read_json(os.path.join(data_dir, f"{split}_qa.json"))]
+    return _split(examples("train"), examples("test"))
+  return load
+
+
+def _vatex(data_dir: str) -> Split:
+  def examples(name):
+    return [Example(r["videoID"], _clip(os.path.join(data_dir, "videos"), r["videoID"]),
+                    references=[c.strip() for c in r["enCap"]])
+            for r in _read_json(os.path.join(data_dir, name))]
+  return _split(examples("vatex_training_v1.0.json"), examples("vatex_validation_v1.0.json"))
+
+
+def _youcook2(data_dir: str) -> Split:
+  database = _read_json(os.path.join(data_dir, "youcookii_annotations_trainval.json"))["database"]
+  by_subset = {"training": [], "validation": []}
+  for video, entry in sorted(database.items()):
+    for segment in entry["annotations"]:
+      name = f"{video}_{segment['id']}"
+      if entry["subset"] in by_subset:
+        by_subset[entry["subset"]].append(Example(
+            name, _clip(os.path.join(data_dir, "videos"), name),
+            references=[segment["sentence"].strip()]))
+  return _split(by_subset["training"], by_subset["validation"])
+
+
+register(Task("msvd_qa", _video_qa("vid"), prompts.QA, "generate", "top1", "video"))
+register(Task("msrvtt_qa", _video_qa("video"), prompts.QA, "generate", "top1", "video"))
+register(Task("vatex", _vatex, prompts.CAPTION, "generate", "cider", "video"))
+register(Task("youcook2", _youcook2, prompts.CAPTION, "generate", "cider", "video"))
+
+
+# -- the synthetic few-shot naming task ------------------------------------------------------
+
+def _naming(data_dir: str) -> Split:
+  """Made-up words bound to shapes (data/synthetic.py write_naming_task): a query is named by
+  scoring each bound word; only the shots tell the binding (chance: one in three)."""
+  spec = _read_json(os.path.join(data_dir, "naming.json"))
+
+  def examples(split):
+    return [Example(f"{split}_{k}", os.path.join(data_dir, r["image"]), references=[r["name"]])
+            for k, r in enumerate(spec[split])]
+  return _split(examples("support"), examples("queries"), candidates=sorted(spec["names"].values()))
+
+
+register(Task("naming", _naming, prompts.NAMING, "score", "top1"))

@@ -232,36 +232,45 @@ def component_of(module_path: str) -> str:
   raise ValueError(f"parameter path {module_path!r} belongs to no Flamingo component")
 
 
-def is_trainable(module_path: str, *, train_vision: bool = False) -> bool:
+def is_trainable(module_path: str, *, train_vision: bool = False,
+                 train_lm: bool = False) -> bool:
   """The one predicate for trainable vs frozen (DESIGN.md §5).
 
   Trainable: resampler, gated xattn blocks, the new-token rows; the vision encoder too
-  with `train_vision` (the paper's fine-tuning recipe, PAPER.md §8). Frozen: the LM.
+  with `train_vision` (the paper's fine-tuning recipe, PAPER.md §8). Frozen: the LM, unless
+  `train_lm` (the paper's "LM unfrozen" ablation, PAPER.md Table 3 xiii; the few-shot demo,
+  whose tiny LM has no pretraining).
   """
   component = component_of(module_path)
   if component in ("resampler", "xattn"):
     return True
   if component == "vision":
     return train_vision
-  return bool(_NEW_TOKEN_PATTERN.search(module_path))
+  return train_lm or bool(_NEW_TOKEN_PATTERN.search(module_path))
+
+
+def trainable_predicate(config: Any):
+  """module path -> trainable?, for `config` (config.model)."""
+  train_vision = bool(config.vision.trainable)
+  train_lm = bool(config.lm.get("trainable", False))
+  return lambda module: is_trainable(module, train_vision=train_vision, train_lm=train_lm)
 
 
 def split_trainable(params: Mapping, config: Any) -> tuple[hk.Params, hk.Params]:
   """(trainable, frozen) Haiku param dicts, by `is_trainable` on each module path."""
-  train_vision = config.vision.trainable
-  return hk.data_structures.partition(
-      lambda module, name, value: is_trainable(module, train_vision=train_vision), params)
+  trainable = trainable_predicate(config)
+  return hk.data_structures.partition(lambda module, name, value: trainable(module), params)
 
 
 def count_by_component(params: Mapping, config: Any) -> dict[str, int]:
   """Parameter counts {lm, vision, resampler, xattn, total, trainable, frozen} (shapes suffice)."""
   counts = dict.fromkeys(COMPONENTS + ("total", "trainable", "frozen"), 0)
+  trainable = trainable_predicate(config)
   for module, name, value in hk.data_structures.traverse(params):
     size = int(np.prod(value.shape))
     counts[component_of(module)] += size
     counts["total"] += size
-    trainable = is_trainable(module, train_vision=config.vision.trainable)
-    counts["trainable" if trainable else "frozen"] += size
+    counts["trainable" if trainable(module) else "frozen"] += size
   return counts
 
 

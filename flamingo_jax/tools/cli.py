@@ -9,6 +9,7 @@ override of a key the config does not have (`--config.train.stepz=3`, with ml_co
 """
 
 import sys
+import time
 
 from absl import app
 from absl import flags
@@ -68,3 +69,22 @@ def parse_flags(argv: list[str]) -> list[str]:
 
 def run(main) -> None:
   app.run(main, flags_parser=parse_flags)
+
+
+class Progress:
+  """`[label] done/total unit, rate, ETA` on stderr, one terminal line updated in place
+  (long batch commands: generate, evaluate)."""
+
+  def __init__(self, total: int, label: str, *, unit: str = "items", enabled: bool = True):
+    self.total, self.label, self.unit, self.enabled = total, label, unit, enabled
+    self.done, self.start = 0, time.time()
+
+  def update(self, count: int) -> None:
+    self.done += count
+    if not self.enabled:
+      return
+    rate = self.done / max(time.time() - self.start, 1e-9)
+    eta = (self.total - self.done) / max(rate, 1e-9)
+    end = "\n" if self.done >= self.total else ""
+    print(f"\r[{self.label}] {self.done}/{self.total} {self.unit}, {rate:.2f} {self.unit}/s, "
+          f"eta {eta:.0f}s", end=end, file=sys.stderr, flush=True)

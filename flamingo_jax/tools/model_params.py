@@ -1,6 +1,7 @@
 """Parameters for inference and checks, from wherever a user has them.
 
   params, from_seed = load(config, path)
+  params, mesh = place(config, params, "data=2,model=4")     # or "": one device, no mesh
 
 `path`: a run's workdir (its newest loadable checkpoint, with the frozen towers it trained
 with), an import_weights output folder, or a parameter directory (its `params/`).
@@ -47,3 +48,19 @@ def load(config: Any, path: str) -> tuple[hk.Params, list[str]]:
   missing = sorted(f"{m}/{n}" for m, n, _ in hk.data_structures.traverse(init_params)
                    if (m, n) not in names)
   return hk.data_structures.merge(init_params, loaded), missing
+
+
+def place(config: Any, params: hk.Params, mesh_spec: str):
+  """(params sharded over a `data=D,model=M` mesh by training's partition rules, the mesh),
+  or (params, None) when `mesh_spec` is empty (inference on one device)."""
+  from flamingo_jax.training import sharding  # pylint: disable=g-import-not-at-top
+  if not mesh_spec:
+    return params, None
+  data, model = sharding.parse_mesh(mesh_spec, -1, 1)
+  mesh = sharding.make_mesh(data, model)
+  sharding.check_model_fits_mesh(config.model, model)
+  specs = sharding.named(mesh, sharding.param_specs(params, sharding.rules_for(config.model,
+                                                                                model)))
+  params = jax.device_get(params)
+  return jax.tree.map(lambda x, s: jax.make_array_from_callback(x.shape, s, lambda i: x[i]),
+                      params, specs), mesh

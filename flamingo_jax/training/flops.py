@@ -83,9 +83,13 @@ def stream_train_flops(model: Any, batch_size: int, tokens: int, media: int, fra
                + 2 * 2.0 * length * length * hk_lm
                + ffw_mats * _linear(length, lm.dim, lm.ffw_size))
   core_fwd = 2 * 2.0 * length * length * hk_lm
-  # Frozen blocks: 2x matmuls, 3x attention core.
-  lm_blocks = b * lm.num_layers * (2 * (block_fwd - core_fwd) + 3 * core_fwd)
-  unembed = b * 2 * _linear(length, lm.dim, m.vocab_size)
+  # Frozen blocks: 2x matmuls, 3x attention core; trained (lm.trainable): 3x everything.
+  if lm.get("trainable", False):
+    lm_blocks = b * lm.num_layers * 3 * block_fwd
+    unembed = b * 3 * _linear(length, lm.dim, m.vocab_size)
+  else:
+    lm_blocks = b * lm.num_layers * (2 * (block_fwd - core_fwd) + 3 * core_fwd)
+    unembed = b * 2 * _linear(length, lm.dim, m.vocab_size)
   new_tokens = b * 3 * _linear(length, lm.dim, 2)
   hk_x, n_vis = x.num_heads * x.key_size, media * r.num_latents
   xattn_fwd = (2 * _linear(length, lm.dim, hk_x) + 2 * _linear(n_vis, r.dim, hk_x)

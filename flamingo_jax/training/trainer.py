@@ -324,6 +324,8 @@ def load_init_checkpoints(model_config: Any, frozen, setup: train_step.TrainSetu
   for component, path in _init_paths(model_config):
     part, _ = hk.data_structures.partition(
         lambda module, name, value, c=component: models.component_of(module) == c, frozen)
+    if not part:      # the component trains (lm.trainable): load_init_trainable loads it
+      continue
     frozen = hk.data_structures.merge(frozen, weights.restore_params(path, part))
     logging.info("loaded %s from %s", component, path)
   return frozen

@@ -295,7 +295,8 @@ def export_lm(params: hk.Params, model_config: Any, out_dir: str) -> None:
   model = {"vocab_size": int(model_config.vocab_size),
            "image_token_id": int(model_config.image_token_id),
            "eoc_token_id": int(model_config.eoc_token_id),
-           "lm": {k: v for k, v in model_config.lm.to_dict().items() if k != "init_checkpoint"}}
+           "lm": {k: v for k, v in model_config.lm.to_dict().items()
+                  if k not in ("init_checkpoint", "trainable")}}
   with open(os.path.join(out_dir, "config.json"), "w") as f:
     json.dump({"model_type": "chinchilla", "model": model}, f, indent=1)
 
