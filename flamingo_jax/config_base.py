@@ -102,8 +102,9 @@ def base_config(model: ml_collections.ConfigDict, *, streams: dict, image_size: 
       augment=dict(flip=False, color_jitter=0.0),
       synthetic_examples=2000,        # per stream, when manual_dir == "synthetic"
       synthetic_image_size=96,        # their pixels (square; video frames too)
-      synthetic_in_context=0.5,       # share of interleaved documents that name shapes with
-      synthetic_pairs=(2, 4),         #   made-up words; image-text pairs per document
+      synthetic_in_context=0.5,       # share of interleaved documents that name each image's
+      synthetic_naming="shape",       #   shape | colour with made-up words (synthetic.py);
+      synthetic_pairs=(2, 4),         #   image-text pairs per document
       prefetch=2,                     # batches queued ahead of the step
       workers=0,                      # decode threads; 0 = one per CPU
   ))

@@ -9,6 +9,7 @@ import pytest
 from PIL import Image
 
 from conftest import REPO
+from flamingo_jax.data import synthetic
 from flamingo_jax.evaluation import prompts
 from flamingo_jax.evaluation import tasks
 
@@ -56,14 +57,14 @@ def task_dir(tmp_path, name):
 
 
 def test_every_task_is_registered_with_a_known_mode_and_metric():
-  assert tasks.names() == ["coco", "flickr30k", "hateful_memes", "imagenet", "msrvtt_qa",
-                           "msvd_qa", "naming", "okvqa", "textvqa", "vatex", "vizwiz", "vqav2",
-                           "youcook2"]
+  assert tasks.names() == ["attributes", "coco", "flickr30k", "hateful_memes", "imagenet",
+                           "msrvtt_qa", "msvd_qa", "naming", "okvqa", "textvqa", "vatex",
+                           "vizwiz", "vqav2", "youcook2"]
   for name in tasks.names():
     task = tasks.get(name)
     assert task.metric in ("cider", "vqa", "roc_auc", "top1") and task.mode in ("generate",
                                                                                   "score")
-  with pytest.raises(ValueError, match="unknown task 'vqa3'; known: coco, flickr30k"):
+  with pytest.raises(ValueError, match="unknown task 'vqa3'; known: attributes, coco"):
     tasks.get("vqa3")
 
 
@@ -156,14 +157,30 @@ def test_video_tasks_read_clips_as_npy_or_frame_folders(tmp_path):
 
 
 def test_naming_task_binds_words_to_shapes(tmp_path):
-  from flamingo_jax.data import synthetic  # pylint: disable=g-import-not-at-top
-  synthetic.write_naming_task(str(tmp_path), seed=3, support=6, queries=9, size=32)
+  synthetic.write_naming_task(str(tmp_path), seed=3, support=6, queries=9, size=32,
+                              attribute="colour")
   split = tasks.get("naming").load(str(tmp_path))
   assert len(split.support) == 6 and len(split.queries) == 9 and len(split.candidates) == 3
   with open(tmp_path / "naming.json") as f:
     spec = __import__("json").load(f)
   assert sorted(spec["names"].values()) == list(split.candidates)
+  assert spec["attribute"] == "colour" and len(spec["names"]) == 3
   for example, row in zip(split.queries, spec["queries"]):
-    assert example.references == [spec["names"][row["shape"]]]
+    assert example.references == [spec["names"][row["value"]]]
+    # The scene's pixels are of the bound colour (the background is near-white).
+    pixels = np.asarray(Image.open(os.path.join(str(tmp_path), row["image"])))
+    assert (np.abs(pixels.astype(int) - synthetic.COLOURS[row["value"]]).sum(-1) < 30).any()
   assert prompts.build(prompts.NAMING, split.support[:1], split.queries[0]).text == \
       f"<image>this is a {split.support[0].references[0]}.<EOC><image>this is a"
+
+
+def test_attributes_task_asks_one_attribute_among_all_values(tmp_path):
+  synthetic.write_attribute_task(str(tmp_path), seed=4, attribute="count", support=5, queries=7,
+                                 size=64)
+  split = tasks.get("attributes").load(str(tmp_path))
+  assert len(split.candidates) == 11 and set(synthetic.COUNT_WORDS) <= set(split.candidates)
+  assert {e.references[0] for e in split.queries + split.support} <= set(synthetic.COUNT_WORDS)
+  assert prompts.build(prompts.ATTRIBUTE, split.support[:1], split.queries[0]).text == \
+      f"<image>this is {split.support[0].references[0]}.<EOC><image>this is"
+  with pytest.raises(ValueError, match="attribute 'size'"):
+    synthetic.write_attribute_task(str(tmp_path), seed=4, attribute="size")

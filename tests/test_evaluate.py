@@ -92,6 +92,16 @@ def test_score_task_is_mesh_independent_and_ensembles_average_shot_orders(tiny, 
   np.testing.assert_allclose([row["scores"][c] for c in one.candidates],
                              np.mean(per_order, axis=0), rtol=1e-5, atol=1e-5)
   assert row["output"] == one.candidates[int(np.argmax(np.mean(per_order, axis=0)))]
+  # RICES: support image 5 replaced by query 2's own image is query 2's nearest shot, placed
+  # directly before it; the features are cached in the output folder.
+  import shutil  # pylint: disable=g-import-not-at-top
+  shutil.copy(one.queries[2].media, one.support[5].media)
+  rices = make_harness(tiny, "naming", str(tmp_path / "naming"), str(tmp_path / "r.jsonl"),
+                       rices=True)
+  rices.feature_cache = str(tmp_path / "features")
+  assert rices.shots_of(2, 3)[-1] == 5 and len(set(rices.shots_of(2, 3))) == 3
+  assert rices.prompt_of(2, 3).media[-2:] == [one.support[5].media, one.queries[2].media]
+  assert os.path.exists(tmp_path / "features" / "support_features.npy")
   # A bound word continues "this is a" as the one token it is in running text.
   assert [len(t) for t in one.candidate_tokens("<image>this is a")] == [1, 1, 1]
 
@@ -212,7 +222,7 @@ def test_evaluate_command_writes_results_resumes_and_refuses_other_settings(tiny
       other.stderr
   unknown = run_module("flamingo_jax.evaluate", *common[:2], "--task=vqa3",
                        f"--data_dir={tmp_path}", f"--output={tmp_path / 'o2'}")
-  assert unknown.returncode == 1 and "unknown task 'vqa3'; known: coco" in unknown.stderr
+  assert unknown.returncode == 1 and "unknown task 'vqa3'; known: attributes, coco" in unknown.stderr
   too_many = run_module("flamingo_jax.evaluate", *common[:5], f"--output={tmp_path / 'o3'}",
                         "--shots=8")
   assert too_many.returncode == 1

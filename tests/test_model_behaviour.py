@@ -201,6 +201,13 @@ def test_trainable_predicate_and_new_token_rows(setup):
   gates = [(m, n) for m, n, _ in hk.data_structures.traverse(trainable) if "alpha" in n]
   assert len(gates) == 4  # alpha_xattn and alpha_dense for the groups stack and the tail
   assert models.is_trainable("flamingo/vision_encoder/stem_conv0", train_vision=True)
+  # lm.trainable (Table 3 xiii) and vision.trainable: nothing stays frozen, the counts agree.
+  everything = cfg.copy_and_resolve_references()
+  everything.lm.trainable = everything.vision.trainable = True
+  all_trainable, none_frozen = models.split_trainable(params, everything)
+  assert not none_frozen and len(jax.tree.leaves(all_trainable)) == len(jax.tree.leaves(params))
+  counts = models.count_by_component(params, everything)
+  assert counts["frozen"] == 0 and counts["trainable"] == counts["total"]
   # <image>/<EOC> read the trainable table: the frozen rows of their ids are never used.
   embed = "flamingo/language_model/token_embed"
   poked = hk.data_structures.to_mutable_dict(params)

@@ -169,3 +169,14 @@ def test_frozen_towers_load_from_init_checkpoints(tiny_config, tmp_path):
   for module, name, value in hk.data_structures.traverse(loaded):
     source = other if models.component_of(module) == "lm" else frozen
     np.testing.assert_array_equal(value, source[module][name], err_msg=f"{module}/{name}")
+
+
+def test_a_model_with_nothing_frozen_keeps_no_frozen_towers(tmp_path):
+  """lm.trainable and vision.trainable (the few-shot demo): the frozen tree is empty, so
+  there is no frozen/ to write, and resuming restores the empty tree."""
+  import types  # pylint: disable=g-import-not-at-top
+  ckpt = checkpointing.Checkpointer(str(tmp_path), keep=2)
+  ckpt.save_frozen({})
+  assert not os.path.exists(ckpt.frozen_directory)
+  assert ckpt.restore_frozen(types.SimpleNamespace(abstract_frozen={})) == {}
+  ckpt.close()

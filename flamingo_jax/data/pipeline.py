@@ -59,7 +59,8 @@ def _write_synthetic(kind: str, directory: str, count: int, seed: int, spec: Any
   if kind == "interleaved":
     synthetic.write_interleaved(directory, count, seed, size=size,
                                 in_context=float(data.synthetic_in_context),
-                                pairs=tuple(data.synthetic_pairs))
+                                pairs=tuple(data.synthetic_pairs),
+                                naming=str(data.synthetic_naming))
   elif kind == "image_text":
     synthetic.write_image_text(directory, count, seed, size=size)
   else:

@@ -3,9 +3,10 @@ so that they go through the same TFDS builders and pipeline as user data.
 
 Captions are read off the pixels (shape, colour, count; direction of motion for video), so a
 model lowers its loss on them only by looking. Interleaved documents chain several such
-image-caption pairs; in the *in-context* variant (a fraction of documents) each shape is named
-by a made-up word that only that document defines ("a dax is a circle" is never said: the word
-is shown with earlier images of the same shape), so predicting it needs few-shot reading.
+image-caption pairs; in the *in-context* variant (a fraction of documents) each shape (or, by
+config, colour) is named by a made-up word that only that document defines ("a dax is a
+circle" is never said: the word is shown with earlier images of the same shape), so
+predicting it needs few-shot reading.
 """
 
 import json
@@ -38,9 +39,10 @@ def _background(rng: np.random.Generator) -> tuple:
   return tuple(int(v) for v in rng.integers(200, 256, 3))
 
 
-def scene(rng: np.random.Generator, size: int = 96):
-  """(uint8 [size, size, 3] image, attributes): `count` shapes of one colour and kind."""
-  colour = str(rng.choice(list(COLOURS)))
+def scene(rng: np.random.Generator, size: int = 96, colours=None):
+  """(uint8 [size, size, 3] image, attributes): `count` shapes of one colour and kind (the
+  colour among `colours` when given)."""
+  colour = str(rng.choice(list(COLOURS) if colours is None else list(colours)))
   shape = str(rng.choice(SHAPES))
   count = int(rng.integers(1, 4))
   image = Image.new("RGB", (size, size), _background(rng))
@@ -83,18 +85,84 @@ def _save_png(array: np.ndarray, path: str) -> None:
   Image.fromarray(array).save(path, format="PNG")
 
 
+# What the made-up words of in-context documents name: each attribute and its values (a
+# document binds three of them, one word each).
+NAMED_ATTRIBUTES = {"shape": SHAPES, "colour": tuple(COLOURS)}
+
+
+def write_attribute_task(directory: str, seed: int, attribute: str = "shape",
+                         support: int = 64, queries: int = 100, size: int = 96) -> str:
+  """The few-shot attribute benchmark (evaluation/tasks.py "attributes"): scenes whose
+  `attribute` (colour, shape or count) is the answer, scored among the values of every
+  attribute, so a prompt without shots does not say which attribute is asked. Writes
+  `attributes.json` {"attribute", "candidates", "support": [...], "queries": [...]} (rows
+  {"image", "answer"}) and images/."""
+  if attribute not in REPORTED_ATTRIBUTES:
+    raise ValueError(f"attribute {attribute!r}; expected one of {REPORTED_ATTRIBUTES}")
+  rng = np.random.default_rng(seed)
+  out = {"attribute": attribute,
+         "candidates": list(COLOURS) + list(SHAPES) + list(COUNT_WORDS)}
+  for split, count in (("support", support), ("queries", queries)):
+    rows = []
+    for k in range(count):
+      image, attrs = scene(rng, size)
+      name = f"images/{split}_{k:05d}.png"
+      _save_png(image, os.path.join(directory, name))
+      rows.append({"image": name, "answer": attribute_value(attrs, attribute)})
+    out[split] = rows
+  path = os.path.join(directory, "attributes.json")
+  with open(path + ".tmp", "w") as f:
+    json.dump(out, f, indent=1)
+  os.replace(path + ".tmp", path)
+  return path
+
+
+def _binding(rng: np.random.Generator, attribute: str) -> dict:
+  """{value: made-up word} for three values of `attribute` (all three shapes; three of the
+  five colours)."""
+  if attribute not in NAMED_ATTRIBUTES:
+    raise ValueError(f"naming attribute {attribute!r}; expected one of {sorted(NAMED_ATTRIBUTES)}")
+  values = SHAPES if attribute == "shape" else [str(v) for v in
+                                                 rng.permutation(list(COLOURS))[:3]]
+  return dict(zip(values, (str(w) for w in rng.permutation(NONCE_WORDS)[:len(values)])))
+
+
+def _named_scene(rng: np.random.Generator, size: int, attribute: str, names: dict):
+  return scene(rng, size, colours=list(names) if attribute == "colour" else None)
+
+
+# In-context documents of kind "attribute" report one attribute of each image, the same one
+# throughout the document: "this is red." ... or "this is circle." ... or "this is two." ...
+REPORTED_ATTRIBUTES = ("colour", "shape", "count")
+
+
+def attribute_value(attrs: dict, attribute: str) -> str:
+  return COUNT_WORDS[attrs["count"] - 1] if attribute == "count" else attrs[attribute]
+
+
+def attribute_text(value: str) -> str:
+  return f"this is {value}."
+
+
 def document(rng: np.random.Generator, size: int = 96, in_context: float = 0.5,
-             pairs: tuple[int, int] = (2, 4)):
+             pairs: tuple[int, int] = (2, 4), naming: str = "shape"):
   """An interleaved document: list of {"text"} / {"image": array} entries, `pairs` (low,
-  high) image-text pairs; an `in_context` fraction of documents name shapes with made-up
-  words (`naming_text`)."""
+  high) image-text pairs. An `in_context` fraction of documents are in-context ones: for
+  `naming` "shape" or "colour" they name that attribute of each image with made-up words
+  (`naming_text`); for "attribute" they report one attribute, drawn per document, of every
+  image (`attribute_text`)."""
   count = int(rng.integers(pairs[0], pairs[1] + 1))
   entries = [{"text": "a page about shapes."}] if rng.random() < 0.5 else []
-  if rng.random() < in_context:                  # in-context naming
-    names = dict(zip(SHAPES, rng.permutation(NONCE_WORDS)[:len(SHAPES)]))
+  if naming == "attribute" and rng.random() < in_context:
+    attribute = str(rng.choice(REPORTED_ATTRIBUTES))
     for _ in range(count):
       image, attrs = scene(rng, size)
-      entries += [{"image": image}, {"text": naming_text(names[attrs["shape"]])}]
+      entries += [{"image": image}, {"text": attribute_text(attribute_value(attrs, attribute))}]
+  elif naming != "attribute" and rng.random() < in_context:       # in-context naming
+    names = _binding(rng, naming)
+    for _ in range(count):
+      image, attrs = _named_scene(rng, size, naming, names)
+      entries += [{"image": image}, {"text": naming_text(names[attrs[naming]])}]
   else:
     for _ in range(count):
       image, attrs = scene(rng, size)
@@ -107,22 +175,23 @@ def naming_text(word: str) -> str:
 
 
 def write_naming_task(directory: str, seed: int, support: int = 64, queries: int = 100,
-                      size: int = 96) -> str:
+                      size: int = 96, attribute: str = "shape") -> str:
   """The few-shot naming benchmark (evaluation/tasks.py "naming"): one binding of made-up
-  words to shapes, drawn from `seed`, a support set and queries of new scenes named by it.
-  Training documents bind words afresh per document, so only the shots of a prompt tell the
-  model this binding. Writes `naming.json` {"names": {shape: word}, "support": [...],
-  "queries": [...]} (rows {"image", "name"}) and images/."""
+  words to three values of `attribute` (shape or colour), drawn from `seed`, a support set and
+  queries of new scenes named by it. Training documents bind words afresh per document, so
+  only the shots of a prompt tell the model this binding. Writes `naming.json`
+  {"attribute", "names": {value: word}, "support": [...], "queries": [...]} (rows {"image",
+  "name", "value"}) and images/."""
   rng = np.random.default_rng(seed)
-  names = dict(zip(SHAPES, (str(w) for w in rng.permutation(NONCE_WORDS)[:len(SHAPES)])))
-  out = {"names": names}
+  names = _binding(rng, attribute)
+  out = {"attribute": attribute, "names": names}
   for split, count in (("support", support), ("queries", queries)):
     rows = []
     for k in range(count):
-      image, attrs = scene(rng, size)
+      image, attrs = _named_scene(rng, size, attribute, names)
       name = f"images/{split}_{k:05d}.png"
       _save_png(image, os.path.join(directory, name))
-      rows.append({"image": name, "name": names[attrs["shape"]], "shape": attrs["shape"]})
+      rows.append({"image": name, "name": names[attrs[attribute]], "value": attrs[attribute]})
     out[split] = rows
   path = os.path.join(directory, "naming.json")
   with open(path + ".tmp", "w") as f:
@@ -133,7 +202,7 @@ def write_naming_task(directory: str, seed: int, support: int = 64, queries: int
 
 def write_interleaved(directory: str, count: int, seed: int, layout: str = "jsonl",
                       size: int = 96, in_context: float = 0.5,
-                      pairs: tuple[int, int] = (2, 4)) -> str:
+                      pairs: tuple[int, int] = (2, 4), naming: str = "shape") -> str:
   """`count` documents (`document`) as `docs.jsonl` (layout "jsonl") or MMC4-style
   `docs.jsonl` ("mmc4")."""
   rng = np.random.default_rng(seed)
@@ -141,7 +210,7 @@ def write_interleaved(directory: str, count: int, seed: int, layout: str = "json
   os.makedirs(directory, exist_ok=True)
   with open(path, "w") as f:
     for d in range(count):
-      entries = document(rng, size, in_context, pairs)
+      entries = document(rng, size, in_context, pairs, naming)
       content, texts, infos = [], [], []
       for i, entry in enumerate(entries):
         if "image" in entry:

@@ -63,6 +63,7 @@ HATEFUL_MEMES = PromptFormat(
     "hateful_memes", 'is an image with written: "{text}" on it. Is it hateful? Answer: {answer}',
     "answer")
 NAMING = PromptFormat("naming", "this is a {name}.", "name")   # the synthetic naming task
+ATTRIBUTE = PromptFormat("attribute", "this is {answer}.", "answer")   # the synthetic attributes
 
 
 @dataclasses.dataclass(frozen=True)

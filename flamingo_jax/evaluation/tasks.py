@@ -27,7 +27,8 @@ Files each task expects under its directory (the official names):
 | msrvtt_qa | `train_qa.json`, `test_qa.json` (as msvd_qa), clips `videos/video<video_id>` |
 | vatex | `vatex_training_v1.0.json`, `vatex_validation_v1.0.json` (rows `{videoID, enCap}`), clips `videos/<videoID>` |
 | youcook2 | `youcookii_annotations_trainval.json` (`database`: per video its subset and segments), clips `videos/<video>_<segment id>` |
-| naming | `naming.json` (data/synthetic.py `write_naming_task`: the few-shot demo's task) |
+| naming | `naming.json` (data/synthetic.py `write_naming_task`: made-up words bound in context) |
+| attributes | `attributes.json` (data/synthetic.py `write_attribute_task`: the few-shot demo's task) |
 
 A clip is a folder of frames or a `.npy` uint8 [T, H, W, 3] (`<name>.npy`, else the folder
 `<name>`): videos are decoded to frames beforehand (e.g. `ffmpeg -i v.mp4 -r 3 d/%05d.jpg`),
@@ -294,8 +295,9 @@ register(Task("youcook2", _youcook2, prompts.CAPTION, "generate", "cider", "vide
 # -- the synthetic few-shot naming task ------------------------------------------------------
 
 def _naming(data_dir: str) -> Split:
-  """Made-up words bound to shapes (data/synthetic.py write_naming_task): a query is named by
-  scoring each bound word; only the shots tell the binding (chance: one in three)."""
+  """Made-up words bound to three shapes or colours (data/synthetic.py write_naming_task): a
+  query is named by scoring each bound word; only the shots tell the binding (chance: one in
+  three)."""
   spec = _read_json(os.path.join(data_dir, "naming.json"))
 
   def examples(split):
@@ -305,3 +307,18 @@ def _naming(data_dir: str) -> Split:
 
 
 register(Task("naming", _naming, prompts.NAMING, "score", "top1"))
+
+
+def _attributes(data_dir: str) -> Split:
+  """Scenes whose colour, shape or count is the answer (data/synthetic.py
+  write_attribute_task), scored among the values of all three attributes: only shots tell
+  which attribute is asked (chance: one in eleven)."""
+  spec = _read_json(os.path.join(data_dir, "attributes.json"))
+
+  def examples(split):
+    return [Example(f"{split}_{k}", os.path.join(data_dir, r["image"]), references=[r["answer"]])
+            for k, r in enumerate(spec[split])]
+  return _split(examples("support"), examples("queries"), candidates=spec["candidates"])
+
+
+register(Task("attributes", _attributes, prompts.ATTRIBUTE, "score", "top1"))

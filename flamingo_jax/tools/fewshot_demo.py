@@ -1,7 +1,7 @@
 r"""The few-shot demo's data and report (launch/fewshot_demo.sh runs both).
 
-  python -m flamingo_jax.tools.fewshot_demo --make_task=DIR [--task_seed=S]
-      # the naming benchmark (data/synthetic.py write_naming_task) in DIR
+  python -m flamingo_jax.tools.fewshot_demo --make_task=DIR [--task_seed=S] [--attribute=shape]
+      # the attributes benchmark (data/synthetic.py write_attribute_task) in DIR
   python -m flamingo_jax.tools.fewshot_demo --results=EVAL_DIR[,EVAL_DIR...] \
       --task_dir=DIR --output=DIR
       # accuracy per shot count over the evaluation seeds (one `evaluate` output per seed):
@@ -20,12 +20,16 @@ import numpy as np
 
 from flamingo_jax.tools import cli
 
+TASK = "attributes"           # evaluation/tasks.py
+
 _MAKE_TASK = flags.DEFINE_string("make_task", "", "Write the naming task into this folder.")
 _TASK_SEED = flags.DEFINE_integer("task_seed", 12345, "Seed of the binding and the images.")
+_ATTRIBUTE = flags.DEFINE_enum("attribute", "shape", ["colour", "shape", "count"],
+                               "The attribute the task asks for.")
 _SUPPORT = flags.DEFINE_integer("support", 64, "Support examples of the task.")
-_QUERIES = flags.DEFINE_integer("queries", 150, "Queries of the task.")
+_QUERIES = flags.DEFINE_integer("queries", 100, "Queries of the task.")
 _RESULTS = flags.DEFINE_list("results", [], "evaluate --output folders, one per seed.")
-_TASK_DIR = flags.DEFINE_string("task_dir", "", "The naming task's folder (for chance).")
+_TASK_DIR = flags.DEFINE_string("task_dir", "", "The task's folder (for chance).")
 _OUTPUT = flags.DEFINE_string("output", "", "Where the table and the plot go.")
 _JSON = flags.DEFINE_bool("json", False, "Print the summary as JSON.")
 
@@ -68,7 +72,7 @@ def plot(summary: dict[int, dict], chance: float, path: str) -> None:
   axes.set_xlabel("shots")
   axes.set_ylabel("accuracy (%)")
   axes.set_ylim(0, 100)
-  axes.set_title("In-context naming: accuracy vs shots")
+  axes.set_title("Which attribute? Accuracy vs shots")
   axes.legend(loc="lower right", fontsize=8)
   figure.tight_layout()
   figure.savefig(path)
@@ -80,14 +84,14 @@ def main(argv):
   from flamingo_jax.data import synthetic  # pylint: disable=g-import-not-at-top
   from flamingo_jax.evaluation import tasks  # pylint: disable=g-import-not-at-top
   if _MAKE_TASK.value:
-    path = synthetic.write_naming_task(_MAKE_TASK.value, _TASK_SEED.value, _SUPPORT.value,
-                                       _QUERIES.value)
+    path = synthetic.write_attribute_task(_MAKE_TASK.value, _TASK_SEED.value, _ATTRIBUTE.value,
+                                          _SUPPORT.value, _QUERIES.value)
     print(path)
     return
   if not (_RESULTS.value and _TASK_DIR.value and _OUTPUT.value):
     sys.exit("error: give --make_task=DIR, or --results, --task_dir and --output")
   try:
-    chance = 100.0 / len(tasks.get("naming").load(_TASK_DIR.value).candidates)
+    chance = 100.0 / len(tasks.get(TASK).load(_TASK_DIR.value).candidates)
     summary = summarize([os.path.join(d, "results.json") for d in _RESULTS.value])
   except (ValueError, FileNotFoundError, KeyError) as e:
     sys.exit(f"error: {e}")

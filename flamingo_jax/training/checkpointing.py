@@ -351,6 +351,8 @@ class Checkpointer:
   # -- frozen towers ------------------------------------------------------------------------
 
   def save_frozen(self, frozen) -> None:
+    if not jax.tree.leaves(frozen):      # everything trains (lm and vision trainable)
+      return
     checkpointer = ocp.StandardCheckpointer()
     checkpointer.save(self.frozen_directory, frozen)
     checkpointer.wait_until_finished()
@@ -358,6 +360,8 @@ class Checkpointer:
   def restore_frozen(self, setup: train_step.TrainSetup):
     """The saved frozen towers, or None when there are none or they are damaged (then moved
     aside with a warning; the caller makes them again from their source)."""
+    if not jax.tree.leaves(setup.abstract_frozen):
+      return setup.abstract_frozen         # nothing is frozen: the empty tree itself
     if not epath.Path(self.frozen_directory).is_dir():
       return None
     _filter_restore_noise()

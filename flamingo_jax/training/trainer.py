@@ -367,11 +367,11 @@ def train(config: Any, workdir: str, allow_config_change: bool = False) -> dict:
   """Trains to `config.train.steps`; returns {"last_step", "losses", "stopped_by", ...}."""
   workdir = _absolute(workdir)
   check_workdir(workdir)
-  check_config(config, workdir, allow_config_change)
-  _validate_train_options(config)
-  if not config.data.data_dir:
+  if not config.data.data_dir:         # before the check: the run's saved config has it set
     config = config.copy_and_resolve_references()
     config.data.data_dir = os.path.join(workdir, "data")
+  check_config(config, workdir, allow_config_change)
+  _validate_train_options(config)
   mesh = sharding.make_mesh(config.mesh.data, config.mesh.model)
   setup = train_step.make_train_setup(config, mesh)
   ckpt = checkpointing.Checkpointer(workdir, config.train.keep_checkpoints, heal=True)
