@@ -143,6 +143,18 @@ def test_generation_resumes_from_a_torn_store_without_redoing_queries(tiny, tmp_
   assert prompt.text.count("<EOC>") == 2 and len(prompt.media) == 1
 
 
+def test_a_query_whose_image_does_not_open_is_a_counted_skip(tiny, tmp_path):
+  synthetic.write_attribute_task(str(tmp_path / "t"), seed=0, attribute="shape", support=4,
+                                 queries=3, size=64)
+  harness = make_harness(tiny, "attributes", str(tmp_path / "t"), str(tmp_path / "p.jsonl"))
+  with open(harness.queries[1].media, "wb") as f:
+    f.write(b"not an image")
+  harness.run(1)
+  result = harness.result(1)
+  assert result["queries"] == 2 and result["skipped"] == {"unreadable_image": 1}
+  assert result["complete"] and not harness.pending(1)         # the skip is not retried
+
+
 def test_video_questions_generate_from_clips_on_a_mesh_as_on_one_device(tiny, tmp_path):
   root = tmp_path / "msvd"
   (root / "videos").mkdir(parents=True)
