@@ -126,11 +126,8 @@ def _write_results(output: str, results: list[dict], harness_lib) -> str:
 
 def main(argv):
   del argv
+  cli.init_processes(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
   import jax  # pylint: disable=g-import-not-at-top
-  if _COORDINATOR.value:
-    jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    jax.distributed.initialize(_COORDINATOR.value, num_processes=_NUM_PROCESSES.value,
-                               process_id=_PROCESS_ID.value)
   from flamingo_jax import inference, weights  # pylint: disable=g-import-not-at-top
   from flamingo_jax.data import pipeline  # pylint: disable=g-import-not-at-top
   from flamingo_jax.evaluation import harness as harness_lib  # pylint: disable=g-import-not-at-top
@@ -190,5 +187,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  flags.mark_flags_as_required(["config"])
-  cli.run(main)
+  cli.run(main)            # --config is checked in main: --list_tasks needs none

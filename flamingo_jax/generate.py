@@ -121,11 +121,8 @@ def read_rows(path: str) -> list[dict]:
 
 def main(argv):
   del argv
+  cli.init_processes(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
   import jax  # pylint: disable=g-import-not-at-top
-  if _COORDINATOR.value:
-    jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    jax.distributed.initialize(_COORDINATOR.value, num_processes=_NUM_PROCESSES.value,
-                               process_id=_PROCESS_ID.value)
   from flamingo_jax import inference, weights  # pylint: disable=g-import-not-at-top
   from flamingo_jax.data import pipeline  # pylint: disable=g-import-not-at-top
   from flamingo_jax.data import tokenizer as tok  # pylint: disable=g-import-not-at-top

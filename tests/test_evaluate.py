@@ -234,7 +234,10 @@ def test_evaluate_command_writes_results_resumes_and_refuses_other_settings(tiny
       other.stderr
   unknown = run_module("flamingo_jax.evaluate", *common[:2], "--task=vqa3",
                        f"--data_dir={tmp_path}", f"--output={tmp_path / 'o2'}")
-  assert unknown.returncode == 1 and "unknown task 'vqa3'; known: attributes, coco" in unknown.stderr
+  assert unknown.returncode == 1
+  assert "unknown task 'vqa3'; known: attributes, coco" in unknown.stderr
+  listed = run_module("flamingo_jax.evaluate", "--list_tasks")      # needs no --config
+  assert listed.returncode == 0 and "naming          image  score     top1" in listed.stdout
   too_many = run_module("flamingo_jax.evaluate", *common[:5], f"--output={tmp_path / 'o3'}",
                         "--shots=8")
   assert too_many.returncode == 1

@@ -102,15 +102,24 @@ def write_attribute_task(directory: str, seed: int, attribute: str = "shape",
   rng = np.random.default_rng(seed)
   out = {"attribute": attribute,
          "candidates": list(COLOURS) + list(SHAPES) + list(COUNT_WORDS)}
+  return _write_task(directory, "attributes.json", out, support, queries,
+                     lambda: scene(rng, size),
+                     lambda attrs: {"answer": attribute_value(attrs, attribute)})
+
+
+def _write_task(directory: str, filename: str, out: dict, support: int, queries: int,
+                draw, fields) -> str:
+  """A synthetic benchmark: `support` and `queries` scenes from `draw()` saved under images/,
+  their rows {"image", **fields(attrs)} added to `out`, written (atomically) as `filename`."""
   for split, count in (("support", support), ("queries", queries)):
     rows = []
     for k in range(count):
-      image, attrs = scene(rng, size)
+      image, attrs = draw()
       name = f"images/{split}_{k:05d}.png"
       _save_png(image, os.path.join(directory, name))
-      rows.append({"image": name, "answer": attribute_value(attrs, attribute)})
+      rows.append({"image": name, **fields(attrs)})
     out[split] = rows
-  path = os.path.join(directory, "attributes.json")
+  path = os.path.join(directory, filename)
   with open(path + ".tmp", "w") as f:
     json.dump(out, f, indent=1)
   os.replace(path + ".tmp", path)
@@ -185,19 +194,9 @@ def write_naming_task(directory: str, seed: int, support: int = 64, queries: int
   rng = np.random.default_rng(seed)
   names = _binding(rng, attribute)
   out = {"attribute": attribute, "names": names}
-  for split, count in (("support", support), ("queries", queries)):
-    rows = []
-    for k in range(count):
-      image, attrs = _named_scene(rng, size, attribute, names)
-      name = f"images/{split}_{k:05d}.png"
-      _save_png(image, os.path.join(directory, name))
-      rows.append({"image": name, "name": names[attrs[attribute]], "value": attrs[attribute]})
-    out[split] = rows
-  path = os.path.join(directory, "naming.json")
-  with open(path + ".tmp", "w") as f:
-    json.dump(out, f, indent=1)
-  os.replace(path + ".tmp", path)
-  return path
+  return _write_task(directory, "naming.json", out, support, queries,
+                     lambda: _named_scene(rng, size, attribute, names),
+                     lambda attrs: {"name": names[attrs[attribute]], "value": attrs[attribute]})
 
 
 def write_interleaved(directory: str, count: int, seed: int, layout: str = "jsonl",

@@ -30,7 +30,9 @@ def _fail(message: str) -> None:
 
 def _config_flag_names() -> list[str]:
   all_flags = flags.FLAGS._flags()         # pylint: disable=protected-access
-  return [name for name, flag in all_flags.items() if hasattr(flag, "config_filename")]
+  # Only flags given on the command line: an absent config flag raises on config_filename.
+  return [name for name, flag in all_flags.items()
+          if flag.present and hasattr(flag, "config_filename")]
 
 
 def _override(argv: list[str], key: str) -> str:
@@ -65,6 +67,16 @@ def parse_flags(argv: list[str]) -> list[str]:
       lines = [line.strip() for line in str(e).splitlines() if line.strip()]
       _fail(f"--{name}={flag.config_filename}: {lines[-1] if lines else type(e).__name__}")
   return rest
+
+
+def init_processes(coordinator: str, num_processes: int, process_id: int) -> None:
+  """Several processes without a TPU (CPU: gloo collectives): jax.distributed before any
+  computation. No-op without a coordinator."""
+  if not coordinator:
+    return
+  import jax  # pylint: disable=g-import-not-at-top
+  jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  jax.distributed.initialize(coordinator, num_processes=num_processes, process_id=process_id)
 
 
 def run(main) -> None:
