@@ -248,21 +248,21 @@ def test_evaluate_command_writes_results_resumes_and_refuses_other_settings(tiny
 
 
 def test_fewshot_demo_report_averages_seeds_and_draws_chance(tmp_path):
-  from flamingo_jax.tools import fewshot_demo  # pylint: disable=g-import-not-at-top
+  from flamingo_jax.evaluation import report  # pylint: disable=g-import-not-at-top
   paths = []
   for seed, values in enumerate(((30.0, 60.0), (36.0, 70.0), (33.0, 80.0))):
     paths.append(str(tmp_path / f"r{seed}.json"))
     with open(paths[-1], "w") as f:
       json.dump([{"task": "naming", "shots": k, "value": v, "complete": True}
                  for k, v in zip((0, 8), values)], f)
-  summary = fewshot_demo.summarize(paths)
+  summary = report.summarize(paths)
   assert summary[0]["mean"] == pytest.approx(33.0) and summary[8]["mean"] == pytest.approx(70.0)
   assert summary[8]["std"] == pytest.approx(np.std([60.0, 70.0, 80.0]))
   assert summary[8]["min"] == 60.0 and summary[8]["seeds"] == 3
-  assert "| 8 | 70.0 | 8.2 | 60.0 | 80.0 | 3 |" in fewshot_demo.table(summary, 100 / 3)
-  fewshot_demo.plot(summary, 100 / 3, str(tmp_path / "plot.png"))
+  assert "| 8 | 70.0 | 8.2 | 60.0 | 80.0 | 3 |" in report.table(summary, 100 / 3)
+  report.plot(summary, 100 / 3, str(tmp_path / "plot.png"))
   assert Image.open(tmp_path / "plot.png").size[0] > 100
   with open(paths[0], "w") as f:
     json.dump([{"task": "naming", "shots": 0, "value": 30.0, "complete": False}], f)
   with pytest.raises(ValueError, match="0 shots is incomplete"):
-    fewshot_demo.summarize(paths)
+    report.summarize(paths)
