@@ -159,12 +159,17 @@ class HFTokenizer:
 _MARKERS = re.compile(r"(<image>|<EOC>)")
 
 
+def split_markers(text: str) -> list[str]:
+  """`text` cut at its `<image>` / `<EOC>` markers, the markers kept as pieces."""
+  return _MARKERS.split(text)
+
+
 def encode_with_markers(text: str, tokenizer) -> list[int]:
   """BOS + `text`, whose `<image>` / `<EOC>` markers become their ids (never tokenised): a
   prompt as training sequences look (generation, evaluation)."""
   special = tokenizer.special
   ids = [special.bos]
-  for piece in _MARKERS.split(text):
+  for piece in split_markers(text):
     if piece == IMAGE_PIECE:
       ids.append(special.image)
     elif piece == EOC_PIECE:

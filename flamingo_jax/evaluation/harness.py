@@ -134,7 +134,8 @@ class Harness:
     self.support = _subset(split.support, settings.support_size)
     self.candidates = list(split.candidates)
     self.skipped_at_load = dict(split.skipped)
-    self._engines: dict[int, Any] = {}
+    self._engine_slots, self._engine_now = 0, None      # one compiled engine at a time
+    self._continuations: dict[str, list[list[int]]] = {}
     self._media: collections.OrderedDict = collections.OrderedDict()
     self._features = None
     self.feature_cache, self.feature_key = feature_cache, feature_key
@@ -163,7 +164,7 @@ class Harness:
 
   def _rices_features(self):
     if self._features is None:
-      extract = features_lib.FeatureExtractor(self.make_engine(64), load=self._still)
+      extract = features_lib.FeatureExtractor(self._engine(64), load=self._still)
       support = features_lib.cached_features(
           os.path.join(self.feature_cache, "support_features.npy") if self.feature_cache else "",
           [e.media for e in self.support], extract, key=self.feature_key)
@@ -205,9 +206,9 @@ class Harness:
 
   def _engine(self, slots: int):
     slots = -(-slots // 64) * 64
-    if slots not in self._engines:
-      self._engines = {slots: self.make_engine(slots)}     # one compiled engine at a time
-    return self._engines[slots]
+    if slots != self._engine_slots:
+      self._engine_slots, self._engine_now = slots, self.make_engine(slots)
+    return self._engine_now
 
   def pending(self, shots: int) -> list[int]:
     return [i for i, q in enumerate(self.queries) if not self.store.has(shots, q.id)]
@@ -265,16 +266,21 @@ class Harness:
   def candidate_tokens(self, prompt_text: str) -> list[list[int]]:
     """Each candidate's tokens as they continue `prompt_text` after a space: the tokens of
     prompt + candidate past the prompt's own (so a tokenizer that merges across the
-    boundary, or marks word starts, tokenises the candidate as it would in running text)."""
-    head = tok.encode_with_markers(prompt_text, self.tokenizer)
-    out = []
-    for candidate in self.candidates:
-      full = tok.encode_with_markers(prompt_text + " " + candidate, self.tokenizer)
-      if full[:len(head)] == head and len(full) > len(head):
-        out.append(full[len(head):])
-      else:
-        out.append(self.tokenizer.encode(" " + candidate))
-    return out
+    boundary, or marks word starts, tokenises the candidate as it would in running text).
+    Text is encoded piece by piece between markers, so only the last piece matters: computed
+    once per distinct last piece (the template's head, e.g. "Output:"), not per query."""
+    tail = tok.split_markers(prompt_text)[-1]
+    if tail not in self._continuations:
+      head = self.tokenizer.encode(tail) if tail else []
+      out = []
+      for candidate in self.candidates:
+        full = self.tokenizer.encode(tail + " " + candidate)
+        if full[:len(head)] == head and len(full) > len(head):
+          out.append(full[len(head):])
+        else:
+          out.append(self.tokenizer.encode(" " + candidate))
+      self._continuations[tail] = out
+    return self._continuations[tail]
 
   def _score(self, jobs, shots: int) -> list[dict]:
     s = self.settings
@@ -319,11 +325,6 @@ class Harness:
             "settings": dataclasses.asdict(self.settings)}
 
 
-def normalize_short_answer(text: str) -> str:
-  """Top-1 of generated answers (video QA): lower case, outer spaces and final period off."""
-  return text.strip().lower().rstrip(".").strip()
-
-
 def score_rows(task: tasks_lib.Task, rows: Sequence[dict], candidates: Sequence[str]) -> float:
   """The task's metric over stored rows (in percent, as the paper reports)."""
   if task.metric == "cider":
@@ -342,8 +343,8 @@ def score_rows(task: tasks_lib.Task, rows: Sequence[dict], candidates: Sequence[
       return 100.0 * metrics.top1_accuracy([r["output"] for r in rows],
                                            [r["reference"][0] for r in rows])
     return 100.0 * metrics.top1_accuracy(
-        [normalize_short_answer(r["output"]) for r in rows],
-        [normalize_short_answer(r["reference"][0]) for r in rows])
+        [metrics.normalize_short_answer(r["output"]) for r in rows],
+        [metrics.normalize_short_answer(r["reference"][0]) for r in rows])
   raise ValueError(f"task {task.name}: unknown metric {task.metric!r}")
 
 

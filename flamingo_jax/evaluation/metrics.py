@@ -214,6 +214,11 @@ def roc_auc(scores: Sequence[float], labels: Sequence[int]) -> float:
   return (positive_rank_sum - positives * (positives + 1) / 2) / (positives * negatives)
 
 
+def normalize_short_answer(text: str) -> str:
+  """A generated short answer (video QA top-1): lower case, outer spaces and final period off."""
+  return text.strip().lower().rstrip(".").strip()
+
+
 def top1_accuracy(predictions: Sequence[Hashable], labels: Sequence[Hashable]) -> float:
   """Fraction of exact matches (classification by scoring every class name; video QA)."""
   if len(predictions) != len(labels) or not labels:
