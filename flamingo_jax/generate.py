@@ -169,7 +169,8 @@ def main(argv):
   outputs, errors = {}, {i: e for i, e in (p for p in prepared if len(p) == 2)}
   stop = (tokenizer.special.eoc, tokenizer.special.eos)
   main_process = jax.process_index() == 0
-  progress = cli.Progress(len(good), "generate", unit="rows", enabled=bool(_BATCH_FILE.value) and main_process)
+  progress = cli.Progress(len(good), "generate", unit="rows",
+                          enabled=bool(_BATCH_FILE.value) and main_process)
   # Rows with the same frame count decode together (one media array per batch).
   by_frames = {}
   for p in good:

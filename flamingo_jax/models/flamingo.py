@@ -41,6 +41,11 @@ def _direct(encode: Callable[[jax.Array], jax.Array], frames: jax.Array) -> jax.
   return encode(frames)
 
 
+def normalize_pixels(images: jax.Array, dtype: Any) -> jax.Array:
+  """uint8 pixels -> the encoder's input: ImageNet mean/std normalised, in `dtype`."""
+  return ((images.astype(jnp.float32) - PIXEL_MEAN) / PIXEL_STD).astype(dtype)
+
+
 class Flamingo(hk.Module):
   """The whole model. Submodules are built inside methods: paths are `flamingo/<child>/...`."""
 
@@ -94,8 +99,8 @@ class Flamingo(hk.Module):
     dtype = jnp.float32 if hk.running_init() else self.compute_dtype
 
     def encode(frames):
-      x = ((frames.astype(jnp.float32) - PIXEL_MEAN) / PIXEL_STD).astype(dtype)
-      return encoder(x, is_training=is_training and vision_trainable)          # [BNT, h, w, C]
+      return encoder(normalize_pixels(frames, dtype),
+                     is_training=is_training and vision_trainable)          # [BNT, h, w, C]
 
     grid = self.vision_batching(encode, frames)
     if not vision_trainable:
@@ -120,8 +125,8 @@ class Flamingo(hk.Module):
     [N, C]: what RICES compares (PAPER.md §6)."""
     if images.ndim != 4 or images.shape[-1] != 3:
       raise ValueError(f"images must be [N, H, W, 3] uint8, got shape {images.shape}")
-    x = ((images.astype(jnp.float32) - PIXEL_MEAN) / PIXEL_STD).astype(self.compute_dtype)
-    grid = self._vision_encoder()(x, is_training=False)                          # [N, h, w, C]
+    grid = self._vision_encoder()(normalize_pixels(images, self.compute_dtype),
+                                  is_training=False)                          # [N, h, w, C]
     return jnp.mean(grid.astype(jnp.float32), axis=(1, 2))
 
   @hk.name_like("__call__")           # paths: flamingo/language_model, not ~_language_model
