@@ -19,13 +19,15 @@ setuptools.setup(
         "ml-collections==1.1.0",
         "absl-py==2.5.1",
         "numpy==2.4.6",
-        # Data pipeline (flamingo_jax/data): TFDS builders read with tf.data.
+        # Data pipeline (flamingo_jax/data): TFDS builders write the ArrayRecord datasets.
         "tensorflow-cpu==2.21.0",
         # tf.summary's implementation (trainer's TensorBoard event files); TF no longer
         # depends on it.
         "tensorboard==2.21.0",
         "tensorflow-datasets==4.9.10",
         "sentencepiece==0.2.3",
+        # The loader's worker processes and per-position shuffling (data/pipeline.py).
+        "grain==0.2.18",
         "pillow==12.0.0",
         "importlib-resources==7.1.0",   # TFDS (etils) needs it for builders defined in a package
         "etils==1.15.0",                # epath: workdirs on gs:// or local disk

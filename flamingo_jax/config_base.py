@@ -23,6 +23,14 @@ SYNTHETIC_TOKENIZER = os.path.join(os.path.dirname(__file__), "data", "assets", 
 # CPU configs keep augmentation off (their synthetic captions say "moving left").
 PAPER_AUGMENT = dict(flip=True, color_jitter=0.1)
 
+
+def paper_input(config: ml_collections.ConfigDict) -> None:
+  """The paper configs' input: PAPER_AUGMENT, and one grain worker process per CPU of the
+  host, up to 16 (a TPU host has cores to spare, and processes scale past the GIL; the tiny
+  configs decode in threads of the trainer, which on 2 cores is faster: WORKSPACE.md)."""
+  config.data.augment.update(PAPER_AUGMENT)
+  config.data.workers = -1
+
 # PAPER.md §3, §4: per-stream weights λ and the ablation batch sizes. `source` is the kind of
 # raw data (data/sources.py): interleaved | image_text | video_text.
 PAPER_STREAMS = {
@@ -106,7 +114,8 @@ def base_config(model: ml_collections.ConfigDict, *, streams: dict, image_size: 
       synthetic_naming="shape",       #   shape | colour with made-up words (synthetic.py);
       synthetic_pairs=(2, 4),         #   image-text pairs per document
       prefetch=2,                     # batches queued ahead of the step
-      workers=0,                      # decode threads; 0 = one per CPU
+      workers=0,                      # grain worker processes that decode; 0: threads
+                                      #   of the trainer process; -1: one per CPU (<= 16)
   ))
   config.train = ml_collections.ConfigDict(dict(
       steps=steps, log_every=100, checkpoint_every=1000, keep_checkpoints=3,

@@ -12,6 +12,6 @@ def get_config(arg=None):
       lm=config_base.paper_lm(num_layers=24, dim=2048, num_heads=16, ffw_size=8832),
       xattn_every=1, xattn_num_heads=16)
   config = config_base.base_config(model, streams=config_base.PAPER_STREAMS, image_size=320)
-  config.data.augment.update(config_base.PAPER_AUGMENT)
+  config_base.paper_input(config)
   config.model.remat = "dots"
   return config_base.apply_variant(config, arg)

@@ -12,7 +12,7 @@ def get_config(arg=None):
       lm=config_base.paper_lm(num_layers=80, dim=8192, num_heads=64, ffw_size=36608),
       xattn_every=7, xattn_num_heads=64)
   config = config_base.base_config(model, streams=config_base.PAPER_STREAMS, image_size=320)
-  config.data.augment.update(config_base.PAPER_AUGMENT)
+  config_base.paper_input(config)
   config.model.remat = "dots"
   config.mesh.model = 16     # PAPER.md §4: 16-way Megatron; data = the remaining chips
   # M3W in 3 microbatches: its activations (the largest stream's) then fit next to the

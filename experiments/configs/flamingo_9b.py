@@ -12,6 +12,6 @@ def get_config(arg=None):
       lm=config_base.paper_lm(num_layers=40, dim=4096, num_heads=32, ffw_size=12672),
       xattn_every=4, xattn_num_heads=32)
   config = config_base.base_config(model, streams=config_base.PAPER_STREAMS, image_size=320)
-  config.data.augment.update(config_base.PAPER_AUGMENT)
+  config_base.paper_input(config)
   config.model.remat = "dots"
   return config_base.apply_variant(config, arg)

@@ -40,6 +40,10 @@ class _RawSourceBuilder(tfds.core.GeneratorBasedBuilder):
   def _features(self) -> tfds.features.FeaturesDict:
     raise NotImplementedError
 
+  def _kept(self, example: dict) -> dict:
+    """What of a read example is stored (all of it but for video)."""
+    return example
+
   def _split_generators(self, dl_manager):
     return {"train": self._generate_examples(dl_manager.manual_dir)}
 
@@ -48,7 +52,7 @@ class _RawSourceBuilder(tfds.core.GeneratorBasedBuilder):
     usable = 0
     for key, example in sources.read_source(self.KIND, os.fspath(manual_dir), counts, skip_log):
       usable += 1
-      yield key, _encoded(example)
+      yield key, _encoded(self._kept(example))
     skipped = {reason: counts[reason] for reason in sources.SKIP_REASONS if counts[reason]}
     self.info.metadata["skipped"] = skipped
     self.info.metadata["usable"] = usable
@@ -118,8 +122,22 @@ class ImageText(_RawSourceBuilder):
 
 
 class VideoText(_RawSourceBuilder):
-  """VTP-like clips: all frames of the clip, its frame rate and a caption."""
+  """VTP-like clips: frames, their rate and a caption. With `max_fps` (frames per second; 0:
+  all), a faster clip keeps only frames `1 / max_fps` s apart, so that the stored dataset holds
+  what training at that frame rate can use and reading decodes nothing it drops."""
   KIND = "video_text"
+  max_fps = 0.0
+
+  def _split_generators(self, dl_manager):
+    self.info.metadata["max_fps"] = float(self.max_fps)
+    return super()._split_generators(dl_manager)
+
+  def _kept(self, example):
+    fps, frames = float(example["fps"]), example["frames"]
+    if not self.max_fps or fps <= self.max_fps:
+      return example
+    kept = subsampled_frames(len(frames), fps, self.max_fps)
+    return dict(example, frames=[frames[i] for i in kept], fps=float(self.max_fps))
 
   def _features(self):
     return tfds.features.FeaturesDict({
@@ -127,6 +145,12 @@ class VideoText(_RawSourceBuilder):
         "fps": np.float32,
         "text": tfds.features.Text(),
     })
+
+
+def subsampled_frames(num_frames: int, fps: float, max_fps: float) -> list[int]:
+  """Indices of the frames at times 0, 1/max_fps, 2/max_fps, ... of a clip at `fps` > max_fps."""
+  count = max(1, int(np.ceil(num_frames * max_fps / fps - 1e-9)))
+  return [min(num_frames - 1, int(np.floor(j * fps / max_fps + 1e-6))) for j in range(count)]
 
 
 BUILDERS = {cls.KIND: cls for cls in (Interleaved, ImageText, VideoText)}
@@ -138,9 +162,13 @@ def make_builder(kind: str, data_dir: str) -> tfds.core.DatasetBuilder:
   return BUILDERS[kind](data_dir=data_dir, file_format="array_record")
 
 
-def prepare(kind: str, manual_dir: str, data_dir: str) -> tfds.core.DatasetBuilder:
-  """Builds the dataset unless `data_dir` already holds it; returns the builder."""
+def prepare(kind: str, manual_dir: str, data_dir: str,
+            max_fps: float = 0.0) -> tfds.core.DatasetBuilder:
+  """Builds the dataset unless `data_dir` already holds it; returns the builder. `max_fps`:
+  video datasets keep at most this frame rate (0: every frame)."""
   builder = make_builder(kind, data_dir)
+  if kind == "video_text":
+    builder.max_fps = float(max_fps)
   if not sys.stderr.isatty():
     tfds.disable_progress_bar()       # progress bars only on a terminal, not in logs
   builder.download_and_prepare(

@@ -6,8 +6,8 @@
     state = pipe.state()          # JSON-able; pipe.restore(state) resumes exactly
 
 Order. Stream s reads its split in epochs; epoch e visits the examples in the permutation
-drawn from (seed, s, e); positions 0, 1, 2, ... run through epoch 0, then epoch 1, ... with
-no seam. The global batch is split into `num_shards` data shards (the mesh's 'data' axis);
+seeded by (seed, s, e) (grain's index_shuffle: computed per position, never materialised);
+positions 0, 1, 2, ... run through epoch 0, then epoch 1, ... with no seam. The global batch is split into `num_shards` data shards (the mesh's 'data' axis);
 shard d of D takes positions d, d + D, d + 2D, ... (its k-th example is position kD + d),
 so the shards read disjoint examples that together cover the split. A process produces the
 rows of the shards its devices hold, in shard order; processes holding the same shard (a
@@ -19,23 +19,28 @@ restarts. An example that fails here (e.g. an fps out of range in an older build
 the shard moves to its next position.
 
 State. Per stream and data shard: the shard's cursor k and its skip counts. `restore` takes
-the state of any set of shards that includes this pipeline's (the trainer stores the union
-over processes), so a run may resume with another process count but not another number of
-data shards.
+the state of any set of shards that includes this pipeline's (the trainer's checkpoint holds
+one file per data shard), so a run may resume with another process count but not another
+number of data shards.
 
-Prefetch. A background thread fills a queue of `prefetch` batches; a thread pool decodes and
-preprocesses the examples of a batch in parallel (PIL and numpy release the GIL).
+Loader. grain runs the work: `data.workers` worker processes (or, with 0, threads of this
+process) read, decode, resize and tokenise examples in a fixed round-robin order (`_Work`), so
+the batches are the same with any number of workers. A background thread assembles batches
+from their output into a queue of `prefetch` batches. Video datasets keep the frames at the
+stream's frame_rate when they are built (builders.py), so reading a clip decodes only the
+frames it can use.
 """
 
 import collections
-import concurrent.futures
 import copy
 import os
 import queue
 import threading
 from typing import Any, Iterator
 
+from absl import flags
 from absl import logging
+import grain
 import numpy as np
 
 from flamingo_jax.data import builders
@@ -45,6 +50,9 @@ from flamingo_jax.data import synthetic
 from flamingo_jax.data import tokenizer as tok
 
 SYNTHETIC = "synthetic"       # stream.manual_dir value: generate the raw files (synthetic.py)
+# workers=-1 caps here: each worker process holds its own readers and tokenizer (~0.2 GB), and
+# a TPU host's 240 vCPUs would otherwise mean 240 of them.
+MAX_AUTO_WORKERS = 16
 
 
 def synthetic_raw_dir(config: Any, name: str) -> str:
@@ -83,44 +91,68 @@ def prepare_stream(config: Any, name: str):
   elif not manual_dir:
     raise ValueError(f"config.data.streams.{name}.manual_dir is empty: the folder of raw "
                      f"{spec.source} files (sources.py), or {SYNTHETIC!r}")
-  return builders.prepare(spec.source, manual_dir, os.path.join(config.data.data_dir, name))
+  max_fps = float(spec.get("frame_rate", 1.0)) if spec.source == "video_text" else 0.0
+  return builders.prepare(spec.source, manual_dir, os.path.join(config.data.data_dir, name),
+                          max_fps=max_fps)
+
+
+def _check_stored_frame_rate(builder, spec: Any, name: str) -> None:
+  """A video dataset built for a lower frame rate cannot give this stream's frames."""
+  stored = float(builder.info.metadata.get("max_fps", 0.0))
+  wanted = float(spec.get("frame_rate", 1.0))
+  if stored and wanted > stored + 1e-9:
+    raise ValueError(f"stream {name}: its dataset {builder.data_dir} keeps frames at {stored:g} "
+                     f"fps, but frame_rate is {wanted:g}: build it again (move that folder "
+                     f"away) or use frame_rate <= {stored:g}")
 
 
 class _Stream:
-  """One stream of one process: reads, preprocesses and batches the rows of its shards."""
+  """One stream of one process: where its examples come from and how each is made. Pickled
+  into the loader's worker processes, which reopen the dataset and the tokenizer."""
 
-  def __init__(self, config: Any, name: str, tokenizer: tok.Tokenizer, shards: tuple[int, ...],
-               num_shards: int):
+  def __init__(self, config: Any, name: str, tokenizer: tok.Tokenizer, num_shards: int):
     self.name, self.spec = name, config.data.streams[name]
     self.index = list(config.data.streams).index(name)
     self.data = config.data
     self.seed, self.size = int(config.seed), int(config.model.image_size)
     self.tokenizer = tokenizer
-    self.shards, self.num_shards = shards, num_shards
+    self.num_shards = num_shards
     if self.spec.batch_size % num_shards:
       raise ValueError(f"stream {name}: batch_size {self.spec.batch_size} is not divisible "
                        f"by the {num_shards} data shards (mesh data axis)")
     self.shard_batch = self.spec.batch_size // num_shards
     builder = prepare_stream(config, name)
+    self.dataset_dir = os.path.join(config.data.data_dir, name)
     self.source = builder.as_data_source(split="train")
     self.build_skipped = dict(builder.info.metadata.get("skipped", {}))
     self.num_examples = len(self.source)
-    self._permutations = {}
+    if self.spec.source == "video_text":
+      _check_stored_frame_rate(builder, self.spec, name)
 
-  def permutation(self, epoch: int) -> np.ndarray:
-    if epoch not in self._permutations:
-      if len(self._permutations) > 2:
-        self._permutations.pop(min(self._permutations))
-      rng = np.random.default_rng([self.seed, self.index, epoch])
-      self._permutations[epoch] = rng.permutation(self.num_examples)
-    return self._permutations[epoch]
+  def __getstate__(self):
+    state = dict(self.__dict__)
+    state["source"], state["tokenizer"] = None, self.tokenizer.path
+    return state
+
+  def __setstate__(self, state):
+    self.__dict__.update(state)
+    self.source = builders.make_builder(self.spec.source, self.dataset_dir).as_data_source(
+        split="train")
+    self.tokenizer = tok.load(state["tokenizer"])
 
   def position(self, shard: int, k: int) -> int:
     return k * self.num_shards + shard
 
   def example_index(self, shard: int, k: int) -> int:
+    """Epoch e visits the examples in a permutation seeded by (seed, stream, e), computed
+    per position (no array of the split's size, which for billions of examples would not
+    fit a worker)."""
     epoch, i = divmod(self.position(shard, k), self.num_examples)
-    return int(self.permutation(epoch)[i])
+    if self.num_examples == 1:
+      return 0
+    seed = int(np.random.default_rng([self.seed, self.index, epoch]).integers(1 << 31))
+    return int(grain.experimental.index_shuffle(i, max_index=self.num_examples - 1, seed=seed,
+                                                rounds=4))
 
   def example(self, shard: int, k: int) -> dict:
     """Shard `shard`'s k-th example, preprocessed; raises sources.Skip."""
@@ -191,9 +223,80 @@ def load_tokenizer(config: Any):
   return tokenizer
 
 
+class _Work:
+  """The loader's endless work list; item i -> (stream, shard, k, row or skip reason).
+  Pickled into the worker processes.
+
+  Items come in rounds: each round holds the next `shard_batch` positions of every (stream,
+  shard), from the cursors the loader started at. Item i is therefore a fixed example, whichever
+  worker makes it. A shard that skips an example reads on into the next round; the items of the
+  others wait in `_Loader` until their batch is made."""
+
+  def __init__(self, streams: dict[str, _Stream], shards: tuple[int, ...],
+               cursors: dict[tuple[str, int], int]):
+    self.streams, self.cursors = streams, cursors
+    self.slots = [(name, d, j) for name, stream in streams.items() for d in shards
+                  for j in range(stream.shard_batch)]
+
+  def __call__(self, i: int):
+    r, j = divmod(i, len(self.slots))
+    name, d, offset = self.slots[j]
+    k = self.cursors[(name, d)] + r * self.streams[name].shard_batch + offset
+    try:
+      return name, d, k, self.streams[name].example(d, k)
+    except sources.Skip as skip:          # a reason string: a Skip does not unpickle
+      return name, d, k, skip.reason
+
+
+class _Loader:
+  """Runs `_Work` with grain: in `workers` processes, or in threads of this one (workers=0);
+  hands out each (stream, shard)'s items in order."""
+
+  _ENDLESS = 1 << 62
+
+  def __init__(self, work: _Work, workers: int):
+    if not flags.FLAGS.is_parsed():       # grain reads its absl flags; outside an absl app
+      flags.FLAGS.mark_as_parsed()        # (tests, notebooks) their defaults stand
+    dataset = grain.MapDataset.range(0, self._ENDLESS).map(work)
+    ahead = 2 * len(work.slots)           # two rounds ahead: the next batch of every stream
+    if workers > 0:
+      # One thread per worker: grain's default of 16 reading threads in every worker made
+      # 2 workers on 2 cores 3-5x slower than threads of one process (contention).
+      per_worker = max(1, -(-ahead // workers))
+      dataset = dataset.to_iter_dataset(
+          grain.ReadOptions(num_threads=1, prefetch_buffer_size=per_worker)).mp_prefetch(
+              grain.MultiprocessingOptions(num_workers=workers,
+                                           per_worker_buffer_size=per_worker))
+    else:
+      dataset = dataset.to_iter_dataset(grain.ReadOptions(num_threads=os.cpu_count() or 1,
+                                                          prefetch_buffer_size=ahead))
+    self._iterator = iter(dataset)
+    self._waiting = collections.defaultdict(collections.deque)
+
+  def next_item(self, name: str, shard: int):
+    waiting = self._waiting[(name, shard)]
+    while not waiting:
+      item = next(self._iterator)
+      self._waiting[item[:2]].append(item)
+    return waiting.popleft()
+
+  def close(self) -> None:
+    try:
+      self._iterator.close()
+    except Exception as e:  # pylint: disable=broad-except
+      # A worker that died (its error is what the pipeline reports) cannot be joined.
+      logging.warning("closing the input workers: %s", e)
+
+
 class InputPipeline(Iterator[dict]):
   """{stream: batch} of the rows of this process's data shards, prefetched, deterministic and
-  resumable. By default one shard: the whole global batch."""
+  resumable. By default one shard: the whole global batch.
+
+  `workers`: grain worker processes that read, decode, resize and tokenise (default
+  config.data.workers; 0: threads of this process, -1: one per CPU, at most
+  MAX_AUTO_WORKERS). The batches do not depend
+  on it. The loader starts with the first batch or `start()`, so that a `restore` before it
+  costs nothing."""
 
   def __init__(self, config: Any, shards: tuple[int, ...] = (0,), num_shards: int = 1,
                prefetch: int | None = None, workers: int | None = None):
@@ -202,49 +305,48 @@ class InputPipeline(Iterator[dict]):
       raise ValueError(f"data shards {shards} are not a non-empty subset of 0..{num_shards - 1}")
     self.config, self.shards, self.num_shards = config, shards, int(num_shards)
     tokenizer = load_tokenizer(config)
-    self.streams = {name: _Stream(config, name, tokenizer, shards, self.num_shards)
+    self.streams = {name: _Stream(config, name, tokenizer, self.num_shards)
                     for name in config.data.streams}
     self._prefetch = int(prefetch if prefetch is not None else config.data.prefetch)
-    self._pool = concurrent.futures.ThreadPoolExecutor(
-        workers or int(config.data.workers) or os.cpu_count() or 1)
+    workers = int(workers if workers is not None else config.data.workers)
+    self._workers = min(os.cpu_count() or 1, MAX_AUTO_WORKERS) if workers < 0 else workers
     self._state = {"num_shards": self.num_shards,
                    "streams": {name: {str(d): {"cursor": 0, "skipped": {}} for d in shards}
                                for name in self.streams}}
     self._thread = None
-    self._start()
 
   # -- producer ---------------------------------------------------------------------------
 
-  def _batch(self, stream: _Stream, state: dict) -> dict:
+  def _batch(self, stream: _Stream, state: dict, loader: _Loader) -> dict:
     """The rows of `stream`'s shards, in shard order; advances `state` ({shard: cursor...})."""
-    rows = {d: [] for d in stream.shards}
-    start = {d: state[str(d)]["cursor"] for d in stream.shards}
-    cursor = dict(start)
-    skipped = {d: collections.Counter(state[str(d)]["skipped"]) for d in stream.shards}
-    while True:
-      work = [(d, k) for d in stream.shards
-              for k in range(cursor[d], cursor[d] + stream.shard_batch - len(rows[d]))]
-      if not work:
-        break
-      for (d, k), result in zip(work, self._pool.map(_try(stream.example), work)):
-        if isinstance(result, sources.Skip):
-          skipped[d][result.reason] += 1
+    ordered = []
+    for d in self.shards:
+      start = cursor = state[str(d)]["cursor"]
+      skipped = collections.Counter(state[str(d)]["skipped"])
+      rows = []
+      while len(rows) < stream.shard_batch:
+        _, _, k, result = loader.next_item(stream.name, d)
+        assert k == cursor, (stream.name, d, k, cursor)
+        cursor = k + 1
+        if isinstance(result, str):
+          skipped[result] += 1
+          if cursor - start > 100 * stream.shard_batch and not rows:
+            raise ValueError(f"stream {stream.name}: {cursor - start} examples in a row were "
+                             f"skipped ({dict(skipped)}); check max_tokens and the source")
         else:
-          rows[d].append(result)
-        cursor[d] = k + 1
-      for d in stream.shards:
-        if cursor[d] > 100 * stream.shard_batch + start[d] and not rows[d]:
-          raise ValueError(f"stream {stream.name}: {cursor[d] - start[d]} examples in a row "
-                           f"were skipped ({dict(skipped[d])}); check max_tokens and the source")
-    for d in stream.shards:
-      state[str(d)] = {"cursor": cursor[d], "skipped": dict(skipped[d])}
-    ordered = [row for d in stream.shards for row in rows[d]]
+          rows.append(result)
+      state[str(d)] = {"cursor": cursor, "skipped": dict(skipped)}
+      ordered += rows
     return {key: np.stack([r[key] for r in ordered]) for key in ordered[0]}
 
   def _produce(self, state: dict, out: queue.Queue, stop: threading.Event) -> None:
+    loader = None
     try:
+      cursors = {(name, int(d)): shard["cursor"] for name, shards in state["streams"].items()
+                 for d, shard in shards.items()}
+      loader = _Loader(_Work(self.streams, self.shards, cursors), self._workers)
       while not stop.is_set():
-        batches = {name: self._batch(stream, state["streams"][name])
+        batches = {name: self._batch(stream, state["streams"][name], loader)
                    for name, stream in self.streams.items()}
         item = (batches, copy.deepcopy(state))
         while not stop.is_set():
@@ -255,8 +357,14 @@ class InputPipeline(Iterator[dict]):
             pass
     except BaseException as e:   # surfaces in __next__
       out.put(e)
+    finally:
+      if loader is not None:
+        loader.close()
 
-  def _start(self) -> None:
+  def start(self) -> None:
+    """Starts the loader (and its worker processes) now rather than at the first batch."""
+    if self._thread is not None:
+      return
     self._queue = queue.Queue(maxsize=max(1, self._prefetch))
     self._stop = threading.Event()
     self._thread = threading.Thread(target=self._produce, daemon=True, name="input",
@@ -276,8 +384,10 @@ class InputPipeline(Iterator[dict]):
   # -- consumer ---------------------------------------------------------------------------
 
   def __next__(self) -> dict:
+    self.start()
     item = self._queue.get()
     if isinstance(item, BaseException):
+      self._halt()
       raise item
     batches, self._state = item
     return batches
@@ -304,9 +414,11 @@ class InputPipeline(Iterator[dict]):
       if missing:
         raise ValueError(f"iterator state of stream {name} lacks data shards {missing}")
       mine[name] = {str(d): copy.deepcopy(shards[str(d)]) for d in self.shards}
+    running = self._thread is not None
     self._halt()
     self._state = {"num_shards": self.num_shards, "streams": mine}
-    self._start()
+    if running:
+      self.start()
 
   def skipped(self) -> dict[str, dict[str, int]]:
     """Per stream: examples skipped when building (whole source) and here (this pipeline's
@@ -321,7 +433,12 @@ class InputPipeline(Iterator[dict]):
 
   def close(self) -> None:
     self._halt()
-    self._pool.shutdown(wait=False, cancel_futures=True)
+
+  def __enter__(self):
+    return self
+
+  def __exit__(self, *exc):
+    self.close()
 
   def __del__(self):
     try:
@@ -345,15 +462,6 @@ def merge_states(states: list[dict]) -> dict:
           raise RuntimeError(f"stream {name}, data shard {shard}: processes disagree on the "
                              f"input position ({into[shard]} vs {value}); their inputs differ")
   return merged
-
-
-def _try(fn):
-  def call(args):
-    try:
-      return fn(*args)
-    except sources.Skip as skip:
-      return skip
-  return call
 
 
 def log_skipped(pipe: InputPipeline) -> None:
