@@ -80,8 +80,10 @@ DAMAGE = {
     "truncated_metadata": lambda step: truncate(os.path.join(step, "state", "_METADATA")),
     # A save killed before its commit marker.
     "no_commit_marker": lambda step: os.remove(os.path.join(step, "commit_success.txt")),
-    # The iterator state gone.
+    # The run's data item gone, or one data shard's input state.
     "deleted_data_item": lambda step: shutil.rmtree(os.path.join(step, "data")),
+    "deleted_input_shard": lambda step: os.remove(
+        sorted(glob.glob(os.path.join(step, "input", "shard-*.json")))[0]),
     # A save killed before orbax's final rename.
     "unfinished_save": lambda step: os.rename(step, step + ".orbax-checkpoint-tmp-1795470000"),
 }
@@ -247,6 +249,7 @@ def test_skip_batches_drops_data_once_per_resume_point(base, tiny_config, capsys
     setup = train_step.make_train_setup(fault_config(tiny_config, root),
                                         sharding.make_mesh(-1, 1))
     _, data = ckpt.restore_step(step, setup)
+    data["pipeline"] = ckpt.input_state(step)
     ckpt.close()
     return data
   # Step 5 trained on the batch the undisturbed run met at step 6: the data positions after

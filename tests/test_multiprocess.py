@@ -40,7 +40,7 @@ def _finish(procs):
 def _pipeline_state(workdir, step):
   ckpt = checkpointing.Checkpointer(workdir, keep=100)
   try:
-    return ckpt.data_item(step)["pipeline"]
+    return ckpt.input_state(step)
   finally:
     ckpt.close()
 

@@ -24,12 +24,15 @@ from train_helpers import train, train_command
 
 @pytest.mark.slow
 def test_sigterm_and_resume_log_exactly_the_same_losses(tmp_path):
+  """The straight run decodes in threads, the stopped and resumed one in two grain worker
+  processes: the losses are equal as floats."""
   data = str(tmp_path / "data")
   config = stream_subset_config_file(tmp_path, keep=("m3w", "vtp"))   # two iterator states
   straight, resumed = str(tmp_path / "straight"), str(tmp_path / "resumed")
   train(train_command(straight, data, 40, config=config), devices=1)
-  proc = subprocess.Popen(train_command(resumed, data, 40, config=config), env=env(1), cwd=REPO,
-                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  workers = "--config.data.workers=2"
+  proc = subprocess.Popen(train_command(resumed, data, 40, workers, config=config), env=env(1),
+                          cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
   metrics = os.path.join(resumed, "metrics.jsonl")
   deadline = time.time() + 600
   while time.time() < deadline and proc.poll() is None:
@@ -41,7 +44,7 @@ def test_sigterm_and_resume_log_exactly_the_same_losses(tmp_path):
   stopped_at = max(losses(resumed))
   assert 15 <= stopped_at < 40, stopped_at
   assert stopped_at in [int(d) for d in os.listdir(os.path.join(resumed, "checkpoints"))]
-  train(train_command(resumed, data, 40, config=config), devices=1)
+  train(train_command(resumed, data, 40, workers, config=config), devices=1)
   expected, got = losses(straight), losses(resumed)
   assert sorted(got) == list(range(1, 41))
   assert got == expected                                 # float equality, data order included
@@ -101,7 +104,7 @@ def test_corrupt_latest_checkpoint_falls_back_to_the_previous_one(tiny_config, t
   ckpt = checkpointing.Checkpointer(workdir, keep=5)
   for step in (1, 2):
     data_state = {"num_shards": 1, "streams": {"m3w": {"0": {"cursor": step, "skipped": {}}}}}
-    ckpt.save(step, state._replace(step=state.step + step), data_state, config)
+    ckpt.save(step, state._replace(step=state.step + step), data_state, (0,), config)
   ckpt.close()
   # Damage every data file of the newest checkpoint's train state.
   damaged = 0
@@ -113,7 +116,7 @@ def test_corrupt_latest_checkpoint_falls_back_to_the_previous_one(tiny_config, t
   assert damaged
   ckpt = checkpointing.Checkpointer(workdir, keep=5)          # a reader: moves nothing
   with caplog.at_level("WARNING"):
-    restored_state, restored_data = ckpt.restore(setup)
+    restored_state, restored_data = ckpt.restore(setup, input_shards=(0,), num_shards=1)
   assert int(restored_state.step) == 1
   assert restored_data["pipeline"]["streams"]["m3w"]["0"]["cursor"] == 1
   assert "checkpoint 2" in caplog.text and "does not load" in caplog.text
@@ -125,6 +128,41 @@ def test_corrupt_latest_checkpoint_falls_back_to_the_previous_one(tiny_config, t
         f.write(b"\0garbage")
   with pytest.raises(RuntimeError, match="none of the checkpoints \\[1, 2\\]"):
     ckpt.restore(setup)
+  ckpt.close()
+
+
+def test_input_state_is_one_file_per_data_shard_read_by_the_shards_a_process_feeds(
+    tiny_config, tmp_path):
+  """Each process writes the shards it owns and reads the ones it feeds: here one process
+  writes shards 0 and 2 and another (a second save of the same step's item, as a second
+  process would) 1 and 3; a reader of shard 2 gets exactly its state."""
+  config = small_config(tiny_config, tmp_path)
+  setup = train_step.make_train_setup(config, sharding.make_mesh(-1, 1))
+  state, _ = setup.init(jax.random.key(0))
+  streams = {"m3w": {str(d): {"cursor": 10 + d, "skipped": {"no_image": d}} for d in range(4)},
+             "vtp": {str(d): {"cursor": 20 + d, "skipped": {}} for d in range(4)}}
+  pipeline_state = {"num_shards": 4, "streams": streams}
+  ckpt = checkpointing.Checkpointer(str(tmp_path / "run"), keep=5, async_save=False)
+  ckpt.save(3, state._replace(step=state.step + 3), pipeline_state, (0, 2), config)
+  input_dir = tmp_path / "run" / "checkpoints" / "3" / "input"
+  written = sorted(n for n in os.listdir(input_dir) if n.startswith("shard-"))
+  assert written == ["shard-0-of-4.json", "shard-2-of-4.json"]
+  checkpointing.InputStateHandler().save(
+      input_dir, checkpointing.InputStateSave(pipeline_state, (1, 3)))
+  assert ckpt.input_state(3) == pipeline_state
+  assert ckpt.input_state(3, (2,), 4) == {
+      "num_shards": 4, "streams": {"m3w": {"2": streams["m3w"]["2"]},
+                                   "vtp": {"2": streams["vtp"]["2"]}}}
+  _, data = ckpt.restore(setup, input_shards=(1, 3), num_shards=4)
+  assert data["pipeline"]["streams"]["m3w"] == {"1": streams["m3w"]["1"],
+                                                "3": streams["m3w"]["3"]}
+  # Another data axis: the pipeline refuses it with its own message.
+  other = ckpt.input_state(3, (0,), 2)
+  assert other == {"num_shards": 4, "streams": {}}
+  # A shard's file gone: that step does not load (and an older one would be used).
+  os.remove(input_dir / "shard-3-of-4.json")
+  with pytest.raises(ValueError, match=r"lacks the input state of data shards \[3\]"):
+    ckpt.input_state(3, (1, 3), 4)
   ckpt.close()
 
 

@@ -1,9 +1,10 @@
 """Checkpoints (DESIGN.md §9): orbax CheckpointManager, async, keep-N, restore into shardings.
 
     WORKDIR/checkpoints/<step>/state    TrainState (params, opt_state, step, rng key data)
-                              /data     {"pipeline": the input pipeline's state of every
-                                        data shard, "process_count": P,
-                                        "skip_batches_applied": N}
+                              /input    shard-<d>-of-<D>.json: the input pipeline's
+                                        state of data shard d, written by one of the
+                                        processes feeding it (InputStateHandler)
+                              /data     {"process_count": P, "skip_batches_applied": N}
                               /config   the run's config (JSON)
     WORKDIR/frozen/                    the frozen towers, written once when they were
                                        initialised at random (no init_checkpoint), so that
@@ -20,9 +21,11 @@ nothing moves. If steps exist but none loads, that is an error too, never a sile
 start. A damaged `frozen/` is moved aside and the towers are made again (trainer.py).
 """
 
+import dataclasses
 import json
 import logging as logging_lib
 import os
+import re
 import sys
 import time
 from typing import Any, Callable
@@ -37,8 +40,7 @@ from jax.experimental import multihost_utils
 from flamingo_jax import weights
 from flamingo_jax.training import train_step
 
-_STATE, _DATA, _CONFIG = "state", "data", "config"
-_MAX_STATE_BYTES = 1 << 16      # per process iterator state, JSON
+_STATE, _DATA, _CONFIG, _INPUT = "state", "data", "config", "input"
 
 
 def _savable(state: train_step.TrainState) -> train_step.TrainState:
@@ -61,17 +63,61 @@ def restore_args(setup: train_step.TrainSetup) -> ocp.args.Composite:
                                _DATA: ocp.args.JsonRestore()})
 
 
-def gather_process_states(local_state: dict) -> list[dict]:
-  """Every process's iterator state, on every process (a JSON string per process)."""
-  data = json.dumps(local_state).encode()
-  if len(data) > _MAX_STATE_BYTES:
-    raise ValueError(f"iterator state is {len(data)} bytes, over {_MAX_STATE_BYTES}")
-  if jax.process_count() == 1:
-    return [local_state]
-  buffer = np.zeros(_MAX_STATE_BYTES, np.uint8)
-  buffer[:len(data)] = np.frombuffer(data, np.uint8)
-  gathered = np.asarray(multihost_utils.process_allgather(buffer))     # [P, bytes]
-  return [json.loads(bytes(row).rstrip(b"\0").decode()) for row in gathered]
+class InputStateHandler(ocp.CheckpointHandler):
+  """The input pipeline's state as one JSON file per data shard, `shard-<d>-of-<D>.json`
+  ({stream: {"cursor", "skipped"}}). Each process writes the shards it was given (the trainer
+  gives each shard to the first process feeding it) and reads the shards it feeds: no
+  collective, and a restore with another process count reads the shards it now feeds."""
+
+  _PATTERN = re.compile(r"shard-(\d+)-of-(\d+)\.json$")
+
+  def save(self, directory: epath.Path, args: "InputStateSave") -> None:
+    state = args.state
+    for shard in args.shards:
+      per_stream = {name: shards[str(shard)] for name, shards in state["streams"].items()}
+      (directory / f"shard-{shard}-of-{state['num_shards']}.json").write_text(
+          json.dumps(per_stream))
+
+  def restore(self, directory: epath.Path, args: "InputStateRestore") -> dict:
+    """The pipeline state ({"num_shards", "streams"}) of `args.shards` (None: all stored)."""
+    stored = {}
+    for path in directory.iterdir():
+      match = self._PATTERN.match(path.name)
+      if match:
+        stored[int(match.group(1))] = (int(match.group(2)), path)
+    counts = {count for count, _ in stored.values()}
+    if len(counts) != 1:
+      raise ValueError(f"{directory} holds input states for {sorted(counts) or 'no'} data "
+                       f"shard counts; expected one")
+    num_shards = counts.pop()
+    wanted = sorted(stored) if args.shards is None else list(args.shards)
+    streams = {}
+    if num_shards == args.num_shards or args.num_shards is None:
+      missing = [d for d in wanted if d not in stored]
+      if missing:
+        raise ValueError(f"{directory} lacks the input state of data shards {missing}")
+      for d in wanted:
+        for name, value in json.loads(stored[d][1].read_text()).items():
+          streams.setdefault(name, {})[str(d)] = value
+    # Another shard count: returned as is, for the pipeline to refuse with its own message.
+    return {"num_shards": num_shards, "streams": streams}
+
+  def close(self) -> None:
+    pass
+
+
+@ocp.args.register_with_handler(InputStateHandler, for_save=True)
+@dataclasses.dataclass
+class InputStateSave(ocp.args.CheckpointArgs):
+  state: dict                     # pipeline.InputPipeline.state()
+  shards: tuple[int, ...]         # the data shards this process writes
+
+
+@ocp.args.register_with_handler(InputStateHandler, for_restore=True)
+@dataclasses.dataclass
+class InputStateRestore(ocp.args.CheckpointArgs):
+  shards: tuple[int, ...] | None = None     # None: every stored shard
+  num_shards: int | None = None             # this pipeline's
 
 
 class NoLoadableCheckpointError(RuntimeError):
@@ -211,7 +257,7 @@ class Checkpointer:
         self.directory,
         options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=False,
                                              enable_async_checkpointing=async_save),
-        item_names=(_STATE, _DATA, _CONFIG))
+        item_names=(_STATE, _DATA, _CONFIG, _INPUT))
     self.heal = heal
     if heal:
       self._move_unfinished_saves()
@@ -266,44 +312,59 @@ class Checkpointer:
 
   # -- train state --------------------------------------------------------------------------
 
-  def save(self, step: int, state: train_step.TrainState, pipeline_state: dict, config: Any,
-           skip_batches_applied: int = 0) -> None:
-    """`pipeline_state`: the input state of every data shard (the same on every process)."""
+  def save(self, step: int, state: train_step.TrainState, pipeline_state: dict,
+           written_shards: tuple[int, ...], config: Any, skip_batches_applied: int = 0) -> None:
+    """`pipeline_state`: this process's input state; it writes that of `written_shards`
+    (together, the processes write every data shard once)."""
     if jax.process_index() == 0:
       epath.Path(self.directory).mkdir(parents=True, exist_ok=True)
     _sync("checkpoint directory")
     self.manager.save(step, args=ocp.args.Composite(**{
         _STATE: ocp.args.StandardSave(_savable(state)),
-        _DATA: ocp.args.JsonSave({"pipeline": pipeline_state,
-                                  "process_count": jax.process_count(),
+        _INPUT: InputStateSave(pipeline_state, tuple(written_shards)),
+        _DATA: ocp.args.JsonSave({"process_count": jax.process_count(),
                                   "skip_batches_applied": skip_batches_applied}),
         _CONFIG: ocp.args.JsonSave(json.loads(config.to_json())),
     }), force=True)
 
-  def restore_step(self, step: int, setup: train_step.TrainSetup) -> tuple[
-      train_step.TrainState, dict]:
-    """(state, the step's data item) of one step; raises if it does not load."""
+  def restore_step(self, step: int, setup: train_step.TrainSetup,
+                   input_shards: tuple[int, ...] | None = None,
+                   num_shards: int | None = None) -> tuple[train_step.TrainState, dict]:
+    """(state, the step's data item) of one step; raises if it does not load. With
+    `input_shards`, the data item's "pipeline" is the input state of those data shards (of a
+    pipeline with `num_shards`)."""
     restored = self.manager.restore(step, args=restore_args(setup))
     state, data = restored[_STATE], restored[_DATA]
     if int(state.step) != step:
       raise ValueError(f"state.step {int(state.step)} != directory step {step}")
-    if "processes" in data:       # before per-shard input state: process p read as shard p
-      data = {"pipeline": {"num_shards": data["process_count"],
-                           "streams": {name: {str(p): process[name]
-                                              for p, process in enumerate(data["processes"])}
-                                       for name in data["processes"][0]}},
-              "process_count": data["process_count"],
-              "skip_batches_applied": data.get("skip_batches_applied", 0)}
+    if input_shards is not None:
+      data = dict(data, pipeline=self.input_state(step, input_shards, num_shards, data))
     return state._replace(rng=jax.random.wrap_key_data(state.rng)), data
 
   def data_item(self, step: int) -> dict:
-    """A step's data item alone (input positions, process count), without the train state."""
+    """A step's data item alone (process count, skipped batches), without the train state."""
     args = ocp.args.Composite(**{_DATA: ocp.args.JsonRestore()})
     return self.manager.restore(step, args=args)[_DATA]
 
-  def restore(self, setup: train_step.TrainSetup) -> tuple[train_step.TrainState, dict] | None:
+  def input_state(self, step: int, shards: tuple[int, ...] | None = None,
+                  num_shards: int | None = None, data: dict | None = None) -> dict:
+    """The input pipeline's state of `shards` (None: every stored shard) at `step`."""
+    if (epath.Path(self.directory) / str(step) / _INPUT).exists():
+      args = ocp.args.Composite(**{_INPUT: InputStateRestore(
+          None if shards is None else tuple(shards), num_shards)})
+      return self.manager.restore(step, args=args)[_INPUT]
+    data = self.data_item(step) if data is None else data       # written before input/
+    if "processes" in data:       # before per-shard input state: process p read as shard p
+      return {"num_shards": data["process_count"],
+              "streams": {name: {str(p): process[name]
+                                 for p, process in enumerate(data["processes"])}
+                          for name in data["processes"][0]}}
+    return data["pipeline"]
+
+  def restore(self, setup: train_step.TrainSetup, input_shards: tuple[int, ...] | None = None,
+              num_shards: int | None = None) -> tuple[train_step.TrainState, dict] | None:
     """(state, data item) of the newest loadable step, or None when there is no step.
-    Damaged newer steps are moved aside."""
+    Damaged newer steps are moved aside. `input_shards`: see restore_step."""
     _filter_restore_noise()
     steps = self.all_steps()
     damaged = []
@@ -312,7 +373,7 @@ class Checkpointer:
       step_dir = os.path.join(self.directory, str(step))
       restored, problem = _load_checked(
           step_dir, os.path.join(step_dir, _STATE), expected, f"checkpoint {step}",
-          lambda step_=step: self.restore_step(step_, setup))
+          lambda step_=step: self.restore_step(step_, setup, input_shards, num_shards))
       if problem is not None:
         logging.warning("checkpoint %d in %s does not load (%s); trying the previous one",
                         step, self.directory, problem)

@@ -230,9 +230,14 @@ def global_batches(setup: train_step.TrainSetup, local: dict, shards: tuple[int,
   return jax.tree.map(put, setup.batch_shardings, local)
 
 
-def input_shards(mesh) -> tuple[int, ...]:
-  """The data shards this process feeds (sharding.assign_data_shards)."""
-  return sharding.assign_data_shards(sharding.process_grid(mesh))[jax.process_index()]
+def input_shards(mesh) -> tuple[tuple[int, ...], tuple[int, ...]]:
+  """(the data shards this process feeds, those whose input state it saves: the shards it is
+  the first process to feed) (sharding.assign_data_shards)."""
+  assignment = sharding.assign_data_shards(sharding.process_grid(mesh))
+  me = jax.process_index()
+  written = tuple(d for d in assignment[me]
+                  if next(p for p, shards in enumerate(assignment) if d in shards) == me)
+  return assignment[me], written
 
 
 def input_plan(config: Any, mesh) -> dict:
@@ -270,15 +275,14 @@ def dry_run(config: Any, topology: str) -> dict:
   return dict(input_plan(config, mesh), topology=topology)
 
 
-def save_checkpoint(ckpt, step, state, pipe, config, skip_applied) -> None:
-  pipeline_state = pipeline_lib.merge_states(checkpointing.gather_process_states(pipe.state()))
-  ckpt.save(step, state, pipeline_state, config, skip_applied)
+def save_checkpoint(ckpt, step, state, pipe, written_shards, config, skip_applied) -> None:
+  ckpt.save(step, state, pipe.state(), written_shards, config, skip_applied)
 
 
-def _initial_state(config, setup, ckpt):
+def _initial_state(config, setup, ckpt, shards):
   """(state, frozen, the checkpoint's data item or None, whether the frozen towers are new and
   must be saved): from the checkpoints, else fresh. Writes nothing but moving damage aside."""
-  restored = ckpt.restore(setup)
+  restored = ckpt.restore(setup, shards, setup.mesh.shape[sharding.DATA])
   frozen = ckpt.restore_frozen(setup)
   frozen_is_new = False
   if restored is None or frozen is None:
@@ -382,9 +386,9 @@ def train(config: Any, workdir: str, allow_config_change: bool = False) -> dict:
         for name in config.data.streams:
           pipeline_lib.prepare_stream(config, name)
       multihost_utils.sync_global_devices("datasets prepared")
-    shards = input_shards(mesh)
+    shards, written_shards = input_shards(mesh)
     pipe = pipeline_lib.InputPipeline(config, shards, mesh.shape[sharding.DATA])
-    state, frozen, data, frozen_is_new = _initial_state(config, setup, ckpt)
+    state, frozen, data, frozen_is_new = _initial_state(config, setup, ckpt, shards)
     skip_applied = 0
     if data is not None:
       pipe.restore(data["pipeline"])
@@ -403,8 +407,9 @@ def train(config: Any, workdir: str, allow_config_change: bool = False) -> dict:
       skip_applied = config.train.skip_batches
     log = MetricsLog(workdir, int(config.train.steps), ckpt, step)
     preemption = _Preemption()
-    return _loop(config, setup, ckpt, pipe, shards, log, preemption, state, frozen, step,
-                 resumed=data is not None, skip_applied=skip_applied)
+    pipe.start()                         # the loader warms up while the step compiles
+    return _loop(config, setup, ckpt, pipe, shards, written_shards, log, preemption, state,
+                 frozen, step, resumed=data is not None, skip_applied=skip_applied)
   finally:
     if preemption is not None:
       preemption.restore()
@@ -499,8 +504,8 @@ class _Judge:
     return good, self.ckpt.move_steps_aside(suspect, "diverged")
 
 
-def _loop(config, setup, ckpt, pipe, shards, log, preemption, state, frozen, step, resumed,
-          skip_applied) -> dict:
+def _loop(config, setup, ckpt, pipe, shards, written_shards, log, preemption, state, frozen, step,
+          resumed, skip_applied) -> dict:
   total = int(config.train.steps)
   logging.info("starting at step %d of %d in %s (%d processes, mesh %s)", step, total,
                ckpt.workdir, jax.process_count(), dict(setup.mesh.shape))
@@ -585,7 +590,7 @@ def _loop(config, setup, ckpt, pipe, shards, log, preemption, state, frozen, ste
       # No periodic save of a skipped step: its state is the last one's, not yet judged good.
       if (periodic_save and not judge.last_skipped) or step == total or stop:
         if bool(all_finite((state.params, state.opt_state))):
-          save_checkpoint(ckpt, step, state, pipe, config, skip_applied)
+          save_checkpoint(ckpt, step, state, pipe, written_shards, config, skip_applied)
           judge.saved(step)
         else:
           logging.error("state at step %d is not finite: not saving it", step)
