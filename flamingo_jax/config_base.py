@@ -68,6 +68,7 @@ def model_config(*, vocab_size: int, image_size: int, vision_variant: str, lm: d
       remat="none",                   # per LM / xattn block: none | full | dots (language_model.py)
       attention_impl="einsum",        # einsum | xla | cudnn | auto (models/attention.py)
       vision=dict(variant=vision_variant, activation="gelu", stochdepth_rate=0.1,
+                  numerics="deepmind",  # | "timm": weights imported from timm (nfnet.py)
                   trainable=False,    # True: the paper's fine-tuning recipe (PAPER.md §8)
                   init_checkpoint=""),
       resampler=dict(resampler or PAPER_RESAMPLER),
@@ -90,6 +91,17 @@ def with_imported_lm(model: ml_collections.ConfigDict, fields: dict,
   model.xattn.update(fields.get("xattn", {}))
   if init_checkpoint:
     model.lm.init_checkpoint = init_checkpoint
+  return model
+
+
+def with_imported_vision(model: ml_collections.ConfigDict, fields: dict,
+                         init_checkpoint: str = "") -> ml_collections.ConfigDict:
+  """`model` with the vision tower an import describes (its `model.json`: variant, numerics)
+  and, if given, `vision.init_checkpoint` pointing at its `params/`."""
+  model = model.copy_and_resolve_references()
+  model.vision.update(fields["vision"])
+  if init_checkpoint:
+    model.vision.init_checkpoint = init_checkpoint
   return model
 
 

@@ -2,11 +2,14 @@
 
   python -m flamingo_jax.train --config=experiments/configs/pretrained.py:lm=IMPORT_DIR \
       --workdir=runs/pretrained [--config.train.steps=200 ...]
+  ... --config=experiments/configs/pretrained.py:lm=IMPORT_DIR,vision=NFNET_IMPORT_DIR
 
 IMPORT_DIR is what `import_weights` wrote: `model.json` fixes the LM (options, vocabulary,
 special ids, xattn.every), `params/` is loaded as `config.model.lm.init_checkpoint`,
-`tokenizer.json` tokenises the data. The rest is the tiny config's: NFNet "tiny", a small
-resampler and xattn, synthetic streams, float32. Override any of it on the command line.
+`tokenizer.json` tokenises the data. With `vision=DIR` (an `import_weights --kind=nfnet`
+folder) the vision tower is that NFNet (variant, numerics and `vision.init_checkpoint` from
+it); else NFNet "tiny" at random. The rest is the tiny config's: a small resampler and xattn,
+synthetic streams at 64 px, float32. Override any of it on the command line.
 """
 
 import json
@@ -23,13 +26,18 @@ def _parse(arg):
   return fields
 
 
-def get_config(arg=None):
-  lm_dir = os.path.abspath(_parse(arg)["lm"])
-  model_json = os.path.join(lm_dir, "model.json")
+def _import_fields(directory: str) -> dict:
+  model_json = os.path.join(directory, "model.json")
   if not os.path.exists(model_json):
-    raise ValueError(f"{model_json} not found: is {lm_dir} an import_weights output folder?")
+    raise ValueError(f"{model_json} not found: is {directory} an import_weights output folder?")
   with open(model_json) as f:
-    fields = json.load(f)
+    return json.load(f)
+
+
+def get_config(arg=None):
+  parsed = _parse(arg)
+  lm_dir = os.path.abspath(parsed["lm"])
+  fields = _import_fields(lm_dir)
   model = config_base.model_config(
       vocab_size=fields["vocab_size"], image_size=64, vision_variant="tiny",
       lm=config_base.paper_lm(num_layers=1, dim=1, num_heads=1, ffw_size=1),  # from the import
@@ -38,6 +46,10 @@ def get_config(arg=None):
                      num_latents=8, num_time_embeddings=4, max_frames=12))
   model = config_base.with_imported_lm(model, fields,
                                        init_checkpoint=os.path.join(lm_dir, "params"))
+  if "vision" in parsed:
+    vision_dir = os.path.abspath(parsed["vision"])
+    model = config_base.with_imported_vision(model, _import_fields(vision_dir),
+                                             init_checkpoint=os.path.join(vision_dir, "params"))
   streams = {
       "m3w": dict(source="interleaved", manual_dir="synthetic", batch_size=8, weight=1.0,
                   max_tokens=48, max_media=3, frames=1),

@@ -117,7 +117,8 @@ class Flamingo(hk.Module):
   def _vision_encoder(self) -> nfnet.NFNet:
     cfg = self.config.vision
     return nfnet.NFNet(cfg.variant, activation=cfg.activation,
-                       stochdepth_rate=cfg.stochdepth_rate, name="vision_encoder")
+                       stochdepth_rate=cfg.stochdepth_rate,
+                       numerics=cfg.get("numerics", "deepmind"), name="vision_encoder")
 
   @hk.name_like("__call__")
   def vision_features(self, images: jax.Array) -> jax.Array:

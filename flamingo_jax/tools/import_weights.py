@@ -12,7 +12,9 @@ or `experiments/configs/pretrained.py:lm=DIR`. Everything is written to a tempor
 and renamed at the end: a failed import leaves no DIR.
 
 Kinds: llama (Llama 2/3, Mistral, TinyLlama), gpt_neox (Pythia, RedPajama-INCITE), gemma
-(Gemma 1), chinchilla (our own layout, from weights.export_lm).
+(Gemma 1), chinchilla (our own layout, from weights.export_lm); nfnet (timm's `dm_nfnet_f0` ...
+`f6` safetensors: the vision tower, tools/vision_import.py; --source is the .safetensors file
+or its folder, and only --dtype applies).
 """
 
 import json
@@ -23,8 +25,9 @@ from absl import logging
 
 from flamingo_jax.tools import cli
 from flamingo_jax.tools import lm_import
+from flamingo_jax.tools import vision_import
 
-_KIND = flags.DEFINE_enum("kind", None, ["llama", "gpt_neox", "gemma", "chinchilla"],
+_KIND = flags.DEFINE_enum("kind", None, ["llama", "gpt_neox", "gemma", "chinchilla", "nfnet"],
                           "Checkpoint family.")
 _SOURCE = flags.DEFINE_string("source", None, "Hugging Face model folder (config.json + "
                               "*.safetensors) or our exported folder.")
@@ -47,14 +50,24 @@ def main(argv):
   if not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)     # orbax logs every file at INFO
   try:
-    report = lm_import.run(_KIND.value, _SOURCE.value, _OUTPUT.value, dtype=_DTYPE.value,
-                 xattn_every=_XATTN_EVERY.value, pad_vocab_multiple=_PAD_VOCAB.value,
-                 model_axis=_MODEL_AXIS.value, progress=not _JSON.value)
+    if _KIND.value == "nfnet":
+      report = vision_import.run(_KIND.value, _SOURCE.value, _OUTPUT.value, dtype=_DTYPE.value)
+    else:
+      report = lm_import.run(_KIND.value, _SOURCE.value, _OUTPUT.value, dtype=_DTYPE.value,
+                   xattn_every=_XATTN_EVERY.value, pad_vocab_multiple=_PAD_VOCAB.value,
+                   model_axis=_MODEL_AXIS.value, progress=not _JSON.value)
   except (weights.CheckpointError, FileNotFoundError) as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(1)
   if _JSON.value:
     print(json.dumps(report))
+    return
+  if _KIND.value == "nfnet":
+    print(f"imported NFNet-{report['variant']} from {_SOURCE.value}: {report['tensors']} "
+          f"tensors, {report['parameters']:,} parameters in {report['seconds']:.1f}s\nwrote "
+          f"{report['output']}/params, model.json\ntrain on it: --config.model.vision."
+          f"init_checkpoint={report['output']}/params --config.model.vision.variant="
+          f"{report['variant']} --config.model.vision.numerics=timm")
     return
   print(f"imported {report['kind']} from {_SOURCE.value}: {report['tensors']} tensors -> "
         f"{report['parameters']:,} parameters, {report['bytes'] / 2**20:.1f} MiB in "

@@ -31,13 +31,40 @@ def write_tokenizer(source: str, tmp: str, fields: dict) -> bool:
   return True
 
 
+def check_output_is_new(output: str) -> None:
+  from flamingo_jax import weights  # pylint: disable=g-import-not-at-top
+  if os.path.exists(output) and (not os.path.isdir(output) or os.listdir(output)):
+    raise weights.CheckpointError(f"--output {output} already exists; choose a new folder")
+
+
+def write_import_folder(output: str, params, fields: dict, extra=None):
+  """OUTPUT/params (orbax) and OUTPUT/model.json (`fields`), plus what `extra(tmp)` writes,
+  all in a temporary folder renamed at the end: a failed import leaves no OUTPUT. Returns
+  extra's result."""
+  from flamingo_jax import weights  # pylint: disable=g-import-not-at-top
+  tmp = output.rstrip("/") + f".tmp-{os.getpid()}"
+  shutil.rmtree(tmp, ignore_errors=True)
+  os.makedirs(tmp)
+  try:
+    weights.save_params(os.path.join(os.path.abspath(tmp), "params"), params)
+    with open(os.path.join(tmp, "model.json"), "w") as f:
+      json.dump(fields, f, indent=1)
+    result = extra(tmp) if extra else None
+    if os.path.isdir(output):
+      os.rmdir(output)                       # empty (checked before)
+    os.rename(tmp, output)
+  except BaseException:
+    shutil.rmtree(tmp, ignore_errors=True)
+    raise
+  return result
+
+
 def run(kind: str, source: str, output: str, *, dtype: str = "keep", xattn_every: int = 1,
         pad_vocab_multiple: int = 128, model_axis: int = 1, progress: bool = True) -> dict:
   """The import; returns the report. Raises weights.CheckpointError (nothing written)."""
   from flamingo_jax import config_base, weights  # pylint: disable=g-import-not-at-top
   from flamingo_jax.training import sharding  # pylint: disable=g-import-not-at-top
-  if os.path.exists(output) and (not os.path.isdir(output) or os.listdir(output)):
-    raise weights.CheckpointError(f"--output {output} already exists; choose a new folder")
+  check_output_is_new(output)
   baseline = _peak_rss_bytes()
   kind, fields = weights.import_plan(source, kind, pad_vocab_multiple=pad_vocab_multiple,
                                      xattn_every=xattn_every)
@@ -51,20 +78,8 @@ def run(kind: str, source: str, output: str, *, dtype: str = "keep", xattn_every
   params, stats = weights.load_lm(source, model, kind, shardings=shardings,
                                   dtype=None if dtype == "keep" else dtype, progress=progress)
   after_load = _peak_rss_bytes()
-  tmp = output.rstrip("/") + f".tmp-{os.getpid()}"
-  shutil.rmtree(tmp, ignore_errors=True)
-  os.makedirs(tmp)
-  try:
-    weights.save_params(os.path.join(os.path.abspath(tmp), "params"), params)
-    with open(os.path.join(tmp, "model.json"), "w") as f:
-      json.dump(fields, f, indent=1)
-    tokenizer = write_tokenizer(source, tmp, fields)
-    if os.path.isdir(output):
-      os.rmdir(output)                       # empty (checked above)
-    os.rename(tmp, output)
-  except BaseException:
-    shutil.rmtree(tmp, ignore_errors=True)
-    raise
+  tokenizer = write_import_folder(output, params, fields,
+                                  lambda tmp: write_tokenizer(source, tmp, fields))
   largest = max(info.nbytes for info in weights.SafetensorsCheckpoint(source).tensors.values())
   return stats | {"kind": kind, "output": output, "tokenizer": tokenizer,
                   "vocab_size": fields["vocab_size"], "image_token_id": fields["image_token_id"],

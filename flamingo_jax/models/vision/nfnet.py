@@ -6,8 +6,19 @@ std of the input, squeeze-excite, a SkipInit gain (init 0) per block and stochas
 For Flamingo the encoder returns the final-stage feature grid (after the 1x1 conv to
 2 x 1536 channels): [B, H/32, W/32, C]; the pooled embedding and the classifier head are
 there for contrastive pretraining and the parameter-count check.
+
+Numerics (`numerics`), two arithmetics of the same network:
+  "deepmind"  DeepMind's reference (deepmind-research/nfnets): weight standardisation
+              w' = (w - mean) * rsqrt(max(var * fan_in, 1e-4)) * gain, GELU by its tanh
+              approximation, stochastic depth that zeroes a row's branch without dividing
+              the kept ones by the keep probability (their StochDepth default).
+  "timm"      timm's port (`dm_nfnet_*`): w' = (w - mean) / sqrt(var + 1e-5) * gain /
+              sqrt(fan_in), exact (erf) GELU, stochastic depth divided by the keep
+              probability (timm's DropPath). Weights imported from timm use it: with
+              DeepMind's arithmetic their final features differ by ~4% (relative L2).
 """
 
+import functools
 from typing import Optional
 
 import haiku as hk
@@ -30,22 +41,37 @@ NFNET_VARIANTS = {
 STAGE_STRIDES = (1, 2, 2, 2)
 TOTAL_STRIDE = 32  # stem (2 x 2) x stages (1 x 2 x 2 x 2)
 
+NUMERICS = ("deepmind", "timm")
+
 # gamma such that act(N(0, 1)) has unit variance (Brock et al. 2021, App. D).
-SCALED_ACTIVATIONS = {
-    "gelu": (jax.nn.gelu, 1.7015043497085571),
-    "relu": (jax.nn.relu, 1.7139588594436646),
-}
+_GAMMAS = {"gelu": 1.7015043497085571, "relu": 1.7139588594436646}
+
+
+def scaled_activation(activation: str, numerics: str):
+  """act(x) * gamma; GELU by tanh (deepmind) or erf (timm)."""
+  if activation not in _GAMMAS:
+    raise ValueError(f"unknown NFNet activation {activation!r}; known: {sorted(_GAMMAS)}")
+  if numerics not in NUMERICS:
+    raise ValueError(f"unknown NFNet numerics {numerics!r}; known: {NUMERICS}")
+  gamma = _GAMMAS[activation]
+  if activation == "gelu":
+    approximate = numerics == "deepmind"
+    return lambda x: jax.nn.gelu(x, approximate=approximate) * gamma
+  return lambda x: jax.nn.relu(x) * gamma
 
 
 class WSConv2D(hk.Conv2D):
-  """Conv2D with Scaled Weight Standardisation: w' = gain * (w - mean) / (std * sqrt(fan_in))."""
+  """Conv2D with Scaled Weight Standardisation: w' = gain * (w - mean) / (std * sqrt(fan_in)),
+  in DeepMind's or timm's arithmetic (module docstring)."""
 
   def __init__(self, output_channels: int, kernel_shape: int, stride: int = 1,
-               feature_group_count: int = 1, name: Optional[str] = None):
+               feature_group_count: int = 1, numerics: str = "deepmind",
+               name: Optional[str] = None):
     super().__init__(output_channels, kernel_shape, stride=stride, padding="SAME",
                      feature_group_count=feature_group_count, with_bias=True,
                      w_init=hk.initializers.VarianceScaling(1.0, "fan_in", "normal"),
                      name=name)
+    self.numerics = numerics
 
   def __call__(self, x: jax.Array) -> jax.Array:
     w_shape = (self.kernel_shape[0], self.kernel_shape[1],
@@ -56,7 +82,10 @@ class WSConv2D(hk.Conv2D):
     mean = jnp.mean(w32, axis=(0, 1, 2), keepdims=True)
     var = jnp.var(w32, axis=(0, 1, 2), keepdims=True)
     fan_in = np.prod(w_shape[:-1])
-    scale = jax.lax.rsqrt(jnp.maximum(var * fan_in, 1e-4)) * gain.astype(jnp.float32)
+    if self.numerics == "timm":
+      scale = jax.lax.rsqrt(var + 1e-5) * (gain.astype(jnp.float32) / np.sqrt(fan_in))
+    else:
+      scale = jax.lax.rsqrt(jnp.maximum(var * fan_in, 1e-4)) * gain.astype(jnp.float32)
     w_std = (w32 * scale - mean * scale).astype(x.dtype)
     out = jax.lax.conv_general_dilated(
         x, w_std, window_strides=self.stride, padding="SAME",
@@ -85,15 +114,15 @@ class NFBlock(hk.Module):
 
   def __init__(self, *, in_ch: int, out_ch: int, group_size: int, stride: int, beta: float,
                alpha: float, activation: str, se_ratio: float, stochdepth_rate: float,
-               name: Optional[str] = None):
+               numerics: str = "deepmind", name: Optional[str] = None):
     super().__init__(name=name)
     width = int(out_ch * 0.5)  # bottleneck ratio 0.5 of the block output
     self.groups = max(1, width // group_size)
     self.width = group_size * self.groups
     self.in_ch, self.out_ch, self.stride = in_ch, out_ch, stride
     self.beta, self.alpha = beta, alpha
-    act, gamma = SCALED_ACTIVATIONS[activation]
-    self.act = lambda x: act(x) * gamma
+    self.act = scaled_activation(activation, numerics)
+    self.numerics = numerics
     self.se_ratio = se_ratio
     self.stochdepth_rate = stochdepth_rate
 
@@ -105,18 +134,21 @@ class NFBlock(hk.Module):
       shortcut = hk.avg_pool(out, window_shape=(1, 2, 2, 1), strides=(1, 2, 2, 1), padding="SAME")
     elif use_projection:
       shortcut = out
+    conv = functools.partial(WSConv2D, numerics=self.numerics)
     if use_projection:
-      shortcut = WSConv2D(self.out_ch, 1, name="conv_shortcut")(shortcut)
-    out = WSConv2D(self.width, 1, name="conv0")(out)
-    out = WSConv2D(self.width, 3, stride=self.stride, feature_group_count=self.groups,
-                   name="conv1")(self.act(out))
-    out = WSConv2D(self.width, 3, feature_group_count=self.groups, name="conv1b")(self.act(out))
-    out = WSConv2D(self.out_ch, 1, name="conv2")(self.act(out))
+      shortcut = conv(self.out_ch, 1, name="conv_shortcut")(shortcut)
+    out = conv(self.width, 1, name="conv0")(out)
+    out = conv(self.width, 3, stride=self.stride, feature_group_count=self.groups,
+               name="conv1")(self.act(out))
+    out = conv(self.width, 3, feature_group_count=self.groups, name="conv1b")(self.act(out))
+    out = conv(self.out_ch, 1, name="conv2")(self.act(out))
     out = 2.0 * SqueezeExcite(self.out_ch, self.se_ratio, name="squeeze_excite")(out) * out
     if is_training and (isinstance(self.stochdepth_rate, jax.Array) or self.stochdepth_rate > 0):
       keep = 1.0 - self.stochdepth_rate
       drop_mask = jax.random.bernoulli(hk.next_rng_key(), keep, (x.shape[0], 1, 1, 1))
-      out = out * drop_mask.astype(out.dtype) / keep
+      out = out * drop_mask.astype(out.dtype)
+      if self.numerics == "timm":                 # DeepMind's reference keeps the scale
+        out = out / keep
     skip_gain = hk.get_parameter("skip_gain", (), init=jnp.zeros)
     return out * (skip_gain * self.alpha).astype(out.dtype) + shortcut
 
@@ -127,7 +159,7 @@ class NFNet(hk.Module):
   def __init__(self, variant: str = "F6", *, activation: str = "gelu", alpha: float = 0.2,
                se_ratio: float = 0.5, stochdepth_rate: float = 0.1,
                final_conv_mult: int = 2, num_classes: Optional[int] = None,
-               name: Optional[str] = "nfnet"):
+               numerics: str = "deepmind", name: Optional[str] = "nfnet"):
     super().__init__(name=name)
     if variant not in NFNET_VARIANTS:
       raise ValueError(f"unknown NFNet variant {variant!r}; known: {sorted(NFNET_VARIANTS)}")
@@ -138,8 +170,8 @@ class NFNet(hk.Module):
     self.stochdepth_rate = stochdepth_rate
     self.final_conv_mult = final_conv_mult
     self.num_classes = num_classes
-    act, gamma = SCALED_ACTIVATIONS[activation]
-    self.act = lambda x: act(x) * gamma
+    self.numerics = numerics
+    self.act = scaled_activation(activation, numerics)
 
   @property
   def output_channels(self) -> int:
@@ -148,14 +180,16 @@ class NFNet(hk.Module):
   def __call__(self, images: jax.Array, *, is_training: bool) -> jax.Array:
     """images [B, H, W, 3] (normalised) -> feature grid [B, H/32, W/32, output_channels]."""
     widths, depths = self.variant["width"], self.variant["depth"]
-    x = WSConv2D(16, 3, stride=2, name="stem_conv0")(images)
-    x = WSConv2D(32, 3, name="stem_conv1")(self.act(x))
-    x = WSConv2D(64, 3, name="stem_conv2")(self.act(x))
-    x = WSConv2D(widths[0] // 2, 3, stride=2, name="stem_conv3")(self.act(x))
+    conv = functools.partial(WSConv2D, numerics=self.numerics)
+    x = conv(16, 3, stride=2, name="stem_conv0")(images)
+    x = conv(32, 3, name="stem_conv1")(self.act(x))
+    x = conv(64, 3, name="stem_conv2")(self.act(x))
+    x = conv(widths[0] // 2, 3, stride=2, name="stem_conv3")(self.act(x))
     in_ch, index, num_blocks, expected_var = widths[0] // 2, 0, sum(depths), 1.0
     for stage, (width, depth, stride) in enumerate(zip(widths, depths, STAGE_STRIDES)):
       block_args = dict(group_size=self.variant["group_size"], alpha=self.alpha,
-                        activation=self.activation, se_ratio=self.se_ratio)
+                        activation=self.activation, se_ratio=self.se_ratio,
+                        numerics=self.numerics)
       # Transition block: beta from the variance the previous stage accumulated; its new
       # shortcut resets the variance to 1 (expected-variance tracking, Brock et al.).
       x = NFBlock(in_ch=in_ch, out_ch=width, stride=stride, beta=expected_var ** -0.5,
@@ -178,7 +212,7 @@ class NFNet(hk.Module):
                                                                   jnp.asarray(rates))
         index += depth - 1
       expected_var = 1.0 + depth * self.alpha ** 2
-    x = WSConv2D(self.output_channels, 1, name="final_conv")(x)
+    x = conv(self.output_channels, 1, name="final_conv")(x)
     return self.act(x)
 
   def pooled(self, images: jax.Array, *, is_training: bool) -> jax.Array:

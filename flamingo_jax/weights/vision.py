@@ -1,0 +1,169 @@
+"""Vision-tower imports: timm's NFNet (`dm_nfnet_f0` ... `f6`) -> our NFNet's parameters.
+
+    params, fields = vision.load_timm_nfnet("dm_nfnet_f0/")   # a .safetensors file or folder
+    # params: {"flamingo/vision_encoder/...": {...}}, numpy, the source's dtype
+    # fields: {"vision": {"variant": "F0", "numerics": "timm"}} (config.model.vision)
+
+timm's NFNet is DeepMind's network in PyTorch layout, with its own arithmetic (weight
+standardisation eps, exact GELU; models/vision/nfnet.py): the import sets `numerics="timm"`,
+under which our features equal timm's (tests/test_vision_import.py). The variant is found
+from the tensors' shapes (stage depths and widths, group size), not from the file name; a
+network no variant matches is an error naming what it has. timm's classifier head is not
+imported (Flamingo uses the feature grid).
+
+    timm                                   ours (under flamingo/vision_encoder/)
+    stem.conv{1..4}                        stem_conv{0..3}
+    stages.S.0.*                           stageS_block0/*
+    stages.S.B.* (B >= 1)                  stageS_blocks/block/* (stacked, row B - 1)
+    conv1 / conv2 / conv2b / conv3         conv0 / conv1 / conv1b / conv2
+    downsample.conv                        conv_shortcut
+    attn_last.fc1 / attn_last.fc2          squeeze_excite/fc0 / squeeze_excite/fc1
+    skipinit_gain                          skip_gain
+    final_conv                             final_conv
+    conv: weight [O, I, kh, kw], gain [O, 1, 1, 1], bias [O] -> w [kh, kw, I, O], gain [O], b [O]
+    SE:   weight [O, I, 1, 1] -> w [I, O] (our SE is two Linears)
+"""
+
+import collections
+import re
+from typing import Optional
+
+import haiku as hk
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from flamingo_jax.models.vision import nfnet
+from flamingo_jax.weights.safetensors_io import CheckpointError, SafetensorsCheckpoint
+
+PREFIX = "flamingo/vision_encoder"
+_BLOCK_MODULES = {"conv1": "conv0", "conv2": "conv1", "conv2b": "conv1b", "conv3": "conv2",
+                  "downsample.conv": "conv_shortcut", "attn_last.fc1": "squeeze_excite/fc0",
+                  "attn_last.fc2": "squeeze_excite/fc1"}
+_CONV_LEAVES = {"weight": "w", "gain": "gain", "bias": "b"}
+_BLOCK = re.compile(r"stages\.(\d+)\.(\d+)\.(.+)\.(weight|gain|bias)$")
+_IGNORED = re.compile(r"(head\.fc\.(weight|bias)|.*num_batches_tracked)$")
+
+
+def _strip(name: str) -> str:
+  for prefix in ("model.", "module."):
+    if name.startswith(prefix):
+      return name[len(prefix):]
+  return name
+
+
+def _structure(shapes: dict[str, tuple]) -> dict:
+  """Stage depths and widths, group size and stem width from the tensor shapes."""
+  blocks = collections.defaultdict(set)
+  for name in shapes:
+    match = re.match(r"stages\.(\d+)\.(\d+)\.conv1\.weight$", name)
+    if match:
+      blocks[int(match.group(1))].add(int(match.group(2)))
+  if sorted(blocks) != [0, 1, 2, 3]:
+    raise CheckpointError(f"not an NFNet state dict: stages {sorted(blocks)} (want 0-3; "
+                          f"names like stages.0.0.conv1.weight)")
+  depth = tuple(len(blocks[s]) for s in range(4))
+  width = tuple(shapes[f"stages.{s}.0.conv3.weight"][0] for s in range(4))
+  group_size = shapes["stages.0.0.conv2.weight"][1]
+  stem = shapes["stem.conv4.weight"][0]
+  return dict(width=width, depth=depth, group_size=group_size, stem=stem)
+
+
+def find_variant(structure: dict) -> str:
+  for name, variant in nfnet.NFNET_VARIANTS.items():
+    if (tuple(variant["width"]) == structure["width"]
+        and tuple(variant["depth"]) == structure["depth"]
+        and variant["group_size"] == structure["group_size"]
+        and variant["width"][0] // 2 == structure["stem"]):
+      return name
+  raise CheckpointError(
+      f"no NFNet variant has stage depths {structure['depth']}, widths {structure['width']}, "
+      f"group size {structure['group_size']} and stem width {structure['stem']} (known: "
+      f"{sorted(nfnet.NFNET_VARIANTS)}, models/vision/nfnet.py)")
+
+
+def _conv_leaf(leaf: str, x: np.ndarray, linear: bool) -> tuple[str, np.ndarray]:
+  if leaf == "weight":
+    if linear:                                        # SE's 1x1 conv [O, I, 1, 1] -> [I, O]
+      return "w", np.ascontiguousarray(x.reshape(x.shape[:2]).T)
+    return "w", np.ascontiguousarray(x.transpose(2, 3, 1, 0))   # [O, I, kh, kw] -> HWIO
+  return _CONV_LEAVES[leaf], x.reshape(-1)             # gain [O, 1, 1, 1] / bias [O] -> [O]
+
+
+def _target(name: str) -> Optional[tuple[str, str, Optional[int]]]:
+  """timm name -> (our module path, leaf, row of a stacked block or None)."""
+  match = re.match(r"stem\.conv(\d)\.(weight|gain|bias)$", name)
+  if match:
+    return f"{PREFIX}/stem_conv{int(match.group(1)) - 1}", match.group(2), None
+  match = re.match(r"final_conv\.(weight|gain|bias)$", name)
+  if match:
+    return f"{PREFIX}/final_conv", match.group(1), None
+  match = re.match(r"stages\.(\d+)\.(\d+)\.skipinit_gain$", name)
+  if match:
+    stage, block = int(match.group(1)), int(match.group(2))
+    return _block_path(stage, block), "skipinit_gain", (block - 1 if block else None)
+  match = _BLOCK.match(name)
+  if match and match.group(3) in _BLOCK_MODULES:
+    stage, block = int(match.group(1)), int(match.group(2))
+    return (f"{_block_path(stage, block)}/{_BLOCK_MODULES[match.group(3)]}", match.group(4),
+            block - 1 if block else None)
+  return None
+
+
+def _block_path(stage: int, block: int) -> str:
+  return f"{PREFIX}/stage{stage}_block0" if block == 0 else f"{PREFIX}/stage{stage}_blocks/block"
+
+
+def expected_shapes(variant: str) -> dict[str, dict[str, tuple]]:
+  """{module: {leaf: shape}} of our NFNet `variant` under PREFIX (shapes only)."""
+  def forward(images):
+    with hk.experimental.name_scope(PREFIX.split("/")[0]):
+      return nfnet.NFNet(variant, name=PREFIX.split("/")[1])(images, is_training=False)
+  size = nfnet.NFNET_VARIANTS[variant]["test_imsize"]
+  shapes = jax.eval_shape(hk.transform(forward).init, jax.random.key(0),
+                          jax.ShapeDtypeStruct((1, size, size, 3), jnp.float32))
+  return {m: {n: tuple(v.shape) for n, v in leaves.items()} for m, leaves in shapes.items()}
+
+
+def load_timm_nfnet(source: str) -> tuple[dict, dict]:
+  """(params at our paths as numpy arrays, {"vision": config fields}) of a timm NFNet."""
+  ckpt = SafetensorsCheckpoint(source)
+  shapes = {_strip(name): tuple(info.shape) for name, info in ckpt.tensors.items()}
+  try:
+    variant = find_variant(_structure(shapes))
+  except KeyError as e:
+    raise CheckpointError(f"{source}: not a timm NFNet state dict (no tensor {e})") from None
+  depth = nfnet.NFNET_VARIANTS[variant]["depth"]
+  params = collections.defaultdict(dict)
+  stacked = collections.defaultdict(dict)           # (module, leaf) -> {row: array}
+  for raw_name, array in ckpt:
+    name = _strip(raw_name)
+    if _IGNORED.match(name):
+      continue
+    target = _target(name)
+    if target is None:
+      raise CheckpointError(f"{source}: tensor {raw_name} has no place in our NFNet")
+    module, leaf, row = target
+    if leaf == "skipinit_gain":
+      ours, value = "skip_gain", np.asarray(array).reshape(())
+    else:
+      ours, value = _conv_leaf(leaf, np.asarray(array), linear="squeeze_excite" in module)
+    if row is None:
+      params[module][ours] = value
+    else:
+      stacked[(module, ours)][row] = value
+  for (module, leaf), rows in stacked.items():
+    stage = int(re.search(r"stage(\d)_blocks", module).group(1))
+    if sorted(rows) != list(range(depth[stage] - 1)):
+      raise CheckpointError(f"{source}: stage {stage} blocks {sorted(r + 1 for r in rows)} of "
+                            f"{leaf}; expected 1-{depth[stage] - 1}")
+    params[module][leaf] = np.stack([rows[r] for r in range(len(rows))])
+  expected = expected_shapes(variant)
+  for module in sorted(set(expected) | set(params)):
+    for leaf in sorted(set(expected.get(module, {})) | set(params.get(module, {}))):
+      have = params.get(module, {}).get(leaf)
+      have = None if have is None else tuple(have.shape)
+      if have != expected.get(module, {}).get(leaf):
+        raise CheckpointError(f"{source}: {module}/{leaf} is {have or 'absent'}, our NFNet "
+                              f"{variant} has {expected.get(module, {}).get(leaf, 'none')}")
+  return dict(params), {"vision": {"variant": variant, "numerics": "timm"}}
