@@ -67,8 +67,15 @@ def model_config(*, vocab_size: int, image_size: int, vision_variant: str, lm: d
       image_size=image_size,          # pixels, square (320 training, 480 fine-tuning)
       remat="none",                   # per LM / xattn block: none | full | dots (language_model.py)
       attention_impl="einsum",        # einsum | xla | cudnn | auto (models/attention.py)
-      vision=dict(variant=vision_variant, activation="gelu", stochdepth_rate=0.1,
+      vision=dict(kind="nfnet",       # | "vit": a CLIP ViT (models/vision/vit.py)
+                  variant=vision_variant, activation="gelu", stochdepth_rate=0.1,
                   numerics="deepmind",  # | "timm": weights imported from timm (nfnet.py)
+                  # kind="vit": its shape (default ViT-L/14, OpenFlamingo's encoder)
+                  vit=dict(width=1024, layers=24, heads=16, patch_size=14, mlp_ratio=4.0,
+                           activation="quick_gelu"),
+                  # The encoder's input normalisation: "imagenet" | "clip" (CLIP weights;
+                  # the import sets it). models/flamingo.py PIXEL_STATS.
+                  pixel_stats="imagenet",
                   trainable=False,    # True: the paper's fine-tuning recipe (PAPER.md §8)
                   init_checkpoint=""),
       resampler=dict(resampler or PAPER_RESAMPLER),
@@ -96,10 +103,13 @@ def with_imported_lm(model: ml_collections.ConfigDict, fields: dict,
 
 def with_imported_vision(model: ml_collections.ConfigDict, fields: dict,
                          init_checkpoint: str = "") -> ml_collections.ConfigDict:
-  """`model` with the vision tower an import describes (its `model.json`: variant, numerics)
-  and, if given, `vision.init_checkpoint` pointing at its `params/`."""
+  """`model` with the vision tower an import describes (its `model.json`: the `vision` fields,
+  and the image size a ViT's positions are for) and, if given, `vision.init_checkpoint`
+  pointing at its `params/`."""
   model = model.copy_and_resolve_references()
   model.vision.update(fields["vision"])
+  if "image_size" in fields:
+    model.image_size = fields["image_size"]
   if init_checkpoint:
     model.vision.init_checkpoint = init_checkpoint
   return model

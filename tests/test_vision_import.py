@@ -84,7 +84,7 @@ def test_import_weights_writes_params_the_model_loads(fixture_variant, tmp_path)
   from flamingo_jax.tools import vision_import  # pylint: disable=g-import-not-at-top
   out = str(tmp_path / "nfnet")
   report = vision_import.run("nfnet", os.path.join(FIXTURE, "weights.safetensors"), out)
-  assert report["variant"] == "fixture" and report["parameters"] > 90_000
+  assert report["fields"]["vision"]["variant"] == "fixture" and report["parameters"] > 90_000
   with open(os.path.join(out, "model.json")) as f:
     assert json.load(f) == {"vision": {"variant": "fixture", "numerics": "timm"}}
   shapes = vision.expected_shapes("fixture")
@@ -155,3 +155,104 @@ def test_a_flamingo_run_loads_the_imported_tower(fixture_variant, tiny_config, t
     for name, value in leaves.items():
       np.testing.assert_array_equal(np.asarray(frozen[module][name]), value,
                                     err_msg=f"{module}/{name}")     # float32 frozen towers
+
+
+# --- CLIP ViT (OpenCLIP layout) -------------------------------------------------------------
+
+CLIP_FIXTURE = os.path.join(REPO, "tests", "data", "clip_vit")
+
+
+def _vit_tokens(params, fields, images):
+  from flamingo_jax.models.vision import vit  # pylint: disable=g-import-not-at-top
+  forward = hk.transform(lambda x: vit.VisionTransformer(
+      image_size=fields["image_size"], name="vision_encoder", **fields["vision"]["vit"])(x))
+  ours = {k.removeprefix("flamingo/"): v for k, v in params.items()}
+  return np.asarray(forward.apply(ours, None, jnp.asarray(images)))
+
+
+def compare_with_open_clip(directory, heads=2):
+  params, fields = vision.load_openclip_vit(os.path.join(directory, "weights.safetensors"),
+                                            heads=heads)
+  images = np.load(os.path.join(directory, "images.npy"))
+  expected = np.load(os.path.join(directory, "tokens.npy"))
+  return _relative_l2(_vit_tokens(params, fields, images), expected), fields
+
+
+def test_imported_clip_vit_gives_openflamingos_vision_features():
+  """The patch tokens after ln_post, without the class token (open_clip's output_tokens),
+  from a whole CLIP model's state dict (its text tower is left out)."""
+  error, fields = compare_with_open_clip(CLIP_FIXTURE)
+  assert error < 1e-5, error
+  assert fields == {"image_size": 32, "vision": {
+      "kind": "vit", "pixel_stats": "clip",
+      "vit": dict(width=64, layers=3, heads=2, patch_size=8, mlp_ratio=4.0,
+                  activation="quick_gelu")}}
+  # Heads are not in the tensors: the default (width / 64 = 1 here) computes other tokens.
+  wrong_heads, _ = compare_with_open_clip(CLIP_FIXTURE, heads=0)
+  assert wrong_heads > 1e-3, wrong_heads
+
+
+def test_positions_resize_for_another_resolution():
+  source = os.path.join(CLIP_FIXTURE, "weights.safetensors")
+  native, _ = vision.load_openclip_vit(source, heads=2)
+  bigger, fields = vision.load_openclip_vit(source, heads=2, image_size=48)
+  key = "flamingo/vision_encoder"
+  assert fields["image_size"] == 48
+  assert bigger[key]["positional_embedding"].shape == (1 + 6 * 6, 64)
+  np.testing.assert_array_equal(bigger[key]["positional_embedding"][0],
+                                native[key]["positional_embedding"][0])     # class position
+  # Bicubic resizing keeps a constant field constant, and the same grid is left as it is.
+  constant = np.full((1 + 16, 3), 0.5, np.float32)
+  np.testing.assert_allclose(vision.resize_positions(constant, 6), 0.5, atol=1e-6)
+  same = native[key]["positional_embedding"]
+  assert vision.resize_positions(same, 4) is same
+  images = np.zeros((1, 48, 48, 3), np.float32)
+  assert _vit_tokens(bigger, fields, images).shape == (1, 6, 6, 64)
+  with pytest.raises(weights.CheckpointError, match="not a multiple of the patch 8"):
+    vision.load_openclip_vit(source, heads=2, image_size=50)
+
+
+def test_a_flamingo_around_a_clip_vit(tiny_config, tmp_path):
+  """config.model.vision.kind="vit": counted as vision, encoded with CLIP's pixel statistics,
+  loaded from the import."""
+  import copy  # pylint: disable=g-import-not-at-top
+  from flamingo_jax import config_base  # pylint: disable=g-import-not-at-top
+  from flamingo_jax.models import flamingo  # pylint: disable=g-import-not-at-top
+  from flamingo_jax.tools import vision_import  # pylint: disable=g-import-not-at-top
+  from flamingo_jax.training import flops, sharding, train_step, trainer  # pylint: disable=g-import-not-at-top,line-too-long
+  out = str(tmp_path / "vit")
+  report = vision_import.run("clip_vit", os.path.join(CLIP_FIXTURE, "weights.safetensors"), out,
+                             vit_heads=2)
+  with open(os.path.join(out, "model.json")) as f:
+    fields = json.load(f)
+  config = copy.deepcopy(tiny_config)
+  config.model = config_base.with_imported_vision(config.model, fields,
+                                                  os.path.join(out, "params"))
+  assert config.model.image_size == 32 and config.model.vision.kind == "vit"
+  counts = flamingo.count_params(config.model)
+  assert counts["vision"] == report["parameters"] == 164672 - 64 * 16   # all but CLIP's proj
+  assert flops.vision_encoder_shape(config.model, 32)[:2] == (16, 64)
+  setup = train_step.make_train_setup(config, sharding.make_mesh(-1, 1))
+  trainable, fresh = setup.init(jax.random.key(0))
+  frozen = trainer.load_init_checkpoints(config.model, fresh, setup)
+  # Through Flamingo's own path (kind dispatch, CLIP pixel statistics, the loaded tower):
+  # RICES features of uint8 images = the mean of the reference tokens of those images.
+  pixels = np.random.default_rng(0).integers(0, 256, (2, 32, 32, 3), dtype=np.uint8)
+  params = hk.data_structures.merge(trainable.params, frozen)
+  pooled = flamingo.make_flamingo_stages(config.model).apply.vision_features(params, None, pixels)
+  imported, _ = vision.load_openclip_vit(os.path.join(CLIP_FIXTURE, "weights.safetensors"),
+                                         heads=2)
+  normalised = np.asarray(flamingo.normalize_pixels(pixels, jnp.float32, "clip"))
+  expected = _vit_tokens(imported, fields, normalised).mean(axis=(1, 2))
+  np.testing.assert_allclose(np.asarray(pooled), expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("open_clip") is None
+                    or importlib.util.find_spec("torch") is None,
+                    reason="open_clip/torch not installed (see tests/data/clip_vit/make_fixture.py)")
+def test_clip_fixture_regenerates_with_the_installed_open_clip(tmp_path):
+  result = subprocess.run([sys.executable, os.path.join(CLIP_FIXTURE, "make_fixture.py"),
+                           str(tmp_path)], cwd=REPO, capture_output=True, text=True)
+  assert result.returncode == 0, result.stderr[-3000:]
+  error, _ = compare_with_open_clip(str(tmp_path))
+  assert error < 1e-5, error

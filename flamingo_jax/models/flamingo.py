@@ -20,11 +20,18 @@ from flamingo_jax.models import gated_xattn
 from flamingo_jax.models import language_model
 from flamingo_jax.models import perceiver
 from flamingo_jax.models.vision import nfnet
+from flamingo_jax.models.vision import vit
 
-# Per-channel pixel statistics (ImageNet, in [0, 255]): the paper normalises to mean 0,
-# variance 1 without saying with which statistics (PAPER.md §1.8).
-PIXEL_MEAN = np.array([0.485, 0.456, 0.406], np.float32) * 255.0
-PIXEL_STD = np.array([0.229, 0.224, 0.225], np.float32) * 255.0
+# Per-channel pixel statistics (mean, std; in [0, 255]) by config.model.vision.pixel_stats:
+# the paper normalises to mean 0, variance 1 without saying with which statistics (PAPER.md
+# §1.8): ImageNet's; CLIP's for CLIP-trained ViTs (what their weights expect).
+PIXEL_STATS = {
+    "imagenet": (np.array([0.485, 0.456, 0.406], np.float32) * 255.0,
+                 np.array([0.229, 0.224, 0.225], np.float32) * 255.0),
+    "clip": (np.array([0.48145466, 0.4578275, 0.40821073], np.float32) * 255.0,
+             np.array([0.26862954, 0.26130258, 0.27577711], np.float32) * 255.0),
+}
+PIXEL_MEAN, PIXEL_STD = PIXEL_STATS["imagenet"]
 
 
 def _is_concrete(x) -> bool:
@@ -41,9 +48,12 @@ def _direct(encode: Callable[[jax.Array], jax.Array], frames: jax.Array) -> jax.
   return encode(frames)
 
 
-def normalize_pixels(images: jax.Array, dtype: Any) -> jax.Array:
-  """uint8 pixels -> the encoder's input: ImageNet mean/std normalised, in `dtype`."""
-  return ((images.astype(jnp.float32) - PIXEL_MEAN) / PIXEL_STD).astype(dtype)
+def normalize_pixels(images: jax.Array, dtype: Any, stats: str = "imagenet") -> jax.Array:
+  """uint8 pixels -> the encoder's input: mean/std normalised (PIXEL_STATS), in `dtype`."""
+  if stats not in PIXEL_STATS:
+    raise ValueError(f"config.model.vision.pixel_stats={stats!r}; known: {sorted(PIXEL_STATS)}")
+  mean, std = PIXEL_STATS[stats]
+  return ((images.astype(jnp.float32) - mean) / std).astype(dtype)
 
 
 class Flamingo(hk.Module):
@@ -99,7 +109,7 @@ class Flamingo(hk.Module):
     dtype = jnp.float32 if hk.running_init() else self.compute_dtype
 
     def encode(frames):
-      return encoder(normalize_pixels(frames, dtype),
+      return encoder(normalize_pixels(frames, dtype, cfg.vision.get("pixel_stats", "imagenet")),
                      is_training=is_training and vision_trainable)          # [BNT, h, w, C]
 
     grid = self.vision_batching(encode, frames)
@@ -114,8 +124,17 @@ class Flamingo(hk.Module):
         name="perceiver_resampler")(features)
 
   @hk.name_like("__call__")           # paths: flamingo/vision_encoder
-  def _vision_encoder(self) -> nfnet.NFNet:
+  def _vision_encoder(self) -> nfnet.NFNet | vit.VisionTransformer:
     cfg = self.config.vision
+    kind = cfg.get("kind", "nfnet")
+    if kind == "vit":
+      v = cfg.vit
+      return vit.VisionTransformer(width=v.width, layers=v.layers, heads=v.heads,
+                                   patch_size=v.patch_size, image_size=self.config.image_size,
+                                   mlp_ratio=v.mlp_ratio, activation=v.activation,
+                                   name="vision_encoder")
+    if kind != "nfnet":
+      raise ValueError(f"config.model.vision.kind={kind!r}; expected 'nfnet' or 'vit'")
     return nfnet.NFNet(cfg.variant, activation=cfg.activation,
                        stochdepth_rate=cfg.stochdepth_rate,
                        numerics=cfg.get("numerics", "deepmind"), name="vision_encoder")
@@ -126,7 +145,8 @@ class Flamingo(hk.Module):
     [N, C]: what RICES compares (PAPER.md §6)."""
     if images.ndim != 4 or images.shape[-1] != 3:
       raise ValueError(f"images must be [N, H, W, 3] uint8, got shape {images.shape}")
-    grid = self._vision_encoder()(normalize_pixels(images, self.compute_dtype),
+    stats = self.config.vision.get("pixel_stats", "imagenet")
+    grid = self._vision_encoder()(normalize_pixels(images, self.compute_dtype, stats),
                                   is_training=False)                          # [N, h, w, C]
     return jnp.mean(grid.astype(jnp.float32), axis=(1, 2))
 

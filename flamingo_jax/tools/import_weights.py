@@ -12,9 +12,10 @@ or `experiments/configs/pretrained.py:lm=DIR`. Everything is written to a tempor
 and renamed at the end: a failed import leaves no DIR.
 
 Kinds: llama (Llama 2/3, Mistral, TinyLlama), gpt_neox (Pythia, RedPajama-INCITE), gemma
-(Gemma 1), chinchilla (our own layout, from weights.export_lm); nfnet (timm's `dm_nfnet_f0` ...
-`f6` safetensors: the vision tower, tools/vision_import.py; --source is the .safetensors file
-or its folder, and only --dtype applies).
+(Gemma 1), chinchilla (our own layout, from weights.export_lm); vision towers
+(tools/vision_import.py; --source is the .safetensors file or its folder): nfnet (timm's
+`dm_nfnet_f0` ... `f6`), clip_vit (OpenCLIP / OpenAI CLIP; --vit_heads, --vit_activation,
+--image_size).
 """
 
 import json
@@ -27,8 +28,8 @@ from flamingo_jax.tools import cli
 from flamingo_jax.tools import lm_import
 from flamingo_jax.tools import vision_import
 
-_KIND = flags.DEFINE_enum("kind", None, ["llama", "gpt_neox", "gemma", "chinchilla", "nfnet"],
-                          "Checkpoint family.")
+_KIND = flags.DEFINE_enum("kind", None, ["llama", "gpt_neox", "gemma", "chinchilla", "nfnet",
+                                          "clip_vit"], "Checkpoint family.")
 _SOURCE = flags.DEFINE_string("source", None, "Hugging Face model folder (config.json + "
                               "*.safetensors) or our exported folder.")
 _OUTPUT = flags.DEFINE_string("output", None, "Output folder (must not exist yet).")
@@ -42,6 +43,13 @@ _PAD_VOCAB = flags.DEFINE_integer("pad_vocab_multiple", 128, "Pad the token tabl
 _MODEL_AXIS = flags.DEFINE_integer("model_axis", 1, "Load sharded over a 'model' axis of "
                                    "this size (Megatron rules); 1: one device.")
 _JSON = flags.DEFINE_bool("json", False, "Print one JSON object.")
+_VIT_HEADS = flags.DEFINE_integer("vit_heads", 0, "clip_vit: attention heads (not in the "
+                                  "tensors; 0: width / 64, every CLIP ViT's head size).")
+_VIT_ACTIVATION = flags.DEFINE_enum("vit_activation", "quick_gelu", ["quick_gelu", "gelu"],
+                                    "clip_vit: quick_gelu (OpenAI weights, OpenFlamingo's "
+                                    "ViT-L/14) or gelu (LAION-trained OpenCLIP models).")
+_IMAGE_SIZE = flags.DEFINE_integer("image_size", 0, "clip_vit: resize the positions for this "
+                                   "resolution (0: the checkpoint's).")
 
 
 def main(argv):
@@ -50,8 +58,11 @@ def main(argv):
   if not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)     # orbax logs every file at INFO
   try:
-    if _KIND.value == "nfnet":
-      report = vision_import.run(_KIND.value, _SOURCE.value, _OUTPUT.value, dtype=_DTYPE.value)
+    if _KIND.value in vision_import.KINDS:
+      report = vision_import.run(_KIND.value, _SOURCE.value, _OUTPUT.value, dtype=_DTYPE.value,
+                                 vit_heads=_VIT_HEADS.value,
+                                 vit_activation=_VIT_ACTIVATION.value,
+                                 image_size=_IMAGE_SIZE.value)
     else:
       report = lm_import.run(_KIND.value, _SOURCE.value, _OUTPUT.value, dtype=_DTYPE.value,
                    xattn_every=_XATTN_EVERY.value, pad_vocab_multiple=_PAD_VOCAB.value,
@@ -62,12 +73,12 @@ def main(argv):
   if _JSON.value:
     print(json.dumps(report))
     return
-  if _KIND.value == "nfnet":
-    print(f"imported NFNet-{report['variant']} from {_SOURCE.value}: {report['tensors']} "
-          f"tensors, {report['parameters']:,} parameters in {report['seconds']:.1f}s\nwrote "
-          f"{report['output']}/params, model.json\ntrain on it: --config.model.vision."
-          f"init_checkpoint={report['output']}/params --config.model.vision.variant="
-          f"{report['variant']} --config.model.vision.numerics=timm")
+  if _KIND.value in vision_import.KINDS:
+    print(f"imported {_KIND.value} from {_SOURCE.value}: {report['tensors']} tensors, "
+          f"{report['parameters']:,} parameters in {report['seconds']:.1f}s\n"
+          f"config.model fields: {json.dumps(report['fields'])}\nwrote {report['output']}/"
+          f"params, model.json\ntrain on it: --config=experiments/configs/pretrained.py:"
+          f"lm=LM_IMPORT,vision={report['output']}")
     return
   print(f"imported {report['kind']} from {_SOURCE.value}: {report['tensors']} tensors -> "
         f"{report['parameters']:,} parameters, {report['bytes'] / 2**20:.1f} MiB in "

@@ -1,8 +1,16 @@
-"""`import_weights --kind=nfnet`: a timm NFNet (`dm_nfnet_f0` ... `f6`, safetensors) -> an
-import folder: OUTPUT/params (our NFNet's parameters under flamingo/vision_encoder, orbax) and
-OUTPUT/model.json ({"vision": {"variant", "numerics": "timm"}}). Train on it with
-`config.model.vision.init_checkpoint=OUTPUT/params` and the model.json fields
-(`experiments/configs/pretrained.py:...,vision=OUTPUT` sets both)."""
+"""`import_weights --kind=nfnet | clip_vit`: a vision tower -> an import folder:
+OUTPUT/params (its parameters under flamingo/vision_encoder, orbax) and OUTPUT/model.json
+(the config.model fields it implies). Train on it with `config.model.vision.init_checkpoint=
+OUTPUT/params` and the model.json fields (`experiments/configs/pretrained.py:...,vision=OUTPUT`
+sets both).
+
+  nfnet     timm's dm_nfnet_f0 ... f6 safetensors -> {"vision": {"variant", "numerics": "timm"}}
+  clip_vit  an OpenCLIP / OpenAI CLIP state dict (safetensors; a whole CLIP model or its
+            visual tower) -> {"image_size", "vision": {"kind": "vit", "vit": {...},
+            "pixel_stats": "clip"}}; --vit_heads (not in the tensors; default width / 64),
+            --vit_activation (quick_gelu: OpenAI weights; gelu: LAION's), --image_size
+            (positions resized; default the checkpoint's)
+"""
 
 import time
 
@@ -11,19 +19,26 @@ import jax.numpy as jnp
 from flamingo_jax.tools import lm_import
 
 
-def run(kind: str, source: str, output: str, *, dtype: str = "keep") -> dict:
+KINDS = ("nfnet", "clip_vit")
+
+
+def run(kind: str, source: str, output: str, *, dtype: str = "keep", vit_heads: int = 0,
+        vit_activation: str = "quick_gelu", image_size: int = 0) -> dict:
   """The import; returns the report. Raises weights.CheckpointError (nothing written)."""
   from flamingo_jax.weights import vision  # pylint: disable=g-import-not-at-top
-  if kind != "nfnet":
-    raise ValueError(f"vision import kind {kind!r}; expected 'nfnet'")
+  if kind not in KINDS:
+    raise ValueError(f"vision import kind {kind!r}; expected one of {KINDS}")
   lm_import.check_output_is_new(output)
   start = time.time()
-  params, fields = vision.load_timm_nfnet(source)
+  if kind == "nfnet":
+    params, fields = vision.load_timm_nfnet(source)
+  else:
+    params, fields = vision.load_openclip_vit(source, heads=vit_heads, activation=vit_activation,
+                                              image_size=image_size)
   if dtype != "keep":
     params = {m: {n: v.astype(jnp.dtype(dtype)) for n, v in leaves.items()} for m, leaves in params.items()}
   lm_import.write_import_folder(output, params, fields)
   leaves = [v for leaves in params.values() for v in leaves.values()]
-  return {"kind": kind, "output": output, "variant": fields["vision"]["variant"],
-          "numerics": fields["vision"]["numerics"], "tensors": len(leaves),
+  return {"kind": kind, "output": output, "fields": fields, "tensors": len(leaves),
           "parameters": int(sum(v.size for v in leaves)),
           "bytes": int(sum(v.nbytes for v in leaves)), "seconds": time.time() - start}

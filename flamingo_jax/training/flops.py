@@ -54,16 +54,34 @@ def _linear(tokens, d_in, d_out):
   return 2.0 * tokens * d_in * d_out
 
 
+def vit_forward_flops(v: Any, image_size: int) -> float:
+  """Forward FLOPs of one frame through the ViT (config.model.vision.vit) up to its tokens."""
+  grid = image_size // v.patch_size
+  s, d, mlp = grid * grid + 1, v.width, int(v.width * v.mlp_ratio)
+  patches = _linear(grid * grid, 3 * v.patch_size ** 2, d)
+  per_layer = _linear(s, d, 3 * d) + 2 * 2.0 * s * s * d + _linear(s, d, d) + 2 * _linear(s, d, mlp)
+  return patches + v.layers * per_layer
+
+
+def vision_encoder_shape(model: Any, image_size: int) -> tuple[int, int, float]:
+  """(tokens per frame, their channels, forward FLOPs per frame) of the vision encoder."""
+  if model.vision.get("kind", "nfnet") == "vit":
+    v = model.vision.vit
+    return (image_size // v.patch_size) ** 2, v.width, vit_forward_flops(v, image_size)
+  grid = (-(-image_size // nfnet.TOTAL_STRIDE)) ** 2
+  return (grid, 2 * nfnet.NFNET_VARIANTS[model.vision.variant]["width"][-1],
+          nfnet_forward_flops(model.vision.variant, image_size))
+
+
 def stream_train_flops(model: Any, batch_size: int, tokens: int, media: int, frames: int,
                        image_size: int | None = None) -> dict[str, float]:
   """Analytic train-step FLOPs of one stream's batch, by component."""
   m, b, length = model, batch_size, tokens
   image_size = image_size or m.image_size
-  grid = (-(-image_size // nfnet.TOTAL_STRIDE)) ** 2
-  vision_ch = 2 * nfnet.NFNET_VARIANTS[m.vision.variant]["width"][-1]
+  grid, vision_ch, frame_flops = vision_encoder_shape(m, image_size)
   items = b * media
   vision_mult = 3.0 if m.vision.trainable else 1.0
-  vision = vision_mult * items * frames * nfnet_forward_flops(m.vision.variant, image_size)
+  vision = vision_mult * items * frames * frame_flops
 
   r = m.resampler
   hk_r, n_kv = r.num_heads * r.key_size, frames * grid + r.num_latents

@@ -1,4 +1,5 @@
-"""Vision-tower imports: timm's NFNet (`dm_nfnet_f0` ... `f6`) -> our NFNet's parameters.
+"""Vision-tower imports: timm's NFNet (`dm_nfnet_f0` ... `f6`) and OpenCLIP / OpenAI CLIP
+ViTs -> our encoders' parameters.
 
     params, fields = vision.load_timm_nfnet("dm_nfnet_f0/")   # a .safetensors file or folder
     # params: {"flamingo/vision_encoder/...": {...}}, numpy, the source's dtype
@@ -34,6 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from flamingo_jax.models.vision import nfnet
+from flamingo_jax.models.vision import vit
 from flamingo_jax.weights.safetensors_io import CheckpointError, SafetensorsCheckpoint
 
 PREFIX = "flamingo/vision_encoder"
@@ -158,12 +160,128 @@ def load_timm_nfnet(source: str) -> tuple[dict, dict]:
       raise CheckpointError(f"{source}: stage {stage} blocks {sorted(r + 1 for r in rows)} of "
                             f"{leaf}; expected 1-{depth[stage] - 1}")
     params[module][leaf] = np.stack([rows[r] for r in range(len(rows))])
-  expected = expected_shapes(variant)
+  _check_shapes(source, params, expected_shapes(variant), f"NFNet {variant}")
+  return dict(params), {"vision": {"variant": variant, "numerics": "timm"}}
+
+
+# --- CLIP ViT (OpenCLIP state dicts; a whole CLIP model or its `visual` part) -------------
+
+_VIT_BLOCK = re.compile(r"transformer\.resblocks\.(\d+)\.(.+)$")
+_VIT_BLOCK_LEAVES = {
+    "ln_1.weight": ("ln_1", "scale"), "ln_1.bias": ("ln_1", "offset"),
+    "ln_2.weight": ("ln_2", "scale"), "ln_2.bias": ("ln_2", "offset"),
+    "attn.in_proj_weight": ("in_proj", "w"), "attn.in_proj_bias": ("in_proj", "b"),
+    "attn.out_proj.weight": ("out_proj", "w"), "attn.out_proj.bias": ("out_proj", "b"),
+    "mlp.c_fc.weight": ("c_fc", "w"), "mlp.c_fc.bias": ("c_fc", "b"),
+    "mlp.c_proj.weight": ("c_proj", "w"), "mlp.c_proj.bias": ("c_proj", "b"),
+}
+_VIT_TOP = {"ln_pre.weight": ("ln_pre", "scale"), "ln_pre.bias": ("ln_pre", "offset"),
+            "ln_post.weight": ("ln_post", "scale"), "ln_post.bias": ("ln_post", "offset")}
+
+
+def _visual_names(names) -> tuple[str, bool]:
+  """The prefix of the vision tower's tensors ("visual." in a whole CLIP model)."""
+  for prefix in ("visual.", "model.visual.", ""):
+    if f"{prefix}class_embedding" in names:
+      return prefix, True
+  return "", False
+
+
+def resize_positions(positions: np.ndarray, grid: int) -> np.ndarray:
+  """[1 + g*g, D] positions (class first) -> [1 + grid*grid, D]: the patch positions resized
+  bicubically as a g x g image (jax.image.resize, Keys a = -0.5; open_clip's resize uses
+  PyTorch's a = -0.75, so its resized positions differ slightly)."""
+  old = int(round(np.sqrt(positions.shape[0] - 1)))
+  if old * old != positions.shape[0] - 1:
+    raise CheckpointError(f"{positions.shape[0] - 1} patch positions are not a square grid")
+  if old == grid:
+    return positions
+  patch = positions[1:].reshape(old, old, -1).astype(np.float32)
+  resized = np.asarray(jax.image.resize(patch, (grid, grid, patch.shape[-1]), "bicubic"))
+  return np.concatenate([positions[:1], resized.reshape(grid * grid, -1).astype(positions.dtype)])
+
+
+def load_openclip_vit(source: str, *, heads: int = 0, activation: str = "quick_gelu",
+                      image_size: int = 0) -> tuple[dict, dict]:
+  """(params under PREFIX as numpy arrays, model.json fields) of an OpenCLIP ViT.
+
+  Heads are not in the tensors: `heads` (0: width / 64, every CLIP ViT's head size). The
+  activation is not either: "quick_gelu" (OpenAI's weights, OpenFlamingo's ViT-L/14) or
+  "gelu" (LAION-trained OpenCLIP models). `image_size` (0: the checkpoint's) resizes the
+  positions to another resolution."""
+  ckpt = SafetensorsCheckpoint(source)
+  prefix, found = _visual_names(ckpt.tensors)
+  if not found:
+    raise CheckpointError(f"{source}: not a CLIP ViT state dict (no class_embedding, "
+                          f"visual.class_embedding)")
+  shape = lambda name: tuple(ckpt.tensors[prefix + name].shape)
+  width = shape("class_embedding")[0]
+  patch = shape("conv1.weight")[-1]
+  layers = len({int(m.group(1)) for name in ckpt.tensors
+                for m in [_VIT_BLOCK.match(name.removeprefix(prefix))]
+                if name.startswith(prefix) and m})
+  native = int(round(np.sqrt(shape("positional_embedding")[0] - 1))) * patch
+  image_size = image_size or native
+  if image_size % patch:
+    raise CheckpointError(f"image_size {image_size} is not a multiple of the patch {patch}")
+  heads = heads or width // 64
+  if width % heads:
+    raise CheckpointError(f"width {width} is not divisible by {heads} heads")
+  mlp_ratio = shape("transformer.resblocks.0.mlp.c_fc.weight")[0] / width
+  params = collections.defaultdict(dict)
+  stacked = collections.defaultdict(dict)
+  for raw_name, array in ckpt:
+    if not raw_name.startswith(prefix):
+      continue                                    # the text tower of a whole CLIP model
+    name = raw_name[len(prefix):]
+    array = np.asarray(array)
+    block = _VIT_BLOCK.match(name)
+    if block and block.group(2) in _VIT_BLOCK_LEAVES:
+      module, leaf = _VIT_BLOCK_LEAVES[block.group(2)]
+      value = array.T if leaf == "w" else array               # torch Linear [out, in]
+      stacked[(f"{PREFIX}/blocks/block/{module}", leaf)][int(block.group(1))] = value
+    elif name in _VIT_TOP:
+      module, leaf = _VIT_TOP[name]
+      params[f"{PREFIX}/{module}"][leaf] = array
+    elif name == "conv1.weight":                               # [D, 3, p, p] -> [p, p, 3, D]
+      params[f"{PREFIX}/conv1"]["w"] = np.ascontiguousarray(array.transpose(2, 3, 1, 0))
+    elif name == "class_embedding":
+      params[PREFIX]["class_embedding"] = array
+    elif name == "positional_embedding":
+      params[PREFIX]["positional_embedding"] = resize_positions(array, image_size // patch)
+    elif name in ("proj",) or name.startswith("attn_pool"):
+      continue                                    # CLIP's joint-space projection: unused
+    else:
+      raise CheckpointError(f"{source}: tensor {raw_name} has no place in our ViT")
+  for (module, leaf), rows in stacked.items():
+    if sorted(rows) != list(range(layers)):
+      raise CheckpointError(f"{source}: {module}/{leaf} has blocks {sorted(rows)}, "
+                            f"expected 0-{layers - 1}")
+    params[module][leaf] = np.stack([np.ascontiguousarray(rows[i]) for i in range(layers)])
+  vit_fields = dict(width=width, layers=layers, heads=heads, patch_size=patch,
+                    mlp_ratio=mlp_ratio, activation=activation)
+  expected = expected_vit_shapes(vit_fields, image_size)
+  _check_shapes(source, params, expected, f"ViT {vit_fields}")
+  return dict(params), {"image_size": image_size,
+                        "vision": {"kind": "vit", "vit": vit_fields, "pixel_stats": "clip"}}
+
+
+def expected_vit_shapes(vit_fields: dict, image_size: int) -> dict[str, dict[str, tuple]]:
+  def forward(images):
+    with hk.experimental.name_scope(PREFIX.split("/")[0]):
+      return vit.VisionTransformer(image_size=image_size, name=PREFIX.split("/")[1],
+                                   **vit_fields)(images)
+  shapes = jax.eval_shape(hk.transform(forward).init, jax.random.key(0),
+                          jax.ShapeDtypeStruct((1, image_size, image_size, 3), jnp.float32))
+  return {m: {n: tuple(v.shape) for n, v in leaves.items()} for m, leaves in shapes.items()}
+
+
+def _check_shapes(source: str, params: dict, expected: dict, what: str) -> None:
+  """Every parameter of our module has a tensor of its shape, and nothing else is there."""
   for module in sorted(set(expected) | set(params)):
     for leaf in sorted(set(expected.get(module, {})) | set(params.get(module, {}))):
       have = params.get(module, {}).get(leaf)
       have = None if have is None else tuple(have.shape)
       if have != expected.get(module, {}).get(leaf):
-        raise CheckpointError(f"{source}: {module}/{leaf} is {have or 'absent'}, our NFNet "
-                              f"{variant} has {expected.get(module, {}).get(leaf, 'none')}")
-  return dict(params), {"vision": {"variant": variant, "numerics": "timm"}}
+        raise CheckpointError(f"{source}: {module}/{leaf} is {have or 'absent'}, our {what} "
+                              f"has {expected.get(module, {}).get(leaf, 'none')}")

@@ -19,63 +19,15 @@ normalised) and features.npy (timm's forward_features, NHWC).
 import os
 import sys
 
-import importlib.abc
-import importlib.machinery
-import importlib.util
-import types
-
 import numpy as np
 from safetensors.torch import save_file
 import torch
 
 
-class _Placeholder(type):
-  """A class whose attributes are placeholders too (enum members, nested names)."""
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import reference_env  # pylint: disable=g-import-not-at-top,wrong-import-position
 
-  def __getattr__(cls, attr):
-    if attr.startswith("__"):
-      raise AttributeError(attr)
-    return _placeholder(f"{cls.__name__}.{attr}")
-
-  def __hash__(cls):
-    return id(cls)
-
-
-def _placeholder(name: str) -> type:
-  def absent(*args, **kwargs):
-    raise RuntimeError(f"{name}: torchvision is not installed")
-  return _Placeholder(name, (), {"__init__": absent})
-
-
-class _AbsentTorchvision(importlib.abc.MetaPathFinder, importlib.abc.Loader):
-  """Placeholder `torchvision.*` modules for timm's imports when no torchvision matches this
-  torch (the registries' torch 2.13.0+cpu has none). timm imports torchvision for its data
-  and norm utilities; the NFNet forward uses none of them, and a placeholder that is called
-  raises."""
-
-  def find_spec(self, name, path=None, target=None):
-    if name == "torchvision" or name.startswith("torchvision."):
-      return importlib.machinery.ModuleSpec(name, self, is_package=True)
-    return None
-
-  def create_module(self, spec):
-    module = types.ModuleType(spec.name)
-    module.__path__ = []
-
-    def attribute(attr):
-      if attr.startswith("__"):
-        raise AttributeError(attr)
-      return _placeholder(f"{spec.name}.{attr}")
-    module.__getattr__ = attribute
-    return module
-
-  def exec_module(self, module):
-    pass
-
-
-if importlib.util.find_spec("torchvision") is None:
-  sys.meta_path.append(_AbsentTorchvision())
-
+reference_env.allow_missing_torchvision()
 import timm.layers  # pylint: disable=g-import-not-at-top,wrong-import-position
 import timm.models.nfnet as tn  # pylint: disable=g-import-not-at-top,wrong-import-position
 
