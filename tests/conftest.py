@@ -28,6 +28,14 @@ import pytest  # noqa: E402
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+def regenerate_fixture(script: str, out_dir) -> None:
+  """Runs a fixture script of tests/data (its reference library installed) into `out_dir`."""
+  import subprocess  # pylint: disable=g-import-not-at-top
+  result = subprocess.run([sys.executable, script, str(out_dir)], cwd=REPO,
+                          capture_output=True, text=True)
+  assert result.returncode == 0, result.stderr[-3000:]
+
+
 def config_path(name: str) -> str:
   return os.path.join(REPO, "experiments", "configs", f"{name}.py")
 

@@ -1,11 +1,9 @@
-"""Vision-tower import: timm's NFNet -> ours, equal features (weights/vision.py), and the two
-NFNet arithmetics (models/vision/nfnet.py)."""
+"""Vision-tower imports (weights/vision.py): timm's NFNet and OpenCLIP's ViT -> ours, equal
+features; the two NFNet arithmetics (models/vision/nfnet.py); a Flamingo around each."""
 
 import importlib.util
 import json
 import os
-import subprocess
-import sys
 
 import haiku as hk
 import jax
@@ -13,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import REPO
+from conftest import REPO, regenerate_fixture
 from flamingo_jax import weights
 from flamingo_jax.models.vision import nfnet
 from flamingo_jax.weights import vision
@@ -125,9 +123,7 @@ def test_stochastic_depth_follows_the_numerics():
                     or importlib.util.find_spec("torch") is None,
                     reason="timm/torch not installed (see tests/data/nfnet_timm/make_fixture.py)")
 def test_fixture_regenerates_with_the_installed_timm(fixture_variant, tmp_path):
-  result = subprocess.run([sys.executable, os.path.join(FIXTURE, "make_fixture.py"),
-                           str(tmp_path)], cwd=REPO, capture_output=True, text=True)
-  assert result.returncode == 0, result.stderr[-3000:]
+  regenerate_fixture(os.path.join(FIXTURE, "make_fixture.py"), tmp_path)
   timm_numerics, _ = compare_with_timm(str(tmp_path))
   assert timm_numerics < 1e-5, timm_numerics
 
@@ -251,8 +247,6 @@ def test_a_flamingo_around_a_clip_vit(tiny_config, tmp_path):
                     or importlib.util.find_spec("torch") is None,
                     reason="open_clip/torch not installed (see tests/data/clip_vit/make_fixture.py)")
 def test_clip_fixture_regenerates_with_the_installed_open_clip(tmp_path):
-  result = subprocess.run([sys.executable, os.path.join(CLIP_FIXTURE, "make_fixture.py"),
-                           str(tmp_path)], cwd=REPO, capture_output=True, text=True)
-  assert result.returncode == 0, result.stderr[-3000:]
+  regenerate_fixture(os.path.join(CLIP_FIXTURE, "make_fixture.py"), tmp_path)
   error, _ = compare_with_open_clip(str(tmp_path))
   assert error < 1e-5, error
