@@ -14,6 +14,10 @@ PAD_ID, UNK_ID, BOS_ID, EOS_ID, IMAGE_ID, EOC_ID = 0, 1, 2, 3, 4, 5
 # PAPER.md §1.3 / Table 13: identical resampler for 3B, 9B and 80B.
 PAPER_RESAMPLER = dict(num_layers=6, dim=1536, num_heads=16, key_size=128, ffw_mult=4,
                        num_latents=64, num_time_embeddings=8, max_frames=32)
+# Resampler variants (models/perceiver.py), the paper's by default; OpenFlamingo's: no input
+# projection (its ViT's width is the resampler's), exact-GELU feed-forward, no time
+# embeddings (num_time_embeddings=0).
+RESAMPLER_OPTIONS = dict(input_projection=True, ffw_activation="squared_relu")
 
 # The SentencePiece model of the tiny configs (synthetic captions; tools/train_tokenizer.py).
 SYNTHETIC_TOKENIZER = os.path.join(os.path.dirname(__file__), "data", "assets", "synthetic_sp.model")
@@ -78,12 +82,14 @@ def model_config(*, vocab_size: int, image_size: int, vision_variant: str, lm: d
                   pixel_stats="imagenet",
                   trainable=False,    # True: the paper's fine-tuning recipe (PAPER.md §8)
                   init_checkpoint=""),
-      resampler=dict(resampler or PAPER_RESAMPLER),
+      resampler=RESAMPLER_OPTIONS | dict(resampler or PAPER_RESAMPLER),
       # lm.trainable: False (PAPER.md), True: the "LM unfrozen" ablation (Table 3 xiii).
       lm=dict(LM_OPTIONS, init_checkpoint="", trainable=False) | lm,
       xattn=dict(every=xattn_every, num_heads=xattn_num_heads, key_size=xattn_key_size,
                  ffw_mult=4,
-                 only_attend_immediate_media=True),  # False: attend to all earlier media
+                 only_attend_immediate_media=True,  # False: attend to all earlier media
+                 # OpenFlamingo's blocks: media_norm=False, ffw_activation="gelu_exact"
+                 media_norm=True, ffw_activation="squared_relu"),
   ))
 
 

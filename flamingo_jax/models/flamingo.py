@@ -121,6 +121,8 @@ class Flamingo(hk.Module):
         ffw_mult=r.ffw_mult, num_latents=r.num_latents,
         num_time_embeddings=r.num_time_embeddings, max_frames=r.max_frames,
         attention_impl=self.config.get("attention_impl", "einsum"),
+        input_projection=r.get("input_projection", True),
+        ffw_activation=r.get("ffw_activation", "squared_relu"),
         name="perceiver_resampler")(features)
 
   @hk.name_like("__call__")           # paths: flamingo/vision_encoder
@@ -165,7 +167,10 @@ class Flamingo(hk.Module):
         tied_embeddings=lm.get("tied_embeddings", False),
         embed_multiplier=lm.get("embed_multiplier", 1.0),
         valid_vocab_size=lm.get("valid_vocab_size", 0), remat=cfg.remat,
-        attention_impl=cfg.get("attention_impl", "einsum"), name="language_model")
+        attention_impl=cfg.get("attention_impl", "einsum"),
+        xattn_options=dict(media_norm=x.get("media_norm", True),
+                           ffw_activation=x.get("ffw_activation", "squared_relu")),
+        name="language_model")
 
   @hk.name_like("__call__")
   def decode(self, input_ids: jax.Array, visual: Optional[jax.Array]) -> jax.Array:

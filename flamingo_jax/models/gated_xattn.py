@@ -8,6 +8,11 @@
 R visual tokens of media φ(t); `only_attend_immediate_media=False` lets it attend to all
 media 1..φ(t) (the paper's ablation, Table 7 row viii). Rows with no media to attend to
 get an exact zero cross-attention output (no softmax over an empty set, no NaN).
+
+Options for other checkpoints (config.model.xattn; the paper's by default): `media_norm=False`
+(no LayerNorm on the visual tokens: OpenFlamingo), `ffw_activation` ("gelu_exact":
+OpenFlamingo). OpenFlamingo's mask (text_time = cumsum of media locations, equal to media
+time; tokens before any media zeroed) is φ exactly.
 """
 
 from typing import Optional
@@ -46,8 +51,11 @@ class GatedCrossAttentionDense(hk.Module):
 
   def __init__(self, *, num_heads: int, key_size: int, ffw_mult: int,
                only_attend_immediate_media: bool = True, attention_impl: str = "einsum",
+               media_norm: bool = True, ffw_activation: str = "squared_relu",
                name: Optional[str] = None):
     super().__init__(name=name)
+    self.media_norm = media_norm
+    self.ffw_activation = ffw_activation
     self.attention_impl = attention_impl
     self.num_heads = num_heads
     self.key_size = key_size
@@ -63,6 +71,8 @@ class GatedCrossAttentionDense(hk.Module):
     return self._modules[name]
 
   def _media_norm(self):
+    if not self.media_norm:
+      return lambda x: x
     return self._module("media_norm", lambda n: attention.LayerNorm(name=n))
 
   def _cross_attention(self, dim: int):
@@ -102,7 +112,7 @@ class GatedCrossAttentionDense(hk.Module):
     y = _gated_add(y, attn, hk.get_parameter("alpha_xattn", [], init=jnp.zeros))
 
     h = attention.LayerNorm(name="ffw_norm")(y)
-    h = attention.FeedForward(hidden_size=self.ffw_mult * dim, activation="squared_relu",
+    h = attention.FeedForward(hidden_size=self.ffw_mult * dim, activation=self.ffw_activation,
                               name="ffw")(h)
     return _gated_add(y, h, hk.get_parameter("alpha_dense", [], init=jnp.zeros))
 

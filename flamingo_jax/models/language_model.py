@@ -125,7 +125,7 @@ class LanguageModel(hk.Module):
                new_token_ids: Sequence[int], options: DecoderOptions = DecoderOptions(),
                tied_embeddings: bool = False, embed_multiplier: float = 1.0,
                valid_vocab_size: int = 0, remat: str = "none", attention_impl: str = "einsum",
-               name: Optional[str] = "language_model"):
+               xattn_options: Optional[dict] = None, name: Optional[str] = "language_model"):
     super().__init__(name=name)
     if not 1 <= xattn_every <= num_layers:
       raise ValueError(f"xattn_every={xattn_every} must be in [1, num_layers={num_layers}]")
@@ -151,7 +151,7 @@ class LanguageModel(hk.Module):
     self._xattn_kwargs = dict(num_heads=xattn_num_heads, key_size=xattn_key_size,
                               ffw_mult=xattn_ffw_mult,
                               only_attend_immediate_media=only_attend_immediate_media,
-                              attention_impl=attention_impl)
+                              attention_impl=attention_impl, **(xattn_options or {}))
     self._table = None
 
   @property

@@ -6,6 +6,11 @@
       x = x + attn(q=LN(x), kv=concat(LN(x_f), LN(x)))
       x = x + ffw(LN(x))                         # squared ReLU, hidden 4·D
     return LN(x)                                 # [R, D]
+
+Options for other checkpoints (config.model.resampler; the paper's by default):
+`input_projection=False` (features already D wide: OpenFlamingo), `ffw_activation`
+("gelu_exact": OpenFlamingo), `num_time_embeddings=0` (no time embedding: OpenFlamingo's
+resampler as its factory builds it; frames are then only concatenated).
 """
 
 from typing import Optional
@@ -43,6 +48,7 @@ class PerceiverResampler(hk.Module):
   def __init__(self, *, num_layers: int, dim: int, num_heads: int, key_size: int,
                ffw_mult: int, num_latents: int, num_time_embeddings: int,
                max_frames: int, attention_impl: str = "einsum",
+               input_projection: bool = True, ffw_activation: str = "squared_relu",
                name: Optional[str] = "perceiver_resampler"):
     super().__init__(name=name)
     self.attention_impl = attention_impl
@@ -54,19 +60,28 @@ class PerceiverResampler(hk.Module):
     self.num_latents = num_latents
     self.num_time_embeddings = num_time_embeddings
     self.max_frames = max_frames
+    self.input_projection = input_projection
+    self.ffw_activation = ffw_activation
 
   def __call__(self, features: jax.Array) -> jax.Array:
     if features.ndim != 5:
       raise ValueError(f"resampler expects features [B, N, T, S, C], got shape {features.shape}")
-    b, n, t, s, _ = features.shape
+    b, n, t, s, c = features.shape
     dtype = features.dtype
-    # Encoder channels -> resampler width (PAPER.md §10.3: 3072 -> 1536 for NFNet-F6).
-    x_f = hk.Linear(self.dim, with_bias=False, name="input_projection")(features)  # [B, N, T, S, D]
-    time_table = hk.get_parameter(
-        "time_embeddings", [self.num_time_embeddings, self.dim],
-        init=hk.initializers.TruncatedNormal(0.02))
-    time_emb = temporal_embeddings(time_table.astype(dtype), t, self.max_frames)  # [T, D]
-    x_f = x_f + time_emb[:, None, :]
+    if self.input_projection:
+      # Encoder channels -> resampler width (PAPER.md §10.3: 3072 -> 1536 for NFNet-F6).
+      x_f = hk.Linear(self.dim, with_bias=False, name="input_projection")(features)  # [B,N,T,S,D]
+    elif c != self.dim:
+      raise ValueError(f"resampler without input projection needs {self.dim}-wide features "
+                       f"(config.model.resampler.dim), the vision encoder gives {c}")
+    else:
+      x_f = features
+    if self.num_time_embeddings:
+      time_table = hk.get_parameter(
+          "time_embeddings", [self.num_time_embeddings, self.dim],
+          init=hk.initializers.TruncatedNormal(0.02))
+      time_emb = temporal_embeddings(time_table.astype(dtype), t, self.max_frames)  # [T, D]
+      x_f = x_f + time_emb[:, None, :]
     x_f = x_f.reshape(b * n, t * s, self.dim)                                       # [BN, T*S, D]
 
     latents = hk.get_parameter("latents", [self.num_latents, self.dim],
@@ -82,7 +97,7 @@ class PerceiverResampler(hk.Module):
           impl=self.attention_impl, name="attention")(latents_normed, kv)
       h = attention.LayerNorm(name="ffw_norm")(x)
       return x + attention.FeedForward(hidden_size=self.ffw_mult * self.dim,
-                                       activation="squared_relu", name="ffw")(h)
+                                       activation=self.ffw_activation, name="ffw")(h)
 
     x = hk.layer_stack(self.num_layers, name="layers")(layer)(x)
     x = attention.LayerNorm(name="final_norm")(x)

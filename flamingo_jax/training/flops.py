@@ -85,7 +85,8 @@ def stream_train_flops(model: Any, batch_size: int, tokens: int, media: int, fra
 
   r = m.resampler
   hk_r, n_kv = r.num_heads * r.key_size, frames * grid + r.num_latents
-  proj = 2 * _linear(frames * grid, vision_ch, r.dim)              # input projection: fwd + wgrad
+  proj = (2 * _linear(frames * grid, vision_ch, r.dim)             # input projection: fwd + wgrad
+          if r.get("input_projection", True) else 0.0)
   q_out = 2 * _linear(r.num_latents, r.dim, hk_r)                 # q and output projections
   kv = 2 * _linear(n_kv, r.dim, hk_r)                              # k and v
   core = 2 * 2.0 * r.num_latents * n_kv * hk_r                     # QK^T and AV
