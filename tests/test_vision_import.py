@@ -167,7 +167,7 @@ def _vit_tokens(params, fields, images):
 
 
 def compare_with_open_clip(directory, heads=2):
-  params, fields = vision.load_openclip_vit(os.path.join(directory, "weights.safetensors"),
+  params, fields = vision.load_clip_vit(os.path.join(directory, "weights.safetensors"),
                                             heads=heads)
   images = np.load(os.path.join(directory, "images.npy"))
   expected = np.load(os.path.join(directory, "tokens.npy"))
@@ -188,10 +188,21 @@ def test_imported_clip_vit_gives_openflamingos_vision_features():
   assert wrong_heads > 1e-3, wrong_heads
 
 
+def test_a_hugging_face_clip_vision_model_imports_from_its_folder():
+  """transformers' CLIPVisionModel (separate q/k/v, "pre_layrnorm", config.json with the heads
+  and activation): our tokens = post_layernorm(last_hidden_state)[:, 1:]."""
+  params, fields = vision.load_clip_vit(os.path.join(CLIP_FIXTURE, "hf"))
+  assert fields["vision"]["vit"] == dict(width=64, layers=3, heads=2, patch_size=8,
+                                         mlp_ratio=4.0, activation="quick_gelu")
+  images = np.load(os.path.join(CLIP_FIXTURE, "images.npy"))
+  expected = np.load(os.path.join(CLIP_FIXTURE, "hf_tokens.npy"))
+  assert _relative_l2(_vit_tokens(params, fields, images), expected) < 1e-5
+
+
 def test_positions_resize_for_another_resolution():
   source = os.path.join(CLIP_FIXTURE, "weights.safetensors")
-  native, _ = vision.load_openclip_vit(source, heads=2)
-  bigger, fields = vision.load_openclip_vit(source, heads=2, image_size=48)
+  native, _ = vision.load_clip_vit(source, heads=2)
+  bigger, fields = vision.load_clip_vit(source, heads=2, image_size=48)
   key = "flamingo/vision_encoder"
   assert fields["image_size"] == 48
   assert bigger[key]["positional_embedding"].shape == (1 + 6 * 6, 64)
@@ -205,7 +216,7 @@ def test_positions_resize_for_another_resolution():
   images = np.zeros((1, 48, 48, 3), np.float32)
   assert _vit_tokens(bigger, fields, images).shape == (1, 6, 6, 64)
   with pytest.raises(weights.CheckpointError, match="not a multiple of the patch 8"):
-    vision.load_openclip_vit(source, heads=2, image_size=50)
+    vision.load_clip_vit(source, heads=2, image_size=50)
 
 
 def test_a_flamingo_around_a_clip_vit(tiny_config, tmp_path):
@@ -236,7 +247,7 @@ def test_a_flamingo_around_a_clip_vit(tiny_config, tmp_path):
   pixels = np.random.default_rng(0).integers(0, 256, (2, 32, 32, 3), dtype=np.uint8)
   params = hk.data_structures.merge(trainable.params, frozen)
   pooled = flamingo.make_flamingo_stages(config.model).apply.vision_features(params, None, pixels)
-  imported, _ = vision.load_openclip_vit(os.path.join(CLIP_FIXTURE, "weights.safetensors"),
+  imported, _ = vision.load_clip_vit(os.path.join(CLIP_FIXTURE, "weights.safetensors"),
                                          heads=2)
   normalised = np.asarray(flamingo.normalize_pixels(pixels, jnp.float32, "clip"))
   expected = _vit_tokens(imported, fields, normalised).mean(axis=(1, 2))
@@ -244,9 +255,15 @@ def test_a_flamingo_around_a_clip_vit(tiny_config, tmp_path):
 
 
 @pytest.mark.skipif(importlib.util.find_spec("open_clip") is None
+                    or importlib.util.find_spec("transformers") is None
                     or importlib.util.find_spec("torch") is None,
-                    reason="open_clip/torch not installed (see tests/data/clip_vit/make_fixture.py)")
+                    reason="open_clip/transformers/torch not installed "
+                           "(see tests/data/clip_vit/make_fixture.py)")
 def test_clip_fixture_regenerates_with_the_installed_open_clip(tmp_path):
   regenerate_fixture(os.path.join(CLIP_FIXTURE, "make_fixture.py"), tmp_path)
   error, _ = compare_with_open_clip(str(tmp_path))
   assert error < 1e-5, error
+  params, fields = vision.load_clip_vit(str(tmp_path / "hf"))
+  hf_error = _relative_l2(_vit_tokens(params, fields, np.load(str(tmp_path / "images.npy"))),
+                          np.load(str(tmp_path / "hf_tokens.npy")))
+  assert hf_error < 1e-5, hf_error

@@ -43,10 +43,12 @@ _PAD_VOCAB = flags.DEFINE_integer("pad_vocab_multiple", 128, "Pad the token tabl
 _MODEL_AXIS = flags.DEFINE_integer("model_axis", 1, "Load sharded over a 'model' axis of "
                                    "this size (Megatron rules); 1: one device.")
 _JSON = flags.DEFINE_bool("json", False, "Print one JSON object.")
-_VIT_HEADS = flags.DEFINE_integer("vit_heads", 0, "clip_vit: attention heads (not in the "
-                                  "tensors; 0: width / 64, every CLIP ViT's head size).")
-_VIT_ACTIVATION = flags.DEFINE_enum("vit_activation", "quick_gelu", ["quick_gelu", "gelu"],
-                                    "clip_vit: quick_gelu (OpenAI weights, OpenFlamingo's "
+_VIT_HEADS = flags.DEFINE_integer("vit_heads", 0, "clip_vit: attention heads (0: a Hugging "
+                                  "Face folder's config.json, else width / 64, every CLIP "
+                                  "ViT's head size).")
+_VIT_ACTIVATION = flags.DEFINE_enum("vit_activation", "auto", ["auto", "quick_gelu", "gelu"],
+                                    "clip_vit: auto (a Hugging Face folder's config.json, else "
+                                    "quick_gelu), quick_gelu (OpenAI weights, OpenFlamingo's "
                                     "ViT-L/14) or gelu (LAION-trained OpenCLIP models).")
 _IMAGE_SIZE = flags.DEFINE_integer("image_size", 0, "clip_vit: resize the positions for this "
                                    "resolution (0: the checkpoint's).")
@@ -61,7 +63,8 @@ def main(argv):
     if _KIND.value in vision_import.KINDS:
       report = vision_import.run(_KIND.value, _SOURCE.value, _OUTPUT.value, dtype=_DTYPE.value,
                                  vit_heads=_VIT_HEADS.value,
-                                 vit_activation=_VIT_ACTIVATION.value,
+                                 vit_activation=("" if _VIT_ACTIVATION.value == "auto"
+                                                 else _VIT_ACTIVATION.value),
                                  image_size=_IMAGE_SIZE.value)
     else:
       report = lm_import.run(_KIND.value, _SOURCE.value, _OUTPUT.value, dtype=_DTYPE.value,

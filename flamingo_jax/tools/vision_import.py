@@ -6,10 +6,11 @@ sets both).
 
   nfnet     timm's dm_nfnet_f0 ... f6 safetensors -> {"vision": {"variant", "numerics": "timm"}}
   clip_vit  an OpenCLIP / OpenAI CLIP state dict (safetensors; a whole CLIP model or its
-            visual tower) -> {"image_size", "vision": {"kind": "vit", "vit": {...},
-            "pixel_stats": "clip"}}; --vit_heads (not in the tensors; default width / 64),
-            --vit_activation (quick_gelu: OpenAI weights; gelu: LAION's), --image_size
-            (positions resized; default the checkpoint's)
+            visual tower) or a Hugging Face CLIPVisionModel / CLIPModel folder -> {"image_size",
+            "vision": {"kind": "vit", "vit": {...}, "pixel_stats": "clip"}}; --vit_heads and
+            --vit_activation (from config.json for Hugging Face folders; else width / 64 and
+            quick_gelu: OpenAI's weights; gelu: LAION's), --image_size (positions resized;
+            default the checkpoint's)
 """
 
 import time
@@ -23,7 +24,7 @@ KINDS = ("nfnet", "clip_vit")
 
 
 def run(kind: str, source: str, output: str, *, dtype: str = "keep", vit_heads: int = 0,
-        vit_activation: str = "quick_gelu", image_size: int = 0) -> dict:
+        vit_activation: str = "", image_size: int = 0) -> dict:
   """The import; returns the report. Raises weights.CheckpointError (nothing written)."""
   from flamingo_jax.weights import vision  # pylint: disable=g-import-not-at-top
   if kind not in KINDS:
@@ -33,7 +34,7 @@ def run(kind: str, source: str, output: str, *, dtype: str = "keep", vit_heads: 
   if kind == "nfnet":
     params, fields = vision.load_timm_nfnet(source)
   else:
-    params, fields = vision.load_openclip_vit(source, heads=vit_heads, activation=vit_activation,
+    params, fields = vision.load_clip_vit(source, heads=vit_heads, activation=vit_activation,
                                               image_size=image_size)
   if dtype != "keep":
     params = {m: {n: v.astype(jnp.dtype(dtype)) for n, v in leaves.items()} for m, leaves in params.items()}

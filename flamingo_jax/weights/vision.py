@@ -1,5 +1,5 @@
-"""Vision-tower imports: timm's NFNet (`dm_nfnet_f0` ... `f6`) and OpenCLIP / OpenAI CLIP
-ViTs -> our encoders' parameters.
+"""Vision-tower imports: timm's NFNet (`dm_nfnet_f0` ... `f6`) and CLIP ViTs (OpenCLIP /
+OpenAI state dicts, Hugging Face CLIPVisionModel folders) -> our encoders' parameters.
 
     params, fields = vision.load_timm_nfnet("dm_nfnet_f0/")   # a .safetensors file or folder
     # params: {"flamingo/vision_encoder/...": {...}}, numpy, the source's dtype
@@ -26,6 +26,8 @@ imported (Flamingo uses the feature grid).
 """
 
 import collections
+import json
+import os
 import re
 from typing import Optional
 
@@ -164,7 +166,7 @@ def load_timm_nfnet(source: str) -> tuple[dict, dict]:
   return dict(params), {"vision": {"variant": variant, "numerics": "timm"}}
 
 
-# --- CLIP ViT (OpenCLIP state dicts; a whole CLIP model or its `visual` part) -------------
+# --- CLIP ViT (OpenCLIP / OpenAI state dicts, or Hugging Face's renamed to them) -----------
 
 _VIT_BLOCK = re.compile(r"transformer\.resblocks\.(\d+)\.(.+)$")
 _VIT_BLOCK_LEAVES = {
@@ -201,23 +203,86 @@ def resize_positions(positions: np.ndarray, grid: int) -> np.ndarray:
   return np.concatenate([positions[:1], resized.reshape(grid * grid, -1).astype(positions.dtype)])
 
 
-def load_openclip_vit(source: str, *, heads: int = 0, activation: str = "quick_gelu",
-                      image_size: int = 0) -> tuple[dict, dict]:
-  """(params under PREFIX as numpy arrays, model.json fields) of an OpenCLIP ViT.
+def _hf_clip_as_openclip(tensors: dict, hf_config: dict) -> dict:
+  """A Hugging Face CLIPVisionModel / CLIPModel state dict renamed to OpenCLIP's `visual.*`
+  (q/k/v fused into in_proj as torch's MultiheadAttention keeps them)."""
+  out = {}
+  prefix = "vision_model."
+  names = {n[len(prefix):]: v for n, v in tensors.items() if n.startswith(prefix)}
+  simple = {"embeddings.class_embedding": "class_embedding",
+            "embeddings.patch_embedding.weight": "conv1.weight",
+            "embeddings.position_embedding.weight": "positional_embedding",
+            "pre_layrnorm.weight": "ln_pre.weight", "pre_layrnorm.bias": "ln_pre.bias",
+            "post_layernorm.weight": "ln_post.weight", "post_layernorm.bias": "ln_post.bias"}
+  layer_names = {"layer_norm1": "ln_1", "layer_norm2": "ln_2", "self_attn.out_proj":
+                 "attn.out_proj", "mlp.fc1": "mlp.c_fc", "mlp.fc2": "mlp.c_proj"}
+  qkv = collections.defaultdict(dict)
+  for name, value in names.items():
+    if name in simple:
+      out[simple[name]] = value
+      continue
+    match = re.match(r"encoder\.layers\.(\d+)\.(.+)\.(weight|bias)$", name)
+    if not match:
+      if name == "embeddings.position_ids":
+        continue                                     # a buffer some exports carry
+      raise CheckpointError(f"vision_model.{name} has no place in our ViT")
+    layer, module, leaf = match.groups()
+    if module in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"):
+      qkv[(layer, leaf)][module[10]] = value
+    elif module in layer_names:
+      out[f"transformer.resblocks.{layer}.{layer_names[module]}.{leaf}"] = value
+    else:
+      raise CheckpointError(f"vision_model.{name} has no place in our ViT")
+  for (layer, leaf), parts in qkv.items():
+    if sorted(parts) != ["k", "q", "v"]:
+      raise CheckpointError(f"layer {layer}: q/k/v {leaf} incomplete ({sorted(parts)})")
+    out[f"transformer.resblocks.{layer}.attn.in_proj_{leaf}"] = np.concatenate(
+        [parts["q"], parts["k"], parts["v"]], axis=0)
+  eps = float(hf_config.get("layer_norm_eps", 1e-5))
+  if abs(eps - 1e-5) > 1e-12:
+    raise CheckpointError(f"layer_norm_eps {eps}: our ViT uses CLIP's 1e-5")
+  return out
 
-  Heads are not in the tensors: `heads` (0: width / 64, every CLIP ViT's head size). The
-  activation is not either: "quick_gelu" (OpenAI's weights, OpenFlamingo's ViT-L/14) or
-  "gelu" (LAION-trained OpenCLIP models). `image_size` (0: the checkpoint's) resizes the
-  positions to another resolution."""
+
+def _hf_vision_config(source: str) -> Optional[dict]:
+  folder = source if os.path.isdir(source) else os.path.dirname(source)
+  path = os.path.join(folder, "config.json")
+  if not os.path.exists(path):
+    return None
+  with open(path) as f:
+    config = json.load(f)
+  return config.get("vision_config", config)
+
+
+def load_clip_vit(source: str, *, heads: int = 0, activation: str = "",
+                  image_size: int = 0) -> tuple[dict, dict]:
+  """(params under PREFIX as numpy arrays, model.json fields) of a CLIP ViT: an OpenCLIP /
+  OpenAI state dict (a whole CLIP model or its visual tower) or a Hugging Face
+  CLIPVisionModel / CLIPModel folder (its config.json gives heads and activation).
+
+  OpenCLIP files do not hold the heads or the activation: `heads` (0: width / 64, every
+  CLIP ViT's head size) and `activation` ("quick_gelu": OpenAI's weights, OpenFlamingo's
+  ViT-L/14, the default; "gelu": LAION-trained OpenCLIP models). `image_size` (0: the
+  checkpoint's) resizes the positions to another resolution."""
   ckpt = SafetensorsCheckpoint(source)
-  prefix, found = _visual_names(ckpt.tensors)
-  if not found:
-    raise CheckpointError(f"{source}: not a CLIP ViT state dict (no class_embedding, "
-                          f"visual.class_embedding)")
-  shape = lambda name: tuple(ckpt.tensors[prefix + name].shape)
+  tensors = {name: np.asarray(array) for name, array in ckpt}
+  if "vision_model.embeddings.class_embedding" in tensors:
+    hf_config = _hf_vision_config(source) or {}
+    heads = heads or int(hf_config.get("num_attention_heads", 0))
+    activation = activation or hf_config.get("hidden_act", "")
+    tensors, prefix = _hf_clip_as_openclip(tensors, hf_config), ""
+  else:
+    prefix, found = _visual_names(tensors)
+    if not found:
+      raise CheckpointError(f"{source}: not a CLIP ViT state dict (no class_embedding, "
+                            f"visual.class_embedding or vision_model.embeddings)")
+  activation = activation or "quick_gelu"
+  if activation not in vit.ACTIVATIONS:
+    raise CheckpointError(f"activation {activation!r}; our ViT has {sorted(vit.ACTIVATIONS)}")
+  shape = lambda name: tuple(tensors[prefix + name].shape)
   width = shape("class_embedding")[0]
   patch = shape("conv1.weight")[-1]
-  layers = len({int(m.group(1)) for name in ckpt.tensors
+  layers = len({int(m.group(1)) for name in tensors
                 for m in [_VIT_BLOCK.match(name.removeprefix(prefix))]
                 if name.startswith(prefix) and m})
   native = int(round(np.sqrt(shape("positional_embedding")[0] - 1))) * patch
@@ -230,11 +295,10 @@ def load_openclip_vit(source: str, *, heads: int = 0, activation: str = "quick_g
   mlp_ratio = shape("transformer.resblocks.0.mlp.c_fc.weight")[0] / width
   params = collections.defaultdict(dict)
   stacked = collections.defaultdict(dict)
-  for raw_name, array in ckpt:
+  for raw_name, array in tensors.items():
     if not raw_name.startswith(prefix):
       continue                                    # the text tower of a whole CLIP model
     name = raw_name[len(prefix):]
-    array = np.asarray(array)
     block = _VIT_BLOCK.match(name)
     if block and block.group(2) in _VIT_BLOCK_LEAVES:
       module, leaf = _VIT_BLOCK_LEAVES[block.group(2)]

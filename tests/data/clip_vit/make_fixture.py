@@ -9,6 +9,10 @@ state dict, as OpenAI / OpenCLIP checkpoints are): image 32 px, patch 8, width 6
 every parameter randomised. Writes weights.safetensors, images.npy (NHWC float32, already
 normalised) and tokens.npy: OpenFlamingo's vision_x features, `visual(x)[1]` with
 output_tokens=True (patch tokens after ln_post, no class token), NHWC grid.
+
+Also hf/ (transformers' CLIPVisionModel of the same shape, its own random weights, written
+by save_pretrained: config.json + model.safetensors) and hf_tokens.npy: the same features in
+its terms, post_layernorm(last_hidden_state)[:, 1:], for the same images.
 """
 
 import os
@@ -58,6 +62,23 @@ def main(out_dir: str) -> None:
             os.path.join(out_dir, "weights.safetensors"))
   np.save(os.path.join(out_dir, "images.npy"), images.permute(0, 2, 3, 1).numpy())
   np.save(os.path.join(out_dir, "tokens.npy"), tokens.reshape(2, grid, grid, WIDTH).numpy())
+  import transformers  # pylint: disable=g-import-not-at-top
+  config = transformers.CLIPVisionConfig(hidden_size=WIDTH, intermediate_size=4 * WIDTH,
+                                         num_hidden_layers=LAYERS, num_attention_heads=2,
+                                         image_size=IMAGE, patch_size=PATCH,
+                                         hidden_act="quick_gelu")
+  torch.manual_seed(SEED + 2)
+  hf = transformers.CLIPVisionModel(config).eval()
+  generator = torch.Generator().manual_seed(SEED + 2)
+  with torch.no_grad():
+    for name, p in hf.named_parameters():
+      noise = torch.randn(p.shape, generator=generator)
+      is_norm_scale = p.ndim == 1 and "norm" in name and name.endswith("weight")
+      p.copy_(1.0 + 0.2 * noise if is_norm_scale else 0.2 * noise)
+    hidden = hf(pixel_values=images).last_hidden_state
+    hf_tokens = hf.vision_model.post_layernorm(hidden)[:, 1:]
+  hf.save_pretrained(os.path.join(out_dir, "hf"), safe_serialization=True)
+  np.save(os.path.join(out_dir, "hf_tokens.npy"), hf_tokens.reshape(2, grid, grid, WIDTH).numpy())
   print(f"wrote {out_dir}: open_clip {open_clip.__version__}, "
         f"{sum(p.numel() for p in model.visual.parameters())} vision parameters, "
         f"tokens {tuple(tokens.shape)}")
