@@ -28,6 +28,15 @@ import pytest  # noqa: E402
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+def needs_reference(*modules: str, script: str):
+  """Skips a test unless the reference libraries `modules` are installed (the fixture
+  regeneration tests; the libraries live in the reference venv, never in CI's)."""
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  missing = [m for m in modules if importlib.util.find_spec(m) is None]
+  return pytest.mark.skipif(bool(missing), reason=f"{'/'.join(missing)} not installed "
+                                                  f"(see {script})")
+
+
 def regenerate_fixture(script: str, out_dir) -> None:
   """Runs a fixture script of tests/data (its reference library installed) into `out_dir`."""
   import subprocess  # pylint: disable=g-import-not-at-top

@@ -5,7 +5,6 @@ The references are tiny random models written by the real `transformers` library
 installed the script is rerun and the fresh models are compared too.
 """
 
-import importlib.util
 import json
 import os
 import shutil
@@ -18,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import REPO, config_path, regenerate_fixture
+from conftest import REPO, config_path, needs_reference, regenerate_fixture
 from flamingo_jax import config_base
 from flamingo_jax import models
 from flamingo_jax import weights
@@ -308,9 +307,7 @@ def test_tiny_flamingo_trains_on_an_imported_lm(tmp_path):
 
 # --- the reference itself -----------------------------------------------------------------
 
-@pytest.mark.skipif(importlib.util.find_spec("transformers") is None
-                    or importlib.util.find_spec("torch") is None,
-                    reason="transformers/torch not installed (see tests/data/hf_lms/make_fixtures.py)")
+@needs_reference("transformers", "torch", script="tests/data/hf_lms/make_fixtures.py")
 def test_fixtures_regenerate_with_the_installed_library(tmp_path):
   regenerate_fixture(os.path.join(FIXTURES, "make_fixtures.py"), tmp_path)
   for name in FAMILIES:

@@ -2,7 +2,6 @@
 with equal outputs. Fixtures: tests/data/openflamingo/make_fixture.py (OpenFlamingo's own
 modules, randomised)."""
 
-import importlib.util
 import os
 
 import haiku as hk
@@ -10,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import REPO, regenerate_fixture
+from conftest import REPO, needs_reference, regenerate_fixture
 from flamingo_jax import weights
 from flamingo_jax.models import gated_xattn
 from flamingo_jax.models import perceiver
@@ -101,10 +100,7 @@ def test_openflamingo_gated_block_without_its_gates_is_the_identity():
     openflamingo.xattn_block_params(ckpt, 3)
 
 
-@pytest.mark.skipif(importlib.util.find_spec("open_flamingo") is None
-                    or importlib.util.find_spec("torch") is None,
-                    reason="open_flamingo/torch not installed "
-                           "(see tests/data/openflamingo/make_fixture.py)")
+@needs_reference("open_flamingo", "torch", script="tests/data/openflamingo/make_fixture.py")
 def test_openflamingo_fixture_regenerates_with_the_installed_library(tmp_path):
   regenerate_fixture(os.path.join(FIXTURE, "make_fixture.py"), tmp_path)
   got, _ = _resampler_output(str(tmp_path))

@@ -1,7 +1,6 @@
 """Vision-tower imports (weights/vision.py): timm's NFNet and OpenCLIP's ViT -> ours, equal
 features; the two NFNet arithmetics (models/vision/nfnet.py); a Flamingo around each."""
 
-import importlib.util
 import json
 import os
 
@@ -11,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import REPO, regenerate_fixture
+from conftest import REPO, needs_reference, regenerate_fixture
 from flamingo_jax import weights
 from flamingo_jax.models.vision import nfnet
 from flamingo_jax.weights import vision
@@ -119,9 +118,7 @@ def test_stochastic_depth_follows_the_numerics():
     assert set(np.round(per_row, 5)) == {0.0, round(kept_scale, 5)}, (numerics, per_row)
 
 
-@pytest.mark.skipif(importlib.util.find_spec("timm") is None
-                    or importlib.util.find_spec("torch") is None,
-                    reason="timm/torch not installed (see tests/data/nfnet_timm/make_fixture.py)")
+@needs_reference("timm", "torch", script="tests/data/nfnet_timm/make_fixture.py")
 def test_fixture_regenerates_with_the_installed_timm(fixture_variant, tmp_path):
   regenerate_fixture(os.path.join(FIXTURE, "make_fixture.py"), tmp_path)
   timm_numerics, _ = compare_with_timm(str(tmp_path))
@@ -254,11 +251,7 @@ def test_a_flamingo_around_a_clip_vit(tiny_config, tmp_path):
   np.testing.assert_allclose(np.asarray(pooled), expected, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.skipif(importlib.util.find_spec("open_clip") is None
-                    or importlib.util.find_spec("transformers") is None
-                    or importlib.util.find_spec("torch") is None,
-                    reason="open_clip/transformers/torch not installed "
-                           "(see tests/data/clip_vit/make_fixture.py)")
+@needs_reference("open_clip", "transformers", "torch", script="tests/data/clip_vit/make_fixture.py")
 def test_clip_fixture_regenerates_with_the_installed_open_clip(tmp_path):
   regenerate_fixture(os.path.join(CLIP_FIXTURE, "make_fixture.py"), tmp_path)
   error, _ = compare_with_open_clip(str(tmp_path))
