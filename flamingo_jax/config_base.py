@@ -87,6 +87,8 @@ def model_config(*, vocab_size: int, image_size: int, vision_variant: str, lm: d
       lm=dict(LM_OPTIONS, init_checkpoint="", trainable=False) | lm,
       xattn=dict(every=xattn_every, num_heads=xattn_num_heads, key_size=xattn_key_size,
                  ffw_mult=4,
+                 offset=0,            # xattn before LM blocks offset, offset + every, ...
+                                      #   (OpenFlamingo: every - 1; language_model.py)
                  only_attend_immediate_media=True,  # False: attend to all earlier media
                  # OpenFlamingo's blocks: media_norm=False, ffw_activation="gelu_exact"
                  media_norm=True, ffw_activation="squared_relu"),

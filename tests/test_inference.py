@@ -101,6 +101,33 @@ def test_beam_search(setup):
     assert [h.tokens[0] for h in one[i]] == np.argsort(-np.asarray(logits))[:3].tolist()
 
 
+def test_an_xattn_offset_generates_what_its_full_forward_gives(tiny_config):
+  """xattn.offset=1 with every=2 (OpenFlamingo's placement: before LM blocks 1 and 3 of 5):
+  one head block with no xattn before it, whose cache is carried and reordered by beam
+  search like the others."""
+  cfg = copy.deepcopy(tiny_config.model)
+  cfg.xattn.offset = 1
+  image, size = cfg.image_token_id, cfg.image_size
+  media = np.asarray(random_media(3, (2, 2, 1, size, size, 3)))
+  prompts = [[2, image, 7, 8, 9, image, 10, 11], [12, 13, image, 14]]
+  model = models.make_flamingo(cfg)
+  params = set_gates(jax.jit(model.init)(jax.random.key(1), jnp.zeros((1, 8), jnp.int32),
+                                         jnp.asarray(media[:1])), 0.7)
+  lm = "flamingo/language_model"
+  assert params[f"{lm}/head_blocks/block/self_attention/query"]["w"].shape[0] == 1
+  assert params[f"{lm}/groups/xattn"]["alpha_xattn"].shape == (2,)
+  assert not any("tail" in module for module in params)
+  assert models.count_params(cfg)["xattn"] < models.count_params(tiny_config.model)["xattn"]
+  engine = inference.Engine(cfg, params, max_slots=32)
+  full = jax.jit(lambda ids, m: model.apply(params, None, ids, m))
+  hyps = inference.generate(engine, prompts, media, max_new_tokens=5, method="beam",
+                            beam_width=2, num_return=2)
+  for i, prompt in enumerate(prompts):
+    for h in hyps[i]:
+      assert h.log_prob == pytest.approx(full_log_likelihood(full, prompt, h.tokens, media[i]),
+                                         abs=1e-4)
+
+
 def test_rows_stop_at_their_own_stop_token(setup):
   cfg, engine, full, prompts, media = setup
   free = inference.generate(engine, prompts, media, max_new_tokens=12)

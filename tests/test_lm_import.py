@@ -127,7 +127,8 @@ def test_sharded_load_equals_one_device_load(model_axis):
 
 
 def test_chinchilla_export_reimports_under_another_grouping(tmp_path):
-  """Our own layout round-trips, and re-imports regrouped (xattn every 1 -> every 2)."""
+  """Our own layout round-trips, and re-imports regrouped (xattn every 1 -> every 2, and
+  every 2 with offset 1)."""
   source = os.path.join(FIXTURES, "llama")
   kind, model = model_for(source, xattn_every=1)
   params, _ = weights.load_lm(source, model, kind)
@@ -142,6 +143,20 @@ def test_chinchilla_export_reimports_under_another_grouping(tmp_path):
       np.testing.assert_array_equal(params[f"{p1}/{sub}"][name][i1], params2[f"{p2}/{sub}"][name][i2])
   ids = np.load(os.path.join(source, "reference.npz"))["input_ids"]
   np.testing.assert_array_equal(text_logits(model, params, ids), text_logits(model2, params2, ids))
+  # OpenFlamingo's placement (xattn before blocks 1, 3, ...): a head block, then the groups;
+  # the layers land where layer_slot says and export back to the same tensors.
+  model3 = model2.copy_and_resolve_references()
+  model3.xattn.offset = 1
+  assert weights.layer_slot(model3, 0) == ("flamingo/language_model/head_blocks/block", (0,))
+  assert weights.layer_slot(model3, 2) == ("flamingo/language_model/groups/blocks/block", (0, 1))
+  params3, _ = weights.load_lm(str(tmp_path / "native"), model3, "chinchilla")
+  np.testing.assert_array_equal(text_logits(model, params, ids), text_logits(model3, params3, ids))
+  weights.export_lm(params3, model3, str(tmp_path / "offset"))
+  first = weights.SafetensorsCheckpoint(str(tmp_path / "native"))
+  again = weights.SafetensorsCheckpoint(str(tmp_path / "offset"))
+  assert sorted(first.tensors) == sorted(again.tensors)
+  for name in first.tensors:
+    np.testing.assert_array_equal(first.read(name), again.read(name), err_msg=name)
 
 
 def test_spec_table_of_every_lm_option_matches_snapshot():

@@ -264,3 +264,15 @@ def test_attention_kernel_with_grouped_query_heads_and_a_cache():
   with pytest.raises(ValueError, match="attention impl='flash'; expected one of"):
     hk.transform(lambda: attention.MultiHeadAttention(
         num_heads=4, key_size=4, model_size=16, impl="flash")).init(None)
+
+
+def test_layer_layout_places_xattn_blocks_by_every_and_offset():
+  """(head blocks, groups, tail blocks): xattn before blocks offset, offset + every, ..."""
+  from flamingo_jax.models import language_model  # pylint: disable=g-import-not-at-top
+  assert language_model.layer_layout(5, 2) == (0, 2, 1)         # before 0, 2, 4
+  assert language_model.layer_layout(5, 2, 1) == (1, 2, 0)      # before 1, 3
+  # OpenFlamingo-4B (32 layers, every 2): before 1, 3, ..., 31 = 16 blocks.
+  assert language_model.layer_layout(32, 2, 1) == (1, 15, 1)
+  for bad in ((5, 2, 2), (2, 2, 1), (5, 2, -1)):
+    with pytest.raises(ValueError, match="xattn.offset"):
+      language_model.layer_layout(*bad)

@@ -170,7 +170,7 @@ class Flamingo(hk.Module):
         attention_impl=cfg.get("attention_impl", "einsum"),
         xattn_options=dict(media_norm=x.get("media_norm", True),
                            ffw_activation=x.get("ffw_activation", "squared_relu")),
-        name="language_model")
+        xattn_offset=x.get("offset", 0), name="language_model")
 
   @hk.name_like("__call__")
   def decode(self, input_ids: jax.Array, visual: Optional[jax.Array]) -> jax.Array:
@@ -238,6 +238,7 @@ def init_cache(config: Any, batch: int, slots: int, dtype: Any = jnp.float32) ->
   lm = config.lm
   return language_model.init_cache(
       num_layers=lm.num_layers, xattn_every=config.xattn.every,
+      xattn_offset=config.xattn.get("offset", 0),
       num_kv_heads=lm.get("num_kv_heads", 0) or lm.num_heads, key_size=lm.key_size,
       batch=batch, slots=slots, dtype=dtype)
 

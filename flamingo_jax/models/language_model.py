@@ -125,10 +125,12 @@ class LanguageModel(hk.Module):
                new_token_ids: Sequence[int], options: DecoderOptions = DecoderOptions(),
                tied_embeddings: bool = False, embed_multiplier: float = 1.0,
                valid_vocab_size: int = 0, remat: str = "none", attention_impl: str = "einsum",
-               xattn_options: Optional[dict] = None, name: Optional[str] = "language_model"):
+               xattn_options: Optional[dict] = None, xattn_offset: int = 0,
+               name: Optional[str] = "language_model"):
     super().__init__(name=name)
     if not 1 <= xattn_every <= num_layers:
       raise ValueError(f"xattn_every={xattn_every} must be in [1, num_layers={num_layers}]")
+    layer_layout(num_layers, xattn_every, xattn_offset)          # checks the offset
     bad = [i for i in new_token_ids if not 0 <= i < vocab_size]
     if bad or len(set(new_token_ids)) != len(new_token_ids):
       raise ValueError(f"new token ids {tuple(new_token_ids)} must be distinct and in [0, {vocab_size})")
@@ -138,6 +140,7 @@ class LanguageModel(hk.Module):
     self.num_layers = num_layers
     self.dim = dim
     self.xattn_every = xattn_every
+    self.xattn_offset = xattn_offset
     self.new_token_ids = tuple(new_token_ids)
     self.tied_embeddings = tied_embeddings
     self.embed_multiplier = embed_multiplier
@@ -156,7 +159,7 @@ class LanguageModel(hk.Module):
 
   @property
   def num_xattn_layers(self) -> int:
-    return -(-self.num_layers // self.xattn_every)
+    return -(-(self.num_layers - self.xattn_offset) // self.xattn_every)
 
   @hk.name_like("__call__")
   def embed(self, input_ids: jax.Array) -> jax.Array:
@@ -238,8 +241,13 @@ class LanguageModel(hk.Module):
         out["xattn"] = {"k": media_kv[0], "v": media_kv[1]}
       return x, out
 
-    num_groups, tail = divmod(self.num_layers, self.xattn_every)
+    head, num_groups, tail = layer_layout(self.num_layers, self.xattn_every, self.xattn_offset)
     new_cache = {}
+    if head:                                    # LM blocks before the first xattn block
+      x, head_cache = lm_blocks(x, head, "head_blocks",
+                                cache["head"]["self"] if cached else None)
+      if cached:
+        new_cache["head"] = {"self": head_cache}
     if not cached:
       x = hk.layer_stack(num_groups, name="groups")(
           lambda x: stage(x, None, "xattn", "blocks", self.xattn_every)[0])(x)
@@ -269,23 +277,40 @@ class LanguageModel(hk.Module):
       logits = jnp.where(vocab < self.valid_vocab_size, logits, attention.MASK_VALUE)
     return (logits, new_cache) if cached else logits
 
+def layer_layout(num_layers: int, xattn_every: int, xattn_offset: int = 0
+                 ) -> tuple[int, int, int]:
+  """(head, groups, tail): `head` LM blocks with no xattn block before them, then `groups`
+  x [xattn, `xattn_every` blocks], then [xattn, `tail` blocks] if tail > 0. The xattn
+  blocks sit before LM blocks offset, offset + every, ... (the paper's: offset 0;
+  OpenFlamingo's: every - 1, before block i when (i + 1) % every == 0)."""
+  if not 0 <= xattn_offset < xattn_every or xattn_offset + xattn_every > num_layers:
+    raise ValueError(f"xattn.offset={xattn_offset} must be in [0, xattn.every={xattn_every}) "
+                     f"with offset + every <= num_layers={num_layers}")
+  groups, tail = divmod(num_layers - xattn_offset, xattn_every)
+  return xattn_offset, groups, tail
+
+
 def init_cache(*, num_layers: int, xattn_every: int, num_kv_heads: int, key_size: int,
-               batch: int, slots: int, dtype: Any) -> dict:
+               batch: int, slots: int, dtype: Any, xattn_offset: int = 0) -> dict:
   """Empty self-attention cache for `batch` rows of `slots` positions, laid out for the
-  scanned stacks: groups {"self": {"k", "v": [G, k, B, S, Hkv, K]}}, tail {"self": ...
-  [L mod k, B, S, Hkv, K]}. The prefill adds each xattn layer's visual keys/values
-  ("xattn": {"k", "v": [G, B, N, R, H, K]} and [B, N, R, H, K] for the tail)."""
-  num_groups, tail = divmod(num_layers, xattn_every)
+  scanned stacks (layer_layout): head {"self": {"k", "v": [offset, B, S, Hkv, K]}} when
+  there is a head, groups {"self": [G, k, B, S, Hkv, K]}, tail {"self": [tail, B, S, Hkv,
+  K]}. The prefill adds each xattn layer's visual keys/values ("xattn": {"k", "v": [G, B, N,
+  R, H, K]} and [B, N, R, H, K] for the tail)."""
+  head, num_groups, tail = layer_layout(num_layers, xattn_every, xattn_offset)
   zeros = lambda *lead: {"k": jnp.zeros((*lead, batch, slots, num_kv_heads, key_size), dtype),
                          "v": jnp.zeros((*lead, batch, slots, num_kv_heads, key_size), dtype)}
   cache = {"groups": {"self": zeros(num_groups, xattn_every)}}
+  if head:
+    cache["head"] = {"self": zeros(head)}
   if tail:
     cache["tail"] = {"self": zeros(tail)}
   return cache
 
 
 # Which axis of each cache leaf is the batch (beam search reorders rows along it).
-CACHE_BATCH_AXES = {"groups": {"self": 2, "xattn": 1}, "tail": {"self": 1, "xattn": 0}}
+CACHE_BATCH_AXES = {"groups": {"self": 2, "xattn": 1}, "tail": {"self": 1, "xattn": 0},
+                    "head": {"self": 1}}
 
 
 def cache_length(cache: dict) -> int:

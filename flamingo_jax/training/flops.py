@@ -113,7 +113,7 @@ def stream_train_flops(model: Any, batch_size: int, tokens: int, media: int, fra
   hk_x, n_vis = x.num_heads * x.key_size, media * r.num_latents
   xattn_fwd = (2 * _linear(length, lm.dim, hk_x) + 2 * _linear(n_vis, r.dim, hk_x)
                + 2 * 2.0 * length * n_vis * hk_x + 2 * _linear(length, lm.dim, x.ffw_mult * lm.dim))
-  num_xattn = -(-lm.num_layers // x.every)
+  num_xattn = -(-(lm.num_layers - x.get("offset", 0)) // x.every)
   xattn = b * num_xattn * 3 * xattn_fwd
   return {"vision": vision, "resampler": resampler, "lm": lm_blocks + unembed,
           "xattn": xattn + new_tokens}

@@ -4,8 +4,9 @@
     params = load_lm(hf_dir, model_config, kind, shardings=...)   # Haiku dict, our paths
     save_params(out_dir, params); restore_params(out_dir, target)  # orbax
 
-Layer i of the LM lives at `groups/blocks/block/...[i // k, i % k]` for i < G·k, else at
-`tail_blocks/block/...[i - G·k]` (k = config.model.xattn.every; language_model.py). Each
+Layer i of the LM lives at `head_blocks/block/...[i]` for i < o, then with j = i - o at
+`groups/blocks/block/...[j // k, j % k]` for j < G·k, else at `tail_blocks/block/...[j - G·k]`
+(k = config.model.xattn.every, o = xattn.offset; language_model.layer_layout). Each
 source tensor is read, transformed on the host, put on the devices that hold its shard
 (`jax.make_array_from_callback`: each process builds only its addressable shards), and
 written into its layer slot of the stacked parameter by a jitted, donated update, so the
@@ -24,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from flamingo_jax import models
+from flamingo_jax.models import language_model
 from flamingo_jax.weights import families
 from flamingo_jax.weights.safetensors_io import CheckpointError, SafetensorsCheckpoint
 
@@ -59,7 +61,11 @@ def layer_slot(model_config: Any, layer: int) -> tuple[str, tuple[int, ...]]:
   num_layers, every = model_config.lm.num_layers, model_config.xattn.every
   if not 0 <= layer < num_layers:
     raise CheckpointError(f"source layer {layer} but config.model.lm.num_layers={num_layers}")
-  groups = num_layers // every
+  head, groups, _ = language_model.layer_layout(num_layers, every,
+                                                model_config.xattn.get("offset", 0))
+  if layer < head:
+    return f"{LM_PREFIX}/head_blocks/block", (layer,)
+  layer -= head
   if layer < groups * every:
     return f"{LM_PREFIX}/groups/blocks/block", divmod(layer, every)
   return f"{LM_PREFIX}/tail_blocks/block", (layer - groups * every,)
@@ -168,7 +174,7 @@ def plan_tensors(ckpt: SafetensorsCheckpoint, family: families.Family,
 def _stack_dims(module: str) -> int:
   if "/groups/blocks/" in module:
     return 2
-  if "/tail_blocks/" in module:
+  if "/tail_blocks/" in module or "/head_blocks/" in module:
     return 1
   return 0
 
@@ -285,10 +291,16 @@ def export_lm(params: hk.Params, model_config: Any, out_dir: str) -> None:
       tensors[f"{relative.replace('/', '.')}.{name}"] = value
       continue
     logical = relative.split("/block/", 1)[1].replace("/", ".")
+    every = model_config.xattn.every
+    head, groups, _ = language_model.layer_layout(model_config.lm.num_layers, every,
+                                                  model_config.xattn.get("offset", 0))
     for index in np.ndindex(*value.shape[:stack]):
-      layer = (index[0] * model_config.xattn.every + index[1] if stack == 2 else
-               model_config.lm.num_layers // model_config.xattn.every
-               * model_config.xattn.every + index[0])
+      if stack == 2:
+        layer = head + index[0] * every + index[1]
+      elif "/head_blocks/" in module:
+        layer = index[0]
+      else:
+        layer = head + groups * every + index[0]
       tensors[f"layers.{layer}.{logical}.{name}"] = np.ascontiguousarray(value[index])
   os.makedirs(out_dir, exist_ok=True)
   save_file(tensors, os.path.join(out_dir, "model.safetensors"))

@@ -14,10 +14,12 @@ that its weights run unchanged (each option defaults to the paper):
               mask: text_time = cumsum(media locations) ==       φ (gated_xattn.py), the same
               media time, text before any media zeroed
 
+  placement   a block before LM layer i when (i + 1) % n == 0    xattn.every=n, xattn.offset=n-1
+
 Done: the resampler (`resampler_params`) and one gated block (`xattn_block_params`), each
-tested against OpenFlamingo's own module. Still to do: the blocks' placement in the LM (before
-LM layer i when (i + 1) % n == 0: ours are grouped per `xattn.every`), the trained input
-embeddings, the `<image>` / `<|endofchunk|>` ids, and `import_weights --kind=openflamingo`.
+tested against OpenFlamingo's own module, and the placement option. Still to do: the trained
+input embeddings, the `<image>` / `<|endofchunk|>` ids, and `import_weights
+--kind=openflamingo`.
 
     perceiver.latents                        perceiver_resampler/latents
     perceiver.layers.I.0.norm_media          .../layers/media_norm          (stacked, row I)
