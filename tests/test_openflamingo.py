@@ -89,7 +89,7 @@ def test_openflamingo_gated_block_runs_in_ours():
   assert np.abs(_xattn_output(FIXTURE, ffw_activation="squared_relu") - expected).max() > 1e-3
 
 
-def test_openflamingo_gated_block_without_its_gates_is_the_identity():
+def test_openflamingo_gated_block_maps_every_tensor_and_names_a_missing_block():
   ckpt = dict(weights.SafetensorsCheckpoint(os.path.join(FIXTURE, "xattn.safetensors")))
   block = openflamingo.xattn_block_params(ckpt, 0)
   assert block[""]["alpha_xattn"].shape == () and block[""]["alpha_dense"].shape == ()

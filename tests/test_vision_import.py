@@ -1,6 +1,7 @@
 """Vision-tower imports (weights/vision.py): timm's NFNet and OpenCLIP's ViT -> ours, equal
 features; the two NFNet arithmetics (models/vision/nfnet.py); a Flamingo around each."""
 
+import copy
 import json
 import os
 
@@ -9,10 +10,19 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from safetensors.numpy import save_file
 
 from conftest import REPO, needs_reference, regenerate_fixture
+from flamingo_jax import config_base
 from flamingo_jax import weights
+from flamingo_jax.models import flamingo
 from flamingo_jax.models.vision import nfnet
+from flamingo_jax.models.vision import vit
+from flamingo_jax.tools import vision_import
+from flamingo_jax.training import flops
+from flamingo_jax.training import sharding
+from flamingo_jax.training import train_step
+from flamingo_jax.training import trainer
 from flamingo_jax.weights import vision
 
 FIXTURE = os.path.join(REPO, "tests", "data", "nfnet_timm")
@@ -71,14 +81,12 @@ def test_a_network_no_variant_matches_is_named(tmp_path):
   with pytest.raises(weights.CheckpointError, match=r"no NFNet variant has stage depths "
                                                     r"\(1, 2, 1, 2\)"):
     vision.load_timm_nfnet(os.path.join(FIXTURE, "weights.safetensors"))
-  from safetensors.numpy import save_file  # pylint: disable=g-import-not-at-top
   save_file({"layer.weight": np.zeros((2, 2), np.float32)}, str(tmp_path / "x.safetensors"))
   with pytest.raises(weights.CheckpointError, match="not an NFNet state dict"):
     vision.load_timm_nfnet(str(tmp_path / "x.safetensors"))
 
 
 def test_import_weights_writes_params_the_model_loads(fixture_variant, tmp_path):
-  from flamingo_jax.tools import vision_import  # pylint: disable=g-import-not-at-top
   out = str(tmp_path / "nfnet")
   report = vision_import.run("nfnet", os.path.join(FIXTURE, "weights.safetensors"), out)
   assert report["fields"]["vision"]["variant"] == "fixture" and report["parameters"] > 90_000
@@ -128,10 +136,6 @@ def test_fixture_regenerates_with_the_installed_timm(fixture_variant, tmp_path):
 def test_a_flamingo_run_loads_the_imported_tower(fixture_variant, tiny_config, tmp_path):
   """pretrained.py's `vision=DIR` path: the import's model.json sets variant and numerics,
   and the trainer's frozen towers hold the imported values."""
-  import copy  # pylint: disable=g-import-not-at-top
-  from flamingo_jax import config_base  # pylint: disable=g-import-not-at-top
-  from flamingo_jax.tools import vision_import  # pylint: disable=g-import-not-at-top
-  from flamingo_jax.training import sharding, train_step, trainer  # pylint: disable=g-import-not-at-top
   out = str(tmp_path / "nfnet")
   vision_import.run("nfnet", os.path.join(FIXTURE, "weights.safetensors"), out)
   with open(os.path.join(out, "model.json")) as f:
@@ -156,7 +160,6 @@ CLIP_FIXTURE = os.path.join(REPO, "tests", "data", "clip_vit")
 
 
 def _vit_tokens(params, fields, images):
-  from flamingo_jax.models.vision import vit  # pylint: disable=g-import-not-at-top
   forward = hk.transform(lambda x: vit.VisionTransformer(
       image_size=fields["image_size"], name="vision_encoder", **fields["vision"]["vit"])(x))
   ours = {k.removeprefix("flamingo/"): v for k, v in params.items()}
@@ -219,11 +222,6 @@ def test_positions_resize_for_another_resolution():
 def test_a_flamingo_around_a_clip_vit(tiny_config, tmp_path):
   """config.model.vision.kind="vit": counted as vision, encoded with CLIP's pixel statistics,
   loaded from the import."""
-  import copy  # pylint: disable=g-import-not-at-top
-  from flamingo_jax import config_base  # pylint: disable=g-import-not-at-top
-  from flamingo_jax.models import flamingo  # pylint: disable=g-import-not-at-top
-  from flamingo_jax.tools import vision_import  # pylint: disable=g-import-not-at-top
-  from flamingo_jax.training import flops, sharding, train_step, trainer  # pylint: disable=g-import-not-at-top,line-too-long
   out = str(tmp_path / "vit")
   report = vision_import.run("clip_vit", os.path.join(CLIP_FIXTURE, "weights.safetensors"), out,
                              vit_heads=2)

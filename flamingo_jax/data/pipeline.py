@@ -7,8 +7,8 @@
 
 Order. Stream s reads its split in epochs; epoch e visits the examples in the permutation
 seeded by (seed, s, e) (grain's index_shuffle: computed per position, never materialised);
-positions 0, 1, 2, ... run through epoch 0, then epoch 1, ... with no seam. The global batch is split into `num_shards` data shards (the mesh's 'data' axis);
-shard d of D takes positions d, d + D, d + 2D, ... (its k-th example is position kD + d),
+positions 0, 1, 2, ... run through epoch 0, then epoch 1, ... with no seam. The global batch
+is split into `num_shards` data shards (the mesh's 'data' axis); shard d of D takes positions d, d + D, d + 2D, ... (its k-th example is position kD + d),
 so the shards read disjoint examples that together cover the split. A process produces the
 rows of the shards its devices hold, in shard order; processes holding the same shard (a
 model group spanning hosts) produce the same rows with no communication, and the batch does
@@ -128,6 +128,7 @@ class _Stream:
     self.num_examples = len(self.source)
     if self.spec.source == "video_text":
       _check_stored_frame_rate(builder, self.spec, name)
+    self._epoch_seeds = {}
 
   def __getstate__(self):
     state = dict(self.__dict__)
@@ -150,7 +151,10 @@ class _Stream:
     epoch, i = divmod(self.position(shard, k), self.num_examples)
     if self.num_examples == 1:
       return 0
-    seed = int(np.random.default_rng([self.seed, self.index, epoch]).integers(1 << 31))
+    seed = self._epoch_seeds.get(epoch)
+    if seed is None:              # once per epoch, not per example (threads may race: same value)
+      seed = int(np.random.default_rng([self.seed, self.index, epoch]).integers(1 << 31))
+      self._epoch_seeds[epoch] = seed
     return int(grain.experimental.index_shuffle(i, max_index=self.num_examples - 1, seed=seed,
                                                 rounds=4))
 

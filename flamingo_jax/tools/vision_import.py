@@ -37,7 +37,8 @@ def run(kind: str, source: str, output: str, *, dtype: str = "keep", vit_heads: 
     params, fields = vision.load_clip_vit(source, heads=vit_heads, activation=vit_activation,
                                               image_size=image_size)
   if dtype != "keep":
-    params = {m: {n: v.astype(jnp.dtype(dtype)) for n, v in leaves.items()} for m, leaves in params.items()}
+    params = {m: {n: v.astype(jnp.dtype(dtype)) for n, v in leaves.items()}
+              for m, leaves in params.items()}
   lm_import.write_import_folder(output, params, fields)
   leaves = [v for leaves in params.values() for v in leaves.values()]
   return {"kind": kind, "output": output, "fields": fields, "tensors": len(leaves),

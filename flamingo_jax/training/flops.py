@@ -59,7 +59,8 @@ def vit_forward_flops(v: Any, image_size: int) -> float:
   grid = image_size // v.patch_size
   s, d, mlp = grid * grid + 1, v.width, int(v.width * v.mlp_ratio)
   patches = _linear(grid * grid, 3 * v.patch_size ** 2, d)
-  per_layer = _linear(s, d, 3 * d) + 2 * 2.0 * s * s * d + _linear(s, d, d) + 2 * _linear(s, d, mlp)
+  attention = _linear(s, d, 3 * d) + 2 * 2.0 * s * s * d + _linear(s, d, d)   # qkv, QK/AV, out
+  per_layer = attention + 2 * _linear(s, d, mlp)
   return patches + v.layers * per_layer
 
 

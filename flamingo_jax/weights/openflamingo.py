@@ -5,7 +5,8 @@ that its weights run unchanged (each option defaults to the paper):
 
   part        OpenFlamingo 2.0.1                              ours (config.model...)
   resampler   no input projection (its ViT's width)            resampler.input_projection=False
-              feed-forward LN -> Linear -> exact GELU -> Linear resampler.ffw_activation="gelu_exact"
+              feed-forward LN, Linear, exact GELU, Linear       resampler.ffw_activation=
+                                                                  "gelu_exact"
               no frame / media-time embeddings (its factory)    resampler.num_time_embeddings=0
               heads x 64 wide (dim_head; not in the tensors)     resampler.num_heads / key_size
 
@@ -43,6 +44,7 @@ from typing import Mapping
 
 import numpy as np
 
+from flamingo_jax.weights import vision
 from flamingo_jax.weights.safetensors_io import CheckpointError
 
 RESAMPLER = "flamingo/perceiver_resampler"
@@ -89,11 +91,8 @@ def resampler_params(tensors: Mapping[str, np.ndarray], *, prefix: str = "percei
       raise CheckpointError(f"{prefix}{name} has no place in our resampler")
   depth = 1 + max(layer for per_layer in rows.values() for layer in per_layer)
   for (module, leaf), per_layer in rows.items():
-    if sorted(per_layer) != list(range(depth)):
-      raise CheckpointError(f"{prefix}layers: {module} is in layers {sorted(per_layer)}, "
-                            f"expected 0-{depth - 1}")
-    params[f"{RESAMPLER}/layers/{module}"][leaf] = np.stack(
-        [np.ascontiguousarray(per_layer[i]) for i in range(depth)])
+    params[f"{RESAMPLER}/layers/{module}"][leaf] = vision.stack_rows(
+        per_layer, depth, f"{prefix}layers: {module}/{leaf}")
   num_latents, dim = params[RESAMPLER]["latents"].shape
   inner = params[f"{RESAMPLER}/layers/attention/query"]["w"].shape[-1]
   if inner % dim_head:

@@ -114,19 +114,33 @@ def _target(name: str) -> Optional[tuple[str, str, Optional[int]]]:
   return None
 
 
+def stack_rows(rows: dict[int, np.ndarray], count: int, what: str) -> np.ndarray:
+  """{row: array} of a layer-stacked parameter -> [count, ...]; every row must be there."""
+  if sorted(rows) != list(range(count)):
+    raise CheckpointError(f"{what} has rows {sorted(rows)}, expected 0-{count - 1}")
+  return np.stack([rows[i] for i in range(count)])             # a new, contiguous array
+
+
+def _module_shapes(module_fn, image_size: int) -> dict[str, dict[str, tuple]]:
+  """{module: {leaf: shape}} of the encoder `module_fn(name)` under PREFIX (shapes only)."""
+  outer, inner = PREFIX.split("/")
+  def forward(images):
+    with hk.experimental.name_scope(outer):
+      return module_fn(inner)(images)
+  shapes = jax.eval_shape(hk.transform(forward).init, jax.random.key(0),
+                          jax.ShapeDtypeStruct((1, image_size, image_size, 3), jnp.float32))
+  return {m: {n: tuple(v.shape) for n, v in leaves.items()} for m, leaves in shapes.items()}
+
+
 def _block_path(stage: int, block: int) -> str:
   return f"{PREFIX}/stage{stage}_block0" if block == 0 else f"{PREFIX}/stage{stage}_blocks/block"
 
 
 def expected_shapes(variant: str) -> dict[str, dict[str, tuple]]:
   """{module: {leaf: shape}} of our NFNet `variant` under PREFIX (shapes only)."""
-  def forward(images):
-    with hk.experimental.name_scope(PREFIX.split("/")[0]):
-      return nfnet.NFNet(variant, name=PREFIX.split("/")[1])(images, is_training=False)
-  size = nfnet.NFNET_VARIANTS[variant]["test_imsize"]
-  shapes = jax.eval_shape(hk.transform(forward).init, jax.random.key(0),
-                          jax.ShapeDtypeStruct((1, size, size, 3), jnp.float32))
-  return {m: {n: tuple(v.shape) for n, v in leaves.items()} for m, leaves in shapes.items()}
+  return _module_shapes(
+      lambda name: lambda x: nfnet.NFNet(variant, name=name)(x, is_training=False),
+      nfnet.NFNET_VARIANTS[variant]["test_imsize"])
 
 
 def load_timm_nfnet(source: str) -> tuple[dict, dict]:
@@ -157,11 +171,8 @@ def load_timm_nfnet(source: str) -> tuple[dict, dict]:
     else:
       stacked[(module, ours)][row] = value
   for (module, leaf), rows in stacked.items():
-    stage = int(re.search(r"stage(\d)_blocks", module).group(1))
-    if sorted(rows) != list(range(depth[stage] - 1)):
-      raise CheckpointError(f"{source}: stage {stage} blocks {sorted(r + 1 for r in rows)} of "
-                            f"{leaf}; expected 1-{depth[stage] - 1}")
-    params[module][leaf] = np.stack([rows[r] for r in range(len(rows))])
+    stage = int(re.search(r"stage(\d)_blocks", module).group(1))     # row r = block r + 1
+    params[module][leaf] = stack_rows(rows, depth[stage] - 1, f"{source}: {module}/{leaf}")
   _check_shapes(source, params, expected_shapes(variant), f"NFNet {variant}")
   return dict(params), {"vision": {"variant": variant, "numerics": "timm"}}
 
@@ -318,10 +329,7 @@ def load_clip_vit(source: str, *, heads: int = 0, activation: str = "",
     else:
       raise CheckpointError(f"{source}: tensor {raw_name} has no place in our ViT")
   for (module, leaf), rows in stacked.items():
-    if sorted(rows) != list(range(layers)):
-      raise CheckpointError(f"{source}: {module}/{leaf} has blocks {sorted(rows)}, "
-                            f"expected 0-{layers - 1}")
-    params[module][leaf] = np.stack([np.ascontiguousarray(rows[i]) for i in range(layers)])
+    params[module][leaf] = stack_rows(rows, layers, f"{source}: {module}/{leaf}")
   vit_fields = dict(width=width, layers=layers, heads=heads, patch_size=patch,
                     mlp_ratio=mlp_ratio, activation=activation)
   expected = expected_vit_shapes(vit_fields, image_size)
@@ -331,13 +339,9 @@ def load_clip_vit(source: str, *, heads: int = 0, activation: str = "",
 
 
 def expected_vit_shapes(vit_fields: dict, image_size: int) -> dict[str, dict[str, tuple]]:
-  def forward(images):
-    with hk.experimental.name_scope(PREFIX.split("/")[0]):
-      return vit.VisionTransformer(image_size=image_size, name=PREFIX.split("/")[1],
-                                   **vit_fields)(images)
-  shapes = jax.eval_shape(hk.transform(forward).init, jax.random.key(0),
-                          jax.ShapeDtypeStruct((1, image_size, image_size, 3), jnp.float32))
-  return {m: {n: tuple(v.shape) for n, v in leaves.items()} for m, leaves in shapes.items()}
+  return _module_shapes(
+      lambda name: vit.VisionTransformer(image_size=image_size, name=name, **vit_fields),
+      image_size)
 
 
 def _check_shapes(source: str, params: dict, expected: dict, what: str) -> None:
