@@ -109,7 +109,7 @@ class Flamingo(hk.Module):
     dtype = jnp.float32 if hk.running_init() else self.compute_dtype
 
     def encode(frames):
-      return encoder(normalize_pixels(frames, dtype, cfg.vision.get("pixel_stats", "imagenet")),
+      return encoder(self._encoder_input(frames, dtype),
                      is_training=is_training and vision_trainable)          # [BNT, h, w, C]
 
     grid = self.vision_batching(encode, frames)
@@ -124,6 +124,10 @@ class Flamingo(hk.Module):
         input_projection=r.get("input_projection", True),
         ffw_activation=r.get("ffw_activation", "squared_relu"),
         name="perceiver_resampler")(features)
+
+  def _encoder_input(self, pixels: jax.Array, dtype: Any) -> jax.Array:
+    """uint8 pixels normalised with the encoder's statistics (vision.pixel_stats)."""
+    return normalize_pixels(pixels, dtype, self.config.vision.get("pixel_stats", "imagenet"))
 
   @hk.name_like("__call__")           # paths: flamingo/vision_encoder
   def _vision_encoder(self) -> nfnet.NFNet | vit.VisionTransformer:
@@ -147,8 +151,7 @@ class Flamingo(hk.Module):
     [N, C]: what RICES compares (PAPER.md §6)."""
     if images.ndim != 4 or images.shape[-1] != 3:
       raise ValueError(f"images must be [N, H, W, 3] uint8, got shape {images.shape}")
-    stats = self.config.vision.get("pixel_stats", "imagenet")
-    grid = self._vision_encoder()(normalize_pixels(images, self.compute_dtype, stats),
+    grid = self._vision_encoder()(self._encoder_input(images, self.compute_dtype),
                                   is_training=False)                          # [N, h, w, C]
     return jnp.mean(grid.astype(jnp.float32), axis=(1, 2))
 

@@ -27,7 +27,7 @@ _SOURCE_SIZE = flags.DEFINE_integer("source_image_size", 480, "Pixels of the syn
 _BATCHES = flags.DEFINE_integer("batches", 10, "Timed batches per stream (after one warm-up).")
 _EXAMPLES = flags.DEFINE_integer("examples", 256, "Synthetic examples per stream.")
 _WORKERS = flags.DEFINE_integer("workers", -1, "grain worker processes (0: threads of this "
-                                "process; -1: one per CPU).")
+                                "process; -1: one per CPU, at most 16).")
 _DATA_DIR = flags.DEFINE_string("data_dir", "", "Where to build the data (default: a temp dir).")
 
 

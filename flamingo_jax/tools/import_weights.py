@@ -14,8 +14,8 @@ and renamed at the end: a failed import leaves no DIR.
 Kinds: llama (Llama 2/3, Mistral, TinyLlama), gpt_neox (Pythia, RedPajama-INCITE), gemma
 (Gemma 1), chinchilla (our own layout, from weights.export_lm); vision towers
 (tools/vision_import.py; --source is the .safetensors file or its folder): nfnet (timm's
-`dm_nfnet_f0` ... `f6`), clip_vit (OpenCLIP / OpenAI CLIP; --vit_heads, --vit_activation,
---image_size).
+`dm_nfnet_f0` ... `f6`), clip_vit (OpenCLIP / OpenAI CLIP state dicts, or a Hugging Face
+CLIPVisionModel / CLIPModel folder; --vit_heads, --vit_activation, --image_size).
 """
 
 import json
