@@ -41,5 +41,8 @@ setuptools.setup(
         "dev": ["pytest==9.2.0", "pytest-xdist==3.8.0", "matplotlib==3.10.8"],
         # libtpu lets a CPU-only machine compile for TPU topologies (tools/aot_compile.py).
         "tpu": ["libtpu==0.0.42.1"],
+        # Only `import_weights --kind=openflamingo` reading a checkpoint.pt (torch.load with
+        # weights_only=True); a safetensors export of it needs nothing.
+        "torch": ["torch==2.13.0"],
     },
 )

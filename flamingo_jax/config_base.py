@@ -123,6 +123,17 @@ def with_imported_vision(model: ml_collections.ConfigDict, fields: dict,
   return model
 
 
+def with_imported_flamingo(model: ml_collections.ConfigDict, fields: dict,
+                           params_dir: str = "") -> ml_collections.ConfigDict:
+  """`model` as a whole-model import describes it (an OpenFlamingo import's `model.json`:
+  LM, vision, resampler and xattn fields) and, if given, the LM and vision towers read
+  from `params_dir` (which also holds the trainable parameters the run starts from)."""
+  model = with_imported_lm(model, fields, init_checkpoint=params_dir)
+  model = with_imported_vision(model, fields, init_checkpoint=params_dir)
+  model.resampler.update(fields["resampler"])
+  return model
+
+
 def base_config(model: ml_collections.ConfigDict, *, streams: dict, image_size: int,
                 steps: int = 500_000) -> ml_collections.ConfigDict:
   """The whole recipe around a model config: data, optimisation, mesh, precision."""

@@ -1,21 +1,34 @@
 """OpenFlamingo 2.0.1 compatibility (weights/openflamingo.py): its modules' weights run in ours
-with equal outputs. Fixtures: tests/data/openflamingo/make_fixture.py (OpenFlamingo's own
-modules, randomised)."""
+with equal outputs, and a whole OpenFlamingo imported (`import_weights --kind=openflamingo`)
+gives its logits. Fixtures: tests/data/openflamingo/make_fixture.py (OpenFlamingo's own
+modules and model, randomised)."""
 
+import json
 import os
+import subprocess
+import sys
 
 import haiku as hk
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import REPO, needs_reference, regenerate_fixture
+from conftest import REPO, config_path, needs_reference, regenerate_fixture
+from flamingo_jax import config_base
+from flamingo_jax import models
 from flamingo_jax import weights
 from flamingo_jax.models import gated_xattn
 from flamingo_jax.models import perceiver
+from flamingo_jax.tools import check_logits
+from flamingo_jax.tools import model_params
+from flamingo_jax.tools import openflamingo_import
+from flamingo_jax.training import trainer
 from flamingo_jax.weights import openflamingo
 
 FIXTURE = os.path.join(REPO, "tests", "data", "openflamingo")
+MODEL = os.path.join(FIXTURE, "model")
+CLIP_FIXTURE = os.path.join(REPO, "tests", "data", "clip_vit", "weights.safetensors")
 
 
 def _resampler_output(directory):
@@ -100,6 +113,134 @@ def test_openflamingo_gated_block_maps_every_tensor_and_names_a_missing_block():
     openflamingo.xattn_block_params(ckpt, 3)
 
 
+# --- the whole model ----------------------------------------------------------------------
+
+def _import(directory, out, source="", **kwargs):
+  options = dict(lm=os.path.join(directory, "lm"),
+                 vision=os.path.join(directory, "vit.safetensors"), vit_heads=2,
+                 progress=False) | kwargs
+  return openflamingo_import.run(source or os.path.join(directory, "checkpoint.safetensors"),
+                                 str(out), **options)
+
+
+def _check(directory, out, media=None):
+  config = config_base.load_config(f"{config_path('openflamingo')}:{out}")
+  load = lambda name: np.load(os.path.join(directory, f"{name}.npy"))
+  report, _ = check_logits.check(config, str(out), load("input_ids"),
+                                 load("media") if media is None else media, load("logits"))
+  return report
+
+
+@pytest.fixture(scope="module")
+def imported(tmp_path_factory):
+  out = tmp_path_factory.mktemp("of") / "import"
+  return _import(MODEL, out), out
+
+
+def test_imported_openflamingo_gives_its_logits(imported):
+  """Its own model (create_model_and_transforms, GPT-NeoX + open_clip ViT, gated blocks before
+  layers 1, 3, 5): ragged rows, 2-3 images each, text before the first image, an unused
+  media slot. Padding is not compared (it masked it)."""
+  report, out = imported
+  assert (report["image_token_id"], report["eoc_token_id"], report["xattn_every"]) == (301, 300, 2)
+  assert not report["warnings"]
+  check = _check(MODEL, out)
+  assert check["ok"] and check["max_abs_diff"] < 1e-4, check
+  assert check["argmax_agreement"] == 1.0
+  ids = np.load(os.path.join(MODEL, "input_ids.npy"))
+  assert check["positions"] == int((ids != 302).sum())                  # <PAD> is 302
+  with open(os.path.join(out, "model.json")) as f:
+    fields = json.load(f)
+  assert fields["xattn"] | fields["resampler"] == fields["xattn"] | {
+      "num_layers": 6, "dim": 32, "num_heads": 8, "key_size": 64, "ffw_mult": 4,
+      "num_latents": 64, "num_time_embeddings": 0, "input_projection": False,
+      "ffw_activation": "gelu_exact"}
+  assert {k: fields["xattn"][k] for k in ("every", "offset", "media_norm")} == {
+      "every": 2, "offset": 1, "media_norm": False}
+  assert fields["vocab_size"] == 384 and fields["lm"]["valid_vocab_size"] == 303
+  # The images matter (the comparison is not the LM's alone): other pixels, other logits.
+  other = np.load(os.path.join(MODEL, "media.npy"))[::-1].copy()
+  assert _check(MODEL, out, media=other)["max_abs_diff"] > 1e-2
+
+
+def test_openflamingo_trainable_set_is_ours(imported):
+  """Its trainable tensors (resampler, gated blocks; the trained token table's new rows) are
+  exactly our trainable parameters, and a fresh run starts from them."""
+  _, out = imported
+  config = config_base.load_config(f"{config_path('openflamingo')}:{out}")
+  params, from_seed = model_params.load(config, str(out))
+  assert not from_seed
+  trainable, frozen = hk.data_structures.partition(
+      lambda module, name, value: models.is_trainable(module), params)
+  ckpt = dict(weights.SafetensorsCheckpoint(os.path.join(MODEL, "checkpoint.safetensors")))
+  size = lambda tree: sum(int(np.prod(v.shape)) for _, _, v in
+                          hk.data_structures.traverse(tree))
+  theirs = sum(v.size for k, v in ckpt.items() if "embed" not in k)
+  new_rows = [m for m in trainable if "new_token" in m]
+  assert sorted(new_rows) == ["flamingo/language_model/new_token_embed",
+                              "flamingo/language_model/new_token_unembed"]
+  assert size(trainable) - 2 * 2 * 32 == theirs
+  embed = ckpt["lang_encoder.gpt_neox.embed_in.weight"].astype(np.float32)
+  unembed = ckpt["lang_encoder.embed_out.weight"].astype(np.float32)
+  lm = "flamingo/language_model"
+  np.testing.assert_array_equal(trainable[f"{lm}/new_token_embed"]["embeddings"],
+                                embed[[301, 300]])
+  np.testing.assert_array_equal(trainable[f"{lm}/new_token_unembed"]["w"],
+                                unembed[[301, 300]].T)
+  assert {models.component_of(m) for m in frozen} == {"lm", "vision"}
+  fresh = jax.tree.map(np.zeros_like, trainable)
+  started = trainer.load_init_trainable(config.model, fresh)
+  jax.tree.map(np.testing.assert_array_equal, started, trainable)
+
+
+def run_tool(*args):
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  return subprocess.run([sys.executable, "-m", *args], env=env, cwd=REPO, capture_output=True,
+                        text=True)
+
+
+def test_openflamingo_import_and_check_command_lines(tmp_path):
+  out = tmp_path / "of"
+  result = run_tool("flamingo_jax.tools.import_weights", "--kind=openflamingo",
+                    f"--source={MODEL}/checkpoint.safetensors", f"--lm={MODEL}/lm",
+                    f"--vision={MODEL}/vit.safetensors", "--vit_heads=2", f"--output={out}")
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert f"run it: --config=experiments/configs/openflamingo.py:{out}" in result.stdout
+  assert sorted(os.listdir(out)) == ["model.json", "params", "special_tokens.json",
+                                     "tokenizer.json"]
+  result = run_tool("flamingo_jax.tools.check_logits",
+                    f"--config={config_path('openflamingo')}:{out}", f"--params={out}",
+                    f"--input_ids={MODEL}/input_ids.npy", f"--media={MODEL}/media.npy",
+                    f"--reference={MODEL}/logits.npy")
+  assert result.returncode == 0 and "OK" in result.stdout, result.stdout + result.stderr[-2000:]
+
+
+def test_openflamingo_bad_input_is_named_and_writes_nothing(tmp_path):
+  out = tmp_path / "of"
+  cases = [
+      (dict(source=os.path.join(REPO, "tests", "data", "hf_lms", "gpt_neox")),
+       "not part of an OpenFlamingo model"),
+      (dict(vision=""), "holds no vision_encoder"),
+      (dict(base_vocab=290), "token table has 303 rows but the base tokenizer 290 ids"),
+      (dict(lm=os.path.join(REPO, "tests", "data", "hf_lms", "llama")),
+       r"layers \[1, 3, 5\], which is no cross_attn_every_n_layers of a 3-layer LM"),
+      # A ViT 64 wide where its resampler reads 32-wide tokens.
+      (dict(vision=CLIP_FIXTURE),
+       "is 64 wide but the checkpoint's resampler reads 32-wide tokens"),
+      (dict(dim_head=48), "not a multiple of dim_head 48"),
+  ]
+  for kwargs, message in cases:
+    with pytest.raises(weights.CheckpointError, match=message):
+      _import(MODEL, out, **kwargs)
+    assert not out.exists() and not list(tmp_path.glob("*.tmp-*"))
+  garbage = tmp_path / "checkpoint.pt"
+  garbage.write_bytes(b"not a torch file")
+  with pytest.raises(weights.CheckpointError, match="needs torch|cannot be read with torch"):
+    openflamingo.read_checkpoint(str(garbage))
+  with pytest.raises(weights.CheckpointError, match="no cross_attn_every_n_layers"):
+    openflamingo.xattn_every([1, 2], 6)
+
+
 @needs_reference("open_flamingo", "torch", script="tests/data/openflamingo/make_fixture.py")
 def test_openflamingo_fixture_regenerates_with_the_installed_library(tmp_path):
   regenerate_fixture(os.path.join(FIXTURE, "make_fixture.py"), tmp_path)
@@ -108,3 +249,7 @@ def test_openflamingo_fixture_regenerates_with_the_installed_library(tmp_path):
                              rtol=1e-5, atol=1e-5)
   np.testing.assert_allclose(_xattn_output(str(tmp_path)),
                              np.load(str(tmp_path / "xattn_out.npy")), rtol=1e-5, atol=1e-5)
+  # The whole model, read from its torch checkpoint.pt (torch.load(weights_only=True)).
+  directory = str(tmp_path / "model")
+  _import(directory, tmp_path / "from_pt", source=os.path.join(directory, "checkpoint.pt"))
+  assert _check(directory, tmp_path / "from_pt")["max_abs_diff"] < 1e-4

@@ -4,6 +4,8 @@ features; the two NFNet arithmetics (models/vision/nfnet.py); a Flamingo around 
 import copy
 import json
 import os
+import subprocess
+import sys
 
 import haiku as hk
 import jax
@@ -12,12 +14,13 @@ import numpy as np
 import pytest
 from safetensors.numpy import save_file
 
-from conftest import REPO, needs_reference, regenerate_fixture
+from conftest import REPO, config_path, needs_reference, regenerate_fixture
 from flamingo_jax import config_base
 from flamingo_jax import weights
 from flamingo_jax.models import flamingo
 from flamingo_jax.models.vision import nfnet
 from flamingo_jax.models.vision import vit
+from flamingo_jax.tools import check_logits
 from flamingo_jax.tools import vision_import
 from flamingo_jax.training import flops
 from flamingo_jax.training import sharding
@@ -258,3 +261,28 @@ def test_clip_fixture_regenerates_with_the_installed_open_clip(tmp_path):
   hf_error = _relative_l2(_vit_tokens(params, fields, np.load(str(tmp_path / "images.npy"))),
                           np.load(str(tmp_path / "hf_tokens.npy")))
   assert hf_error < 1e-5, hf_error
+
+
+def test_check_logits_compares_imported_towers_with_their_references(fixture_variant, tmp_path):
+  """`check_logits --part=vision`: the ViT from the command line (an OK and a FAIL), the
+  NFNet in-process (its fixture variant exists only in this process)."""
+  out = str(tmp_path / "vit")
+  vision_import.run("clip_vit", os.path.join(CLIP_FIXTURE, "weights.safetensors"), out,
+                    vit_heads=2)
+  np.save(tmp_path / "off.npy", np.load(os.path.join(CLIP_FIXTURE, "tokens.npy")) * 1.001)
+  command = [sys.executable, "-m", "flamingo_jax.tools.check_logits", "--part=vision",
+             f"--config={config_path('pretrained')}:vision={out}", f"--params={out}",
+             f"--pixels={os.path.join(CLIP_FIXTURE, 'images.npy')}"]
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  for reference, status, verdict in ((os.path.join(CLIP_FIXTURE, "tokens.npy"), 0, "OK"),
+                                     (str(tmp_path / "off.npy"), 1, "FAIL")):
+    result = subprocess.run(command + [f"--reference={reference}"], env=env, cwd=REPO,
+                            capture_output=True, text=True)
+    assert result.returncode == status and verdict in result.stdout, result.stderr[-2000:]
+  nfnet_out = str(tmp_path / "nfnet")
+  vision_import.run("nfnet", os.path.join(FIXTURE, "weights.safetensors"), nfnet_out)
+  config = config_base.load_config(f"{config_path('pretrained')}:vision={nfnet_out}")
+  report, _ = check_logits.check_vision(config, nfnet_out,
+                                        np.load(os.path.join(FIXTURE, "images.npy")),
+                                        np.load(os.path.join(FIXTURE, "features.npy")))
+  assert report["ok"] and report["relative_l2"] < 1e-5, report

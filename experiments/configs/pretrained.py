@@ -3,6 +3,7 @@
   python -m flamingo_jax.train --config=experiments/configs/pretrained.py:lm=IMPORT_DIR \
       --workdir=runs/pretrained [--config.train.steps=200 ...]
   ... --config=experiments/configs/pretrained.py:lm=IMPORT_DIR,vision=NFNET_IMPORT_DIR
+  ... --config=experiments/configs/pretrained.py:vision=VISION_IMPORT_DIR   # tiny random LM
 
 IMPORT_DIR is what `import_weights` wrote: `model.json` fixes the LM (options, vocabulary,
 special ids, xattn.every), `params/` is loaded as `config.model.lm.init_checkpoint`,
@@ -20,9 +21,10 @@ from flamingo_jax import config_base
 
 def _parse(arg):
   fields = dict(part.split("=", 1) for part in (arg or "").split(",") if part)
-  if "lm" not in fields:
-    raise ValueError("pretrained.py needs the import folder: "
-                     "--config=experiments/configs/pretrained.py:lm=IMPORT_DIR")
+  unknown = sorted(set(fields) - {"lm", "vision"})
+  if unknown or not fields:
+    raise ValueError("pretrained.py needs import folders: --config=experiments/configs/"
+                     f"pretrained.py:lm=IMPORT_DIR[,vision=DIR] (got {arg!r})")
   return fields
 
 
@@ -36,16 +38,18 @@ def _import_fields(directory: str) -> dict:
 
 def get_config(arg=None):
   parsed = _parse(arg)
-  lm_dir = os.path.abspath(parsed["lm"])
-  fields = _import_fields(lm_dir)
   model = config_base.model_config(
-      vocab_size=fields["vocab_size"], image_size=64, vision_variant="tiny",
-      lm=config_base.paper_lm(num_layers=1, dim=1, num_heads=1, ffw_size=1),  # from the import
+      vocab_size=512, image_size=64, vision_variant="tiny",
+      lm=config_base.paper_lm(num_layers=2, dim=64, num_heads=4, ffw_size=256),
       xattn_every=1, xattn_num_heads=4, xattn_key_size=16,
       resampler=dict(num_layers=2, dim=32, num_heads=4, key_size=8, ffw_mult=4,
                      num_latents=8, num_time_embeddings=4, max_frames=12))
-  model = config_base.with_imported_lm(model, fields,
-                                       init_checkpoint=os.path.join(lm_dir, "params"))
+  tokenizer = config_base.SYNTHETIC_TOKENIZER
+  if "lm" in parsed:
+    lm_dir = os.path.abspath(parsed["lm"])
+    model = config_base.with_imported_lm(model, _import_fields(lm_dir),
+                                         init_checkpoint=os.path.join(lm_dir, "params"))
+    tokenizer = os.path.join(lm_dir, "tokenizer.json")
   if "vision" in parsed:
     vision_dir = os.path.abspath(parsed["vision"])
     model = config_base.with_imported_vision(model, _import_fields(vision_dir),
@@ -58,7 +62,8 @@ def get_config(arg=None):
       "vtp": dict(source="video_text", manual_dir="synthetic", batch_size=8, weight=0.03,
                   max_tokens=24, max_media=1, frames=4),
   }
-  config = config_base.base_config(model, streams=streams, image_size=64, steps=300)
-  config.data.tokenizer_path = os.path.join(lm_dir, "tokenizer.json")
+  config = config_base.base_config(model, streams=streams, image_size=model.image_size,
+                                   steps=300)
+  config.data.tokenizer_path = tokenizer
   config_base.cpu_run(config)
   return config

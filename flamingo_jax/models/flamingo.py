@@ -151,9 +151,14 @@ class Flamingo(hk.Module):
     [N, C]: what RICES compares (PAPER.md §6)."""
     if images.ndim != 4 or images.shape[-1] != 3:
       raise ValueError(f"images must be [N, H, W, 3] uint8, got shape {images.shape}")
-    grid = self._vision_encoder()(self._encoder_input(images, self.compute_dtype),
-                                  is_training=False)                          # [N, h, w, C]
+    grid = self.encoder_grid(self._encoder_input(images, self.compute_dtype))  # [N, h, w, C]
     return jnp.mean(grid.astype(jnp.float32), axis=(1, 2))
+
+  @hk.name_like("__call__")
+  def encoder_grid(self, normalised: jax.Array) -> jax.Array:
+    """Pixels already normalised for the encoder [N, H, W, 3] -> its final grid [N, h, w, C]
+    (what tools/check_logits --part=vision compares with timm's / open_clip's)."""
+    return self._vision_encoder()(normalised, is_training=False)
 
   @hk.name_like("__call__")           # paths: flamingo/language_model, not ~_language_model
   def _language_model(self) -> language_model.LanguageModel:
@@ -220,6 +225,7 @@ def make_flamingo(config: Any, *, compute_dtype: Any = jnp.float32,
 class FlamingoStages(NamedTuple):
   encode_media: Any    # (params, rng, media, is_training=False) -> visual [B, N, R, D]
   vision_features: Any  # (params, rng, images [N, H, W, 3]) -> pooled features [N, C]
+  encoder_grid: Any    # (params, rng, normalised pixels [N, H, W, 3]) -> grid [N, h, w, C]
   decode: Any          # (params, rng, input_ids, visual) -> logits [B, L, V]
   decode_cached: Any   # (params, rng, input_ids, positions, phi, cache, visual=None)
                        #   -> (logits [B, T, V], cache)
@@ -231,7 +237,8 @@ def make_flamingo_stages(config: Any, *, compute_dtype: Any = jnp.float32) -> hk
   def stages():
     model = Flamingo(config, compute_dtype=compute_dtype)
     return model.__call__, FlamingoStages(model.encode_media, model.vision_features,
-                                          model.decode, model.decode_cached)
+                                          model.encoder_grid, model.decode,
+                                          model.decode_cached)
 
   return hk.multi_transform(stages)
 

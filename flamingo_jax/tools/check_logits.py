@@ -7,8 +7,17 @@ r"""Runs our forward pass in float32 and compares its logits with a reference (o
 it does not hold (the Flamingo modules around an LM-only import) are initialised from the
 config's seed and listed. Without --media the pass is text-only (the LM alone). input_ids
 default to a fixed random int32 [2, 16] batch of ordinary tokens. A reference may have fewer
-vocabulary columns than our (padded) table: the first V columns are compared. Exit status 1
+vocabulary columns than our (padded) table: the first V columns are compared; positions where
+the reference is NaN (padding, which the reference masked) are not. Exit status 1
 when max |diff| exceeds --atol; the worst position is printed.
+
+  python -m flamingo_jax.tools.check_logits --part=vision --config=FILE --params=DIR \
+      --pixels=images.npy (--reference=features.npy [--rtol=1e-4] | --output=O.npy)
+
+--part=vision checks an imported vision tower alone: --pixels are float [B, H, W, 3] already
+normalised as the reference model saw them, the output is the encoder's final grid
+[B, h, w, C] (timm's `forward_features`; open_clip's `visual(x)[1]` as a grid), and the check
+is the relative L2 error (|ours - ref| / |ref|) against --rtol.
 """
 
 import json
@@ -28,6 +37,11 @@ _REFERENCE = flags.DEFINE_string("reference", "", "float [B, L, V] .npy to compa
 _ATOL = flags.DEFINE_float("atol", 1e-4, "Largest allowed absolute difference.")
 _OUTPUT = flags.DEFINE_string("output", "", "Write our float32 logits [B, L, V] here.")
 _JSON = flags.DEFINE_bool("json", False, "Print one JSON object.")
+_PART = flags.DEFINE_enum("part", "model", ["model", "vision"], "model: the logits of the "
+                          "whole Flamingo; vision: the vision encoder's grid.")
+_PIXELS = flags.DEFINE_string("pixels", "", "--part=vision: float [B, H, W, 3] .npy, "
+                              "normalised as the reference saw them.")
+_RTOL = flags.DEFINE_float("rtol", 1e-4, "--part=vision: largest relative L2 error.")
 
 
 def check(config, params_path: str, input_ids=None, media=None, reference=None,
@@ -56,13 +70,47 @@ def check(config, params_path: str, input_ids=None, media=None, reference=None,
     v = reference.shape[-1]
     if reference.shape[:2] != logits.shape[:2] or v > logits.shape[-1]:
       raise ValueError(f"reference logits {reference.shape} do not match ours {logits.shape}")
-    diff = np.abs(logits[..., :v] - reference)
+    compared = ~np.isnan(reference).any(-1)                            # [B, L]
+    if not compared.any():
+      raise ValueError("the reference logits are NaN everywhere")
+    diff = np.where(compared[..., None], np.abs(logits[..., :v] - reference), 0.0)
     worst = np.unravel_index(np.argmax(diff), diff.shape)
+    agree = logits[..., :v].argmax(-1) == np.nan_to_num(reference, nan=-np.inf).argmax(-1)
     report |= {"max_abs_diff": float(diff.max()), "worst_position": [int(i) for i in worst],
                "atol": atol, "ok": bool(diff.max() <= atol),
-               "argmax_agreement": float(np.mean(logits[..., :v].argmax(-1) ==
-                                                 reference.argmax(-1)))}
+               "positions": int(compared.sum()),
+               "argmax_agreement": float(agree[compared].mean())}
   return report, logits
+
+
+def check_vision(config, params_path: str, pixels, reference=None,
+                 rtol: float = 1e-4) -> tuple[dict, "np.ndarray"]:
+  """Our encoder's final grid for normalised `pixels`, and its relative L2 error against a
+  reference grid."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from flamingo_jax import models  # pylint: disable=g-import-not-at-top
+  from flamingo_jax.tools import model_params  # pylint: disable=g-import-not-at-top
+  pixels = np.asarray(pixels, np.float32)
+  if pixels.ndim != 4 or pixels.shape[-1] != 3:
+    raise ValueError(f"--pixels must be float [B, H, W, 3], got shape {pixels.shape}")
+  params, missing = model_params.load(config, params_path)
+  vision = [m for m in missing if models.component_of(m.rsplit("/", 1)[0]) == "vision"]
+  if vision:
+    raise ValueError(f"{params_path} holds no vision tower ({vision[0]} ...)")
+  params = jax.tree.map(lambda x: x.astype(jnp.float32), params)
+  stages = models.make_flamingo_stages(config.model)
+  grid = np.asarray(jax.jit(stages.apply.encoder_grid)(params, None, jnp.asarray(pixels)))
+  report = {"shape": list(grid.shape)}
+  if reference is not None:
+    reference = np.asarray(reference, np.float32)
+    if reference.shape != grid.shape:
+      raise ValueError(f"reference features {reference.shape} do not match ours {grid.shape}")
+    error = float(np.linalg.norm(grid - reference) / np.linalg.norm(reference))
+    report |= {"relative_l2": error, "max_abs_diff": float(np.abs(grid - reference).max()),
+               "rtol": rtol, "ok": error <= rtol}
+  return report, grid
 
 
 def main(argv):
@@ -76,8 +124,14 @@ def main(argv):
     sys.exit(2)
   try:
     load = lambda p: np.load(p) if p else None
-    report, logits = check(_CONFIG.value, _PARAMS.value, load(_INPUT_IDS.value),
-                           load(_MEDIA.value), load(_REFERENCE.value), _ATOL.value)
+    if _PART.value == "vision":
+      if not _PIXELS.value:
+        raise ValueError("--part=vision needs --pixels=images.npy")
+      report, logits = check_vision(_CONFIG.value, _PARAMS.value, load(_PIXELS.value),
+                                    load(_REFERENCE.value), _RTOL.value)
+    else:
+      report, logits = check(_CONFIG.value, _PARAMS.value, load(_INPUT_IDS.value),
+                             load(_MEDIA.value), load(_REFERENCE.value), _ATOL.value)
   except (weights.CheckpointError, ValueError, FileNotFoundError) as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
@@ -86,12 +140,15 @@ def main(argv):
   if _JSON.value:
     print(json.dumps(report))
   else:
-    if report["initialised_from_seed"]:
+    if report.get("initialised_from_seed"):
       print(f"initialised from the config's seed ({len(report['initialised_from_seed'])}): "
             + ", ".join(report["initialised_from_seed"][:8])
             + (" ..." if len(report["initialised_from_seed"]) > 8 else ""))
     if _OUTPUT.value:
-      print(f"wrote {_OUTPUT.value}: logits {tuple(report['shape'])}")
+      print(f"wrote {_OUTPUT.value}: {_PART.value} output {tuple(report['shape'])}")
+    elif _PART.value == "vision":
+      print(f"relative L2 {report['relative_l2']:.3e} (max |diff| {report['max_abs_diff']:.3e}, "
+            f"rtol {report['rtol']:g}): {'OK' if report['ok'] else 'FAIL'}")
     else:
       print(f"max |diff| {report['max_abs_diff']:.3e} at [batch, position, token] "
             f"{report['worst_position']} (atol {report['atol']:g}); argmax agreement "

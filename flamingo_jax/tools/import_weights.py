@@ -15,7 +15,9 @@ Kinds: llama (Llama 2/3, Mistral, TinyLlama), gpt_neox (Pythia, RedPajama-INCITE
 (Gemma 1), chinchilla (our own layout, from weights.export_lm); vision towers
 (tools/vision_import.py; --source is the .safetensors file or its folder): nfnet (timm's
 `dm_nfnet_f0` ... `f6`), clip_vit (OpenCLIP / OpenAI CLIP state dicts, or a Hugging Face
-CLIPVisionModel / CLIPModel folder; --vit_heads, --vit_activation, --image_size).
+CLIPVisionModel / CLIPModel folder; --vit_heads, --vit_activation, --image_size); a whole
+OpenFlamingo 2.0.1 (tools/openflamingo_import.py): openflamingo, with --source=its
+checkpoint.pt or a safetensors export, --lm=its base LM's folder, --vision=its OpenCLIP ViT.
 """
 
 import json
@@ -26,10 +28,11 @@ from absl import logging
 
 from flamingo_jax.tools import cli
 from flamingo_jax.tools import lm_import
+from flamingo_jax.tools import openflamingo_import
 from flamingo_jax.tools import vision_import
 
 _KIND = flags.DEFINE_enum("kind", None, ["llama", "gpt_neox", "gemma", "chinchilla", "nfnet",
-                                          "clip_vit"], "Checkpoint family.")
+                                          "clip_vit", "openflamingo"], "Checkpoint family.")
 _SOURCE = flags.DEFINE_string("source", None, "Hugging Face model folder (config.json + "
                               "*.safetensors) or our exported folder.")
 _OUTPUT = flags.DEFINE_string("output", None, "Output folder (must not exist yet).")
@@ -50,6 +53,13 @@ _VIT_ACTIVATION = flags.DEFINE_enum("vit_activation", "auto", ["auto", "quick_ge
                                     "clip_vit: auto (a Hugging Face folder's config.json, else "
                                     "quick_gelu), quick_gelu (OpenAI weights, OpenFlamingo's "
                                     "ViT-L/14) or gelu (LAION-trained OpenCLIP models).")
+_LM = flags.DEFINE_string("lm", "", "openflamingo: its base LM's Hugging Face folder.")
+_VISION = flags.DEFINE_string("vision", "", "openflamingo: its CLIP ViT (OpenCLIP safetensors; "
+                              "not needed when the checkpoint holds vision_encoder.*).")
+_DIM_HEAD = flags.DEFINE_integer("dim_head", 64, "openflamingo: head width of its resampler "
+                                 "and gated blocks (not in the tensors; its default is 64).")
+_BASE_VOCAB = flags.DEFINE_integer("base_vocab", 0, "openflamingo: len(tokenizer) before its "
+                                   "added tokens (0: count --lm's tokenizer.json).")
 _IMAGE_SIZE = flags.DEFINE_integer("image_size", 0, "clip_vit: resize the positions for this "
                                    "resolution (0: the checkpoint's).")
 
@@ -66,6 +76,13 @@ def main(argv):
                                  vit_activation=("" if _VIT_ACTIVATION.value == "auto"
                                                  else _VIT_ACTIVATION.value),
                                  image_size=_IMAGE_SIZE.value)
+    elif _KIND.value == "openflamingo":
+      report = openflamingo_import.run(
+          _SOURCE.value, _OUTPUT.value, lm=_LM.value, vision=_VISION.value, dtype=_DTYPE.value,
+          dim_head=_DIM_HEAD.value, vit_heads=_VIT_HEADS.value,
+          vit_activation="" if _VIT_ACTIVATION.value == "auto" else _VIT_ACTIVATION.value,
+          base_vocab=_BASE_VOCAB.value, pad_vocab_multiple=_PAD_VOCAB.value,
+          progress=not _JSON.value)
     else:
       report = lm_import.run(_KIND.value, _SOURCE.value, _OUTPUT.value, dtype=_DTYPE.value,
                    xattn_every=_XATTN_EVERY.value, pad_vocab_multiple=_PAD_VOCAB.value,
@@ -75,6 +92,17 @@ def main(argv):
     sys.exit(1)
   if _JSON.value:
     print(json.dumps(report))
+    return
+  if _KIND.value == "openflamingo":
+    for warning in report["warnings"]:
+      print(f"warning: {warning}", file=sys.stderr)
+    print(f"imported openflamingo from {_SOURCE.value} (LM {report['lm_kind']} from "
+          f"{_LM.value}): {report['parameters']:,} parameters in {report['seconds']:.1f}s; "
+          f"<image> {report['image_token_id']}, <|endofchunk|> {report['eoc_token_id']}, a "
+          f"gated block every {report['xattn_every']} layers\nwrote {report['output']}/params,"
+          f" model.json" + (", tokenizer.json, special_tokens.json" if report["tokenizer"]
+                            else "") + f"\nrun it: --config=experiments/configs/"
+          f"openflamingo.py:{report['output']}")
     return
   if _KIND.value in vision_import.KINDS:
     print(f"imported {_KIND.value} from {_SOURCE.value}: {report['tensors']} tensors, "

@@ -336,18 +336,16 @@ def load_init_checkpoints(model_config: Any, frozen, setup: train_step.TrainSetu
 
 
 def load_init_trainable(model_config: Any, params):
-  """Trainable parameters that an LM import also holds (the `<image>`/`<EOC>` rows, started
-  at the mean pretrained row), taken from it at a fresh start."""
-  path = model_config.lm.init_checkpoint
-  if not path:
-    return params
-  stored = weights.stored_param_names(path)
-  part, _ = hk.data_structures.partition(
-      lambda module, name, value: (module, name) in stored
-      and models.component_of(module) == "lm", params)
-  if not part:
-    return params
-  return hk.data_structures.merge(params, weights.restore_params(path, part))
+  """Trainable parameters that an init checkpoint also holds, taken from it at a fresh start:
+  an LM import's `<image>`/`<EOC>` rows (started at the mean pretrained row), a tower that
+  trains (vision.trainable), a whole-model import's resampler and gated blocks (OpenFlamingo)."""
+  for path in dict.fromkeys(p for _, p in _init_paths(model_config)):
+    stored = weights.stored_param_names(path)
+    part, _ = hk.data_structures.partition(lambda module, name, value: (module, name) in stored,
+                                           params)
+    if part:
+      params = hk.data_structures.merge(params, weights.restore_params(path, part))
+  return params
 
 
 def _init_paths(model_config: Any) -> list[tuple[str, str]]:

@@ -46,6 +46,10 @@ class Family:
   config_fn: Callable[[dict], dict]       # HF config.json -> config.model.lm fields (+ vocab)
   rules: tuple[tuple[str, Transform], ...]
   ignored: tuple[str, ...] = ()           # buffers some checkpoints carry (rotary tables)
+  # Source names of the token table and (untied) output table: OpenFlamingo resizes and
+  # trains the first, and keeps the second beside it (weights/openflamingo.py).
+  input_embedding: str = ""
+  output_embedding: str = ""
 
 
 # --- transforms -------------------------------------------------------------------------
@@ -258,11 +262,16 @@ def _native_config(hf: dict) -> dict:
 
 FAMILIES: dict[str, Family] = {
     "llama": Family("llama", ("llama", "mistral"), _llama_config, _llama_rules("model\\."),
-                    ignored=(r".*\.rotary_emb\.inv_freq",)),
+                    ignored=(r".*\.rotary_emb\.inv_freq",),
+                    input_embedding="model.embed_tokens.weight",
+                    output_embedding="lm_head.weight"),
     "gpt_neox": Family("gpt_neox", ("gpt_neox",), _neox_config, _neox_rules(),
-                       ignored=(r".*\.attention\.(bias|masked_bias|rotary_emb\.inv_freq)",)),
+                       ignored=(r".*\.attention\.(bias|masked_bias|rotary_emb\.inv_freq)",),
+                       input_embedding="gpt_neox.embed_in.weight",
+                       output_embedding="embed_out.weight"),
     "gemma": Family("gemma", ("gemma",), _gemma_config,
-                    _llama_rules("model\\.", norm_add=1.0, tied=True)),
+                    _llama_rules("model\\.", norm_add=1.0, tied=True),
+                    input_embedding="model.embed_tokens.weight"),
     "chinchilla": Family("chinchilla", ("chinchilla",), _native_config, _native_rules()),
 }
 

@@ -205,10 +205,11 @@ class _Progress:
             end=end, file=sys.stderr, flush=True)
 
 
-def load_lm(source: str, model_config: Any, kind: str, *,
+def load_lm(source, model_config: Any, kind: str, *,
             shardings: Optional[Mapping] = None, dtype: Optional[Any] = None,
             progress: bool = False) -> tuple[hk.Params, dict]:
-  """Reads a safetensors LM into our parameter tree for `model_config`.
+  """Reads a safetensors LM (a path, or a SafetensorsCheckpoint-like object) into our
+  parameter tree for `model_config`.
 
   shardings: {module: {name: jax.sharding.Sharding}} (default: the first device);
   dtype: frozen parameters' dtype (None: the source's); the trainable new-token rows are
@@ -216,7 +217,7 @@ def load_lm(source: str, model_config: Any, kind: str, *,
   """
   start = time.time()
   family = families.family_for(kind)
-  ckpt = SafetensorsCheckpoint(source)
+  ckpt = source if hasattr(source, "tensors") else SafetensorsCheckpoint(source)
   items = plan_tensors(ckpt, family, model_config)
   targets = lm_param_shapes(model_config)
   ctx = _context(model_config)

@@ -17,10 +17,18 @@ that its weights run unchanged (each option defaults to the paper):
 
   placement   a block before LM layer i when (i + 1) % n == 0    xattn.every=n, xattn.offset=n-1
 
-Done: the resampler (`resampler_params`) and one gated block (`xattn_block_params`), each
-tested against OpenFlamingo's own module, and the placement option. Still to do: the trained
-input embeddings, the `<image>` / `<|endofchunk|>` ids, and `import_weights
---kind=openflamingo`.
+  tokens      <|endofchunk|> N, <image> N + 1, <PAD> N + 2 when      image_token_id, eoc_token_id;
+              its tokenizer had no pad (N: the base tokenizer's     their rows of its trained
+              size); the LM's tables resized to them               table become our trainable
+                                                                   new-token rows
+
+`load_openflamingo` builds the whole model's parameters and `config.model` fields from its
+checkpoint (`checkpoint.pt` through torch.load(weights_only=True), or a safetensors export),
+the base LM's Hugging Face folder and the CLIP ViT (an OpenCLIP state dict, or the
+checkpoint's own `vision_encoder.*`). Its checkpoint, as its training saves it
+(`filter_state_dict_to_trainable`), holds the resampler, the gated blocks and the LM's token
+tables (input and, when untied, output): the tables override the base LM's, the frozen layers
+come from the base. A full state dict (its decoder layers too) works the same way.
 
     perceiver.latents                        perceiver_resampler/latents
     perceiver.layers.I.0.norm_media          .../layers/media_norm          (stacked, row I)
@@ -39,13 +47,18 @@ input embeddings, the `<image>` / `<|endofchunk|>` ids, and `import_weights
 """
 
 import collections
+import dataclasses
+import os
 import re
-from typing import Mapping
+from typing import Any, Mapping, Optional
 
 import numpy as np
 
+from flamingo_jax.weights import families
+from flamingo_jax.weights import loading
 from flamingo_jax.weights import vision
-from flamingo_jax.weights.safetensors_io import CheckpointError
+from flamingo_jax.weights.safetensors_io import (CheckpointError, OverlaidCheckpoint,
+                                                 SafetensorsCheckpoint)
 
 RESAMPLER = "flamingo/perceiver_resampler"
 _LAYER = re.compile(r"layers\.(\d+)\.(.+)$")
@@ -134,3 +147,271 @@ def xattn_block_params(tensors: Mapping[str, np.ndarray], index: int, *,
     else:
       raise CheckpointError(f"{head}{name} has no place in our gated block")
   return dict(params)
+
+
+# --- the whole model ----------------------------------------------------------------------
+
+TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
+LM = loading.LM_PREFIX
+_LANG = "lang_encoder."
+_FLAMINGO_LAYER = re.compile(r"lang_encoder\.(?P<path>.+?)\.(?P<layer>\d+)\."
+                             r"(?P<part>gated_cross_attn_layer|decoder_layer)\.(?P<rest>.+)$")
+_XATTN_LIST = re.compile(r"lang_encoder\.gated_cross_attn_layers\.(?P<layer>\d+)\.(?P<rest>.+)$")
+
+
+def _torch_state_dict(path: str) -> dict[str, np.ndarray]:
+  """torch.load without running pickled code (weights_only=True); torch is an optional extra
+  of the converter, never imported by the rest of the package."""
+  try:
+    import torch  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    raise CheckpointError(f"reading {path} needs torch (pip install 'flamingo_jax[torch]'), or "
+                          "export the state dict to .safetensors first") from None
+  try:
+    state = torch.load(path, map_location="cpu", weights_only=True)
+  except Exception as e:  # pylint: disable=broad-except  (torch raises many kinds)
+    raise CheckpointError(f"{path}: cannot be read with torch.load(weights_only=True): "
+                          f"{str(e).splitlines()[0]}") from None
+  if isinstance(state, dict) and isinstance(state.get("model_state_dict"), dict):
+    state = state["model_state_dict"]                # a training checkpoint_<epoch>.pt
+  if not isinstance(state, dict):
+    raise CheckpointError(f"{path} holds a {type(state).__name__}, not a state dict")
+  out = {}
+  for name, value in state.items():
+    if not torch.is_tensor(value):
+      raise CheckpointError(f"{path}: entry {name!r} is a {type(value).__name__}, not a tensor")
+    value = value.detach().contiguous()
+    if value.dtype == torch.bfloat16:                # numpy has no bfloat16: via ml_dtypes
+      import ml_dtypes  # pylint: disable=g-import-not-at-top
+      out[name] = value.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
+    else:
+      out[name] = value.numpy()
+  return out
+
+
+def read_checkpoint(path: str) -> dict[str, np.ndarray]:
+  """An OpenFlamingo state dict: `checkpoint.pt` (torch) or .safetensors, as name -> array,
+  with DDP / FSDP / activation-checkpointing wrapper names removed."""
+  if not os.path.exists(path):
+    raise CheckpointError(f"OpenFlamingo checkpoint {path!r} does not exist")
+  if os.path.isfile(path) and path.endswith(TORCH_SUFFIXES):
+    raw = _torch_state_dict(path)
+  else:
+    raw = {name: np.asarray(value) for name, value in SafetensorsCheckpoint(path)}
+  out = {}
+  for name, value in raw.items():
+    for wrapper in ("_checkpoint_wrapped_module.", "_fsdp_wrapped_module.", "_orig_mod."):
+      name = name.replace(wrapper, "")
+    out[name.removeprefix("module.")] = value
+  return out
+
+
+@dataclasses.dataclass
+class CheckpointParts:
+  resampler: dict          # perceiver.*
+  xattn: dict              # lang_encoder.gated_cross_attn_layers.I.* (canonical names)
+  lm: dict                 # the LM's own tensors, in Hugging Face names
+  vision: dict             # visual.* (OpenCLIP names), when the checkpoint has its ViT
+
+
+def split_checkpoint(tensors: Mapping[str, np.ndarray]) -> CheckpointParts:
+  """Sorts an OpenFlamingo state dict by module; unknown names are an error naming them."""
+  parts = CheckpointParts({}, {}, {}, {})
+  for name, value in tensors.items():
+    layer = _FLAMINGO_LAYER.match(name) or _XATTN_LIST.match(name)
+    if name.startswith("perceiver."):
+      parts.resampler[name] = value
+    elif name.startswith("vision_encoder."):
+      parts.vision["visual." + name[len("vision_encoder."):]] = value
+    elif name.startswith(_LANG + "old_decoder_blocks."):
+      continue                             # the same tensors as the decoder layers' names
+    elif layer and layer.groupdict().get("part", "gated_cross_attn_layer") == \
+        "gated_cross_attn_layer":
+      parts.xattn[f"{XATTN_PREFIX}{layer.group('layer')}.{layer.group('rest')}"] = value
+    elif layer:
+      parts.lm[f"{layer.group('path')}.{layer.group('layer')}.{layer.group('rest')}"] = value
+    elif name.startswith(_LANG):
+      parts.lm[name[len(_LANG):]] = value
+    else:
+      raise CheckpointError(f"tensor {name} is not part of an OpenFlamingo model (expected "
+                            "perceiver.*, lang_encoder.*, vision_encoder.*)")
+  if not parts.resampler or not parts.xattn:
+    raise CheckpointError("not an OpenFlamingo checkpoint: no perceiver.* or gated "
+                          "cross-attention tensors")
+  return parts
+
+
+def xattn_every(layers: list[int], num_layers: int) -> int:
+  """OpenFlamingo's cross_attn_every_n_layers from the decoder layers that have a gated block
+  (before layer i when (i + 1) % n == 0)."""
+  n = layers[0] + 1
+  expected = [i for i in range(num_layers) if (i + 1) % n == 0]
+  if layers != expected:
+    raise CheckpointError(f"gated blocks before LM layers {layers}, which is no "
+                          f"cross_attn_every_n_layers of a {num_layers}-layer LM (is --lm its base LM?)")
+  return n
+
+
+def _xattn_stacks(parts: CheckpointParts, num_layers: int, every: int) -> dict:
+  """Our groups/xattn ([G, ...]) and tail_xattn parameters from the per-layer blocks."""
+  from flamingo_jax.models import language_model  # pylint: disable=g-import-not-at-top
+  layers = sorted({int(n[len(XATTN_PREFIX):].split(".", 1)[0]) for n in parts.xattn})
+  _, groups, tail = language_model.layer_layout(num_layers, every, every - 1)
+  blocks = [xattn_block_params(parts.xattn, layer) for layer in layers]
+  params = collections.defaultdict(dict)
+  rows = collections.defaultdict(dict)
+  for j, block in enumerate(blocks):
+    for module, leaves in block.items():
+      for leaf, value in leaves.items():
+        if j < groups:
+          rows[(module, leaf)][j] = value
+        else:
+          params[f"{LM}/tail_xattn/{module}".rstrip("/")][leaf] = value
+  for (module, leaf), per_block in rows.items():
+    params[f"{LM}/groups/xattn/{module}".rstrip("/")][leaf] = vision.stack_rows(
+        per_block, groups, f"gated blocks {module}/{leaf}")
+  return dict(params)
+
+
+def base_vocab(lm_dir: str) -> int:
+  """Ids of the base tokenizer (`len(tokenizer)` before OpenFlamingo's additions)."""
+  path = os.path.join(lm_dir, "tokenizer.json")
+  if not os.path.exists(path):
+    raise CheckpointError(f"{lm_dir} has no tokenizer.json to count the base vocabulary "
+                          "(pass --base_vocab=N: len(tokenizer) before OpenFlamingo added "
+                          "its tokens)")
+  import tokenizers  # pylint: disable=g-import-not-at-top
+  return tokenizers.Tokenizer.from_file(path).get_vocab_size(with_added_tokens=True)
+
+
+def _fit_rows(table: np.ndarray, rows: int) -> np.ndarray:
+  """`table` cut or extended to `rows` (new rows: the mean row)."""
+  if table.shape[0] >= rows:
+    return table[:rows]
+  mean = table.astype(np.float32).mean(0, keepdims=True).astype(table.dtype)
+  return np.concatenate([table, np.repeat(mean, rows - table.shape[0], 0)])
+
+
+def load_openflamingo(source: str, lm_dir: str, vision_source: str = "", *,
+                      dim_head: int = 64, vit_heads: int = 0, vit_activation: str = "",
+                      base_vocab_size: int = 0, pad_vocab_multiple: int = 128,
+                      dtype: Optional[Any] = None, progress: bool = False
+                      ) -> tuple[dict, dict, dict]:
+  """(params {module: {name: array}}, model.json fields, report) of a whole OpenFlamingo.
+
+  `source`: its checkpoint; `lm_dir`: the base LM (Hugging Face folder: config.json,
+  safetensors, tokenizer.json); `vision_source`: its CLIP ViT (OpenCLIP state dict; "" when
+  the checkpoint holds `vision_encoder.*`). `dim_head`: the resampler's and gated blocks'
+  head width (not in the tensors; OpenFlamingo's is 64). `base_vocab_size`: 0 counts
+  lm_dir/tokenizer.json. `dtype`: the frozen LM's (None: the source's)."""
+  from flamingo_jax import config_base  # pylint: disable=g-import-not-at-top
+  from flamingo_jax import models  # pylint: disable=g-import-not-at-top
+  import jax  # pylint: disable=g-import-not-at-top
+  parts = split_checkpoint(read_checkpoint(source))
+  kind, lm_fields = families.lm_config_from_hf(lm_dir)
+  family = families.family_for(kind)
+  if not family.input_embedding:
+    raise CheckpointError(f"{kind} LMs cannot be OpenFlamingo's base here")
+  lm_fields.pop("vocab_size")
+  num_layers = lm_fields["num_layers"]
+  layers = sorted({int(n[len(XATTN_PREFIX):].split(".", 1)[0]) for n in parts.xattn})
+  every = xattn_every(layers, num_layers)
+  warnings = []
+
+  # Token tables: the checkpoint's trained input table; its ids from the base tokenizer.
+  if family.input_embedding not in parts.lm:
+    raise CheckpointError(f"{source} has no {_LANG}{family.input_embedding} (the trained "
+                          "token table OpenFlamingo saves): is its LM a {kind} model?")
+  rows = parts.lm[family.input_embedding].shape[0]
+  n = base_vocab_size or base_vocab(lm_dir)
+  if rows - n not in (2, 3):
+    raise CheckpointError(f"the checkpoint's token table has {rows} rows but the base "
+                          f"tokenizer {n} ids: OpenFlamingo adds <|endofchunk|>, <image> and "
+                          f"(without a pad token) <PAD>, so {n + 2} or {n + 3} (another "
+                          "--lm, or --base_vocab)")
+  eoc_id, image_id = n, n + 1
+  base = SafetensorsCheckpoint(lm_dir)
+  tied = lm_fields.get("tied_embeddings", False)
+  output = family.output_embedding
+  if not tied and output not in parts.lm:
+    if output not in base.tensors:
+      raise CheckpointError(f"neither {source} nor {lm_dir} holds {output}")
+    parts.lm[output] = _fit_rows(base.read(output), rows)
+    warnings.append(f"{source} holds no trained {output} (OpenFlamingo draws the output rows "
+                    f"of its new tokens at random when it builds the model): the base LM's "
+                    f"rows are used, and the mean row for <|endofchunk|> / <image>")
+  padded = -(-rows // pad_vocab_multiple) * pad_vocab_multiple
+  lm_fields["valid_vocab_size"] = rows if padded != rows else 0
+
+  resampler, resampler_fields = resampler_params(parts.resampler, dim_head=dim_head)
+  if vision_source:
+    vit_tensors, vit_source = {k: np.asarray(v) for k, v in
+                               SafetensorsCheckpoint(vision_source)}, vision_source
+  elif parts.vision:
+    vit_tensors, vit_source = parts.vision, source
+  else:
+    raise CheckpointError(f"{source} holds no vision_encoder.* (OpenFlamingo's training "
+                          "leaves the frozen CLIP out): pass --vision=OPENCLIP_SAFETENSORS")
+  vit_params, vit_fields = vision.clip_vit_params(vit_tensors, vit_source, heads=vit_heads,
+                                                  activation=vit_activation)
+  width = vit_fields["vision"]["vit"]["width"]
+  if width != resampler_fields["dim"]:
+    raise CheckpointError(f"the ViT of {vit_source} is {width} wide but the checkpoint's "
+                          f"resampler reads {resampler_fields['dim']}-wide tokens (another "
+                          "--vision?)")
+  xattn = _xattn_stacks(parts, num_layers, every)
+  first = xattn_block_params(parts.xattn, layers[0])
+  inner = first["cross_attention/query"]["w"].shape[1]
+  if inner % dim_head:
+    raise CheckpointError(f"gated block width {inner} is not a multiple of dim_head {dim_head}")
+  fields = {
+      "vocab_size": padded, "image_token_id": image_id, "eoc_token_id": eoc_id,
+      "image_size": vit_fields["image_size"], "lm": lm_fields,
+      "xattn": dict(every=every, offset=every - 1, num_heads=inner // dim_head,
+                    key_size=dim_head,
+                    ffw_mult=first["ffw/ffw_in"]["w"].shape[1] // first["ffw/ffw_in"]["w"].shape[0],
+                    only_attend_immediate_media=True, media_norm=False,
+                    ffw_activation="gelu_exact"),
+      "resampler": resampler_fields, "vision": vit_fields["vision"],
+      "openflamingo": {"eoc_token_id": eoc_id, "image_token_id": image_id,
+                       "pad_token_id": n + 2 if rows - n == 3 else None,
+                       "cross_attn_every_n_layers": every},
+  }
+  model = config_base.with_imported_flamingo(config_base.model_config(
+      vocab_size=padded, image_size=fields["image_size"], vision_variant="tiny",
+      lm=config_base.paper_lm(num_layers=1, dim=1, num_heads=1, ffw_size=1),
+      xattn_every=1, xattn_num_heads=1), fields)
+
+  lm_params, stats = loading.load_lm(OverlaidCheckpoint(base, parts.lm), model, kind,
+                                     dtype=dtype, progress=progress)
+  table = np.asarray(jax.device_get(lm_params[f"{LM}/token_embed"]["embeddings"]))
+  ids = [image_id, eoc_id]                           # our new-token rows' order
+  lm_params[f"{LM}/new_token_embed"]["embeddings"] = table[ids].astype(np.float32)
+  if tied:
+    lm_params[f"{LM}/new_token_unembed"]["w"] = table[ids].astype(np.float32).T
+  else:
+    unembed = np.asarray(jax.device_get(lm_params[f"{LM}/unembed"]["w"]))
+    lm_params[f"{LM}/new_token_unembed"]["w"] = unembed[:, ids].astype(np.float32)
+  params = {**jax.device_get(lm_params), **resampler, **vit_params, **xattn}
+  try:
+    shapes = models.param_shapes(model)
+  except ValueError as e:
+    raise CheckpointError(f"the imported modules do not fit together: {e}") from None
+  _check_complete(params, shapes)
+  count = sum(int(np.prod(v.shape)) for leaves in params.values() for v in leaves.values())
+  report = {"lm_kind": kind, "checkpoint_tensors": len(parts.resampler) + len(parts.xattn) +
+            len(parts.lm) + len(parts.vision), "parameters": count,
+            "lm_seconds": stats["seconds"], "warnings": warnings}
+  return params, fields, report
+
+
+def _check_complete(params: dict, shapes) -> None:
+  """Every parameter of the model, of its shape, and nothing else."""
+  import haiku as hk  # pylint: disable=g-import-not-at-top
+  want = {(m, n): tuple(v.shape) for m, n, v in hk.data_structures.traverse(shapes)}
+  have = {(m, n): tuple(np.shape(v)) for m, leaves in params.items() for n, v in leaves.items()}
+  for key in sorted(set(want) | set(have)):
+    if want.get(key) != have.get(key):
+      raise CheckpointError(f"{key[0]}/{key[1]}: the checkpoints give "
+                            f"{have.get(key, 'nothing')}, the model needs "
+                            f"{want.get(key, 'no such parameter')}")

@@ -121,3 +121,30 @@ class SafetensorsCheckpoint:
       with safe_open(path, framework="numpy") as f:
         for name in names:
           yield name, f.get_tensor(name)
+
+
+class OverlaidCheckpoint:
+  """A checkpoint with some tensors replaced or added from memory (an OpenFlamingo
+  checkpoint's trained embeddings over its base LM's files); the same interface as
+  SafetensorsCheckpoint for the loaders."""
+
+  def __init__(self, base: SafetensorsCheckpoint, overrides: dict[str, np.ndarray],
+               dropped: tuple[str, ...] = ()):
+    self.source = base.source
+    self._base = base
+    self._overrides = overrides
+    self.tensors = {name: info for name, info in base.tensors.items()
+                    if name not in overrides and name not in dropped}
+    for name, value in overrides.items():
+      self.tensors[name] = TensorInfo(tuple(value.shape), value.dtype.name, "<memory>",
+                                      value.nbytes)
+
+  @property
+  def total_bytes(self) -> int:
+    return sum(info.nbytes for info in self.tensors.values())
+
+  def __iter__(self) -> Iterator[tuple[str, np.ndarray]]:
+    for name, value in self._base:
+      if name in self.tensors and name not in self._overrides:
+        yield name, value
+    yield from self._overrides.items()

@@ -275,8 +275,14 @@ def load_clip_vit(source: str, *, heads: int = 0, activation: str = "",
   CLIP ViT's head size) and `activation` ("quick_gelu": OpenAI's weights, OpenFlamingo's
   ViT-L/14, the default; "gelu": LAION-trained OpenCLIP models). `image_size` (0: the
   checkpoint's) resizes the positions to another resolution."""
-  ckpt = SafetensorsCheckpoint(source)
-  tensors = {name: np.asarray(array) for name, array in ckpt}
+  tensors = {name: np.asarray(array) for name, array in SafetensorsCheckpoint(source)}
+  return clip_vit_params(tensors, source, heads=heads, activation=activation,
+                         image_size=image_size)
+
+
+def clip_vit_params(tensors: dict[str, np.ndarray], source: str, *, heads: int = 0,
+                    activation: str = "", image_size: int = 0) -> tuple[dict, dict]:
+  """`load_clip_vit` of tensors in memory (`source` names them in errors)."""
   if "vision_model.embeddings.class_embedding" in tensors:
     hf_config = _hf_vision_config(source) or {}
     heads = heads or int(hf_config.get("num_attention_heads", 0))
