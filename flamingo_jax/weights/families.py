@@ -1,10 +1,10 @@
 """Decoder-LM families: a Hugging Face `config.json` -> `config.model.lm`, and a name map.
 
-Every family is data: `Family(model_types, config_fn, rules, ignored)`. A rule maps a source
-tensor name (a regex; `(?P<layer>\\d+)` for per-layer tensors) to a function that returns
-{our logical name: array}; logical names are a block's module path relative to a decoder
-block (`self_attention/query/w`) or to the LM (`token_embed/embeddings`), and layout.py puts
-them at our layer-stacked paths. Transforms are written against the array API (`xp` is numpy
+Every family is data: `Family(model_types, config_fn, rules, ignored)`. Its rules are the
+importers' one mechanism (mapping.py): a source tensor name (a regex; `(?P<layer>\\d+)` for
+per-layer tensors) -> a transform that returns {our logical name: array}; logical names are
+a block's module path relative to a decoder block (`self_attention/query/w`) or to the LM
+(`token_embed/embeddings`), and loading.py puts them at our layer-stacked paths. Transforms are written against the array API (`xp` is numpy
 when loading, jax.numpy under `jax.eval_shape` when checking shapes before any read).
 
   family     source layouts                         what differs from Chinchilla
@@ -24,10 +24,11 @@ import os
 import re
 from typing import Any, Callable, Optional
 
+from flamingo_jax.weights import mapping
 from flamingo_jax.weights.safetensors_io import CheckpointError
 
-# A transform: (tensor, xp, ctx, groups of the name's regex match) -> {logical name: array}.
-Transform = Callable[[Any, Any, "Context", dict], dict]
+# (tensor, xp, Context, groups of the name's regex match) -> {logical name: array}.
+Transform = mapping.Transform
 
 
 @dataclasses.dataclass(frozen=True)
@@ -322,12 +323,12 @@ def lm_config_from_hf(hf_dir: str, kind: Optional[str] = None) -> tuple[str, dic
 
 def match(family: Family, name: str) -> Optional[tuple[Optional[int], Transform, dict]]:
   """(layer or None, transform, regex groups) for a source tensor; None if no rule names it."""
-  for pattern, transform in family.rules:
-    m = re.fullmatch(pattern, name)
-    if m:
-      layer = m.groupdict().get("layer")
-      return (int(layer) if layer is not None else None), transform, m.groupdict()
-  return None
+  found = mapping.match(family.rules, name)
+  if found is None:
+    return None
+  transform, groups = found
+  layer = groups.get("layer")
+  return (int(layer) if layer is not None else None), transform, groups
 
 
 def is_ignored(family: Family, name: str) -> bool:

@@ -56,15 +56,70 @@ import numpy as np
 
 from flamingo_jax.weights import families
 from flamingo_jax.weights import loading
+from flamingo_jax.weights import mapping
 from flamingo_jax.weights import vision
 from flamingo_jax.weights.safetensors_io import (CheckpointError, OverlaidCheckpoint,
                                                  SafetensorsCheckpoint)
 
 RESAMPLER = "flamingo/perceiver_resampler"
-_LAYER = re.compile(r"layers\.(\d+)\.(.+)$")
-_NORMS = {"0.norm_media": "media_norm", "0.norm_latents": "latents_norm", "1.0": "ffw_norm"}
-_LINEARS = {"0.to_q": "attention/query", "0.to_out": "attention/output",
-            "1.1": "ffw/ffw_in", "1.3": "ffw/ffw_out"}
+_NORM_LEAVES = {"weight": "scale", "bias": "offset"}
+
+
+def _norm(module: str, stacked: bool = False) -> mapping.Transform:
+  """A LayerNorm's weight / bias -> scale / offset (row `layer` of a stacked one)."""
+  return lambda x, xp, ctx, g: {
+      f"{module}/{_NORM_LEAVES[g['leaf']]}" + (f"@{g['layer']}" if stacked else ""): x}
+
+
+def _kv(key: str, value: str) -> mapping.Transform:
+  """A fused to_kv [2 * inner, D] -> key and value [D, inner] (torch's .chunk(2, dim=-1))."""
+  def transform(x, xp, ctx, groups):
+    k, v = np.split(x, 2, axis=0)
+    return {key.format(**groups): np.ascontiguousarray(k.T),
+            value.format(**groups): np.ascontiguousarray(v.T)}
+  return transform
+
+
+def _unsupported(x, xp, ctx, groups):
+  raise CheckpointError(f"perceiver.{groups['name']}: frame / media-time embeddings are not "
+                        "supported (OpenFlamingo's factory builds its resampler without them)")
+
+
+RESAMPLER_RULES: tuple[mapping.Rule, ...] = (
+    (r"latents", mapping.to(f"{RESAMPLER}/latents")),
+    (r"norm\.(?P<leaf>weight|bias)", _norm(f"{RESAMPLER}/final_norm")),
+    (r"(?P<name>frame_embs|media_time_embs)", _unsupported),
+    (r"layers\.(?P<layer>\d+)\.0\.norm_media\.(?P<leaf>weight|bias)",
+     _norm(f"{RESAMPLER}/layers/media_norm", stacked=True)),
+    (r"layers\.(?P<layer>\d+)\.0\.norm_latents\.(?P<leaf>weight|bias)",
+     _norm(f"{RESAMPLER}/layers/latents_norm", stacked=True)),
+    (r"layers\.(?P<layer>\d+)\.1\.0\.(?P<leaf>weight|bias)",
+     _norm(f"{RESAMPLER}/layers/ffw_norm", stacked=True)),
+    (r"layers\.(?P<layer>\d+)\.0\.to_q\.weight",
+     mapping.to(f"{RESAMPLER}/layers/attention/query/w@{{layer}}", mapping.transposed)),
+    (r"layers\.(?P<layer>\d+)\.0\.to_out\.weight",
+     mapping.to(f"{RESAMPLER}/layers/attention/output/w@{{layer}}", mapping.transposed)),
+    (r"layers\.(?P<layer>\d+)\.0\.to_kv\.weight",
+     _kv(f"{RESAMPLER}/layers/attention/key/w@{{layer}}",
+         f"{RESAMPLER}/layers/attention/value/w@{{layer}}")),
+    (r"layers\.(?P<layer>\d+)\.1\.1\.weight",
+     mapping.to(f"{RESAMPLER}/layers/ffw/ffw_in/w@{{layer}}", mapping.transposed)),
+    (r"layers\.(?P<layer>\d+)\.1\.3\.weight",
+     mapping.to(f"{RESAMPLER}/layers/ffw/ffw_out/w@{{layer}}", mapping.transposed)),
+)
+
+# A gated block's tensors (names relative to the block) -> our block-relative paths.
+XATTN_RULES: tuple[mapping.Rule, ...] = (
+    (r"attn_gate", lambda x, xp, ctx, g: {"alpha_xattn": x.reshape(())}),
+    (r"ff_gate", lambda x, xp, ctx, g: {"alpha_dense": x.reshape(())}),
+    (r"attn\.norm\.(?P<leaf>weight|bias)", _norm("query_norm")),
+    (r"ff\.0\.(?P<leaf>weight|bias)", _norm("ffw_norm")),
+    (r"attn\.to_q\.weight", mapping.to("cross_attention/query/w", mapping.transposed)),
+    (r"attn\.to_out\.weight", mapping.to("cross_attention/output/w", mapping.transposed)),
+    (r"attn\.to_kv\.weight", _kv("cross_attention/key/w", "cross_attention/value/w")),
+    (r"ff\.1\.weight", mapping.to("ffw/ffw_in/w", mapping.transposed)),
+    (r"ff\.3\.weight", mapping.to("ffw/ffw_out/w", mapping.transposed)),
+)
 
 
 def resampler_params(tensors: Mapping[str, np.ndarray], *, prefix: str = "perceiver.",
@@ -77,35 +132,9 @@ def resampler_params(tensors: Mapping[str, np.ndarray], *, prefix: str = "percei
           if name.startswith(prefix)}
   if "latents" not in mine:
     raise CheckpointError(f"no {prefix}latents: not an OpenFlamingo resampler")
-  for name in ("frame_embs", "media_time_embs"):
-    if name in mine:
-      raise CheckpointError(f"{prefix}{name}: frame / media-time embeddings are not supported "
-                            f"(OpenFlamingo's factory builds its resampler without them)")
-  rows = collections.defaultdict(dict)                   # (module, leaf) -> {layer: array}
-  params = collections.defaultdict(dict)
-  params[RESAMPLER]["latents"] = mine.pop("latents")
-  for leaf, ours in (("weight", "scale"), ("bias", "offset")):
-    params[f"{RESAMPLER}/final_norm"][ours] = mine.pop(f"norm.{leaf}")
-  for name, value in mine.items():
-    match = _LAYER.match(name)
-    if not match:
-      raise CheckpointError(f"{prefix}{name} has no place in our resampler")
-    layer, rest = int(match.group(1)), match.group(2)
-    module, _, leaf = rest.rpartition(".")
-    if module in _NORMS:
-      rows[(_NORMS[module], {"weight": "scale", "bias": "offset"}[leaf])][layer] = value
-    elif module in _LINEARS and leaf == "weight":
-      rows[(_LINEARS[module], "w")][layer] = value.T                    # [out, in] -> [in, out]
-    elif module == "0.to_kv" and leaf == "weight":
-      key, val = np.split(value, 2, axis=0)                          # torch .chunk(2, dim=-1)
-      rows[("attention/key", "w")][layer] = key.T
-      rows[("attention/value", "w")][layer] = val.T
-    else:
-      raise CheckpointError(f"{prefix}{name} has no place in our resampler")
-  depth = 1 + max(layer for per_layer in rows.values() for layer in per_layer)
-  for (module, leaf), per_layer in rows.items():
-    params[f"{RESAMPLER}/layers/{module}"][leaf] = vision.stack_rows(
-        per_layer, depth, f"{prefix}layers: {module}/{leaf}")
+  params = mapping.convert(mine.items(), RESAMPLER_RULES, what="resampler",
+                           prefix=prefix)
+  depth = params[f"{RESAMPLER}/layers/attention/query"]["w"].shape[0]
   num_latents, dim = params[RESAMPLER]["latents"].shape
   inner = params[f"{RESAMPLER}/layers/attention/query"]["w"].shape[-1]
   if inner % dim_head:
@@ -117,9 +146,6 @@ def resampler_params(tensors: Mapping[str, np.ndarray], *, prefix: str = "percei
   return dict(params), fields
 
 
-_XATTN_LINEARS = {"attn.to_q": "cross_attention/query", "attn.to_out": "cross_attention/output",
-                  "ff.1": "ffw/ffw_in", "ff.3": "ffw/ffw_out"}
-_XATTN_NORMS = {"attn.norm": "query_norm", "ff.0": "ffw_norm"}
 XATTN_PREFIX = "lang_encoder.gated_cross_attn_layers."
 
 
@@ -131,22 +157,7 @@ def xattn_block_params(tensors: Mapping[str, np.ndarray], index: int, *,
           if name.startswith(head)}
   if not mine:
     raise CheckpointError(f"no {head}* tensors: not an OpenFlamingo gated block {index}")
-  params = collections.defaultdict(dict)
-  for name, value in mine.items():
-    module, _, leaf = name.rpartition(".")
-    if name in ("attn_gate", "ff_gate"):
-      params[""]["alpha_xattn" if name == "attn_gate" else "alpha_dense"] = value.reshape(())
-    elif module in _XATTN_NORMS:
-      params[_XATTN_NORMS[module]][{"weight": "scale", "bias": "offset"}[leaf]] = value
-    elif module in _XATTN_LINEARS and leaf == "weight":
-      params[_XATTN_LINEARS[module]]["w"] = np.ascontiguousarray(value.T)
-    elif module == "attn.to_kv" and leaf == "weight":
-      key, val = np.split(value, 2, axis=0)
-      params["cross_attention/key"]["w"] = np.ascontiguousarray(key.T)
-      params["cross_attention/value"]["w"] = np.ascontiguousarray(val.T)
-    else:
-      raise CheckpointError(f"{head}{name} has no place in our gated block")
-  return dict(params)
+  return mapping.convert(mine.items(), XATTN_RULES, what="gated block", prefix=head)
 
 
 # --- the whole model ----------------------------------------------------------------------
@@ -268,7 +279,7 @@ def _xattn_stacks(parts: CheckpointParts, num_layers: int, every: int) -> dict:
         else:
           params[f"{LM}/tail_xattn/{module}".rstrip("/")][leaf] = value
   for (module, leaf), per_block in rows.items():
-    params[f"{LM}/groups/xattn/{module}".rstrip("/")][leaf] = vision.stack_rows(
+    params[f"{LM}/groups/xattn/{module}".rstrip("/")][leaf] = mapping.stack_rows(
         per_block, groups, f"gated blocks {module}/{leaf}")
   return dict(params)
 

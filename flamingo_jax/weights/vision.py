@@ -10,7 +10,8 @@ standardisation eps, exact GELU; models/vision/nfnet.py): the import sets `numer
 under which our features equal timm's (tests/test_vision_import.py). The variant is found
 from the tensors' shapes (stage depths and widths, group size), not from the file name; a
 network no variant matches is an error naming what it has. timm's classifier head is not
-imported (Flamingo uses the feature grid).
+imported (Flamingo uses the feature grid). Both towers' names map through rule tables
+(NFNET_RULES, `_vit_rules`) of the importers' one mechanism (mapping.py).
 
     timm                                   ours (under flamingo/vision_encoder/)
     stem.conv{1..4}                        stem_conv{0..3}
@@ -38,6 +39,7 @@ import numpy as np
 
 from flamingo_jax.models.vision import nfnet
 from flamingo_jax.models.vision import vit
+from flamingo_jax.weights import mapping
 from flamingo_jax.weights.safetensors_io import CheckpointError, SafetensorsCheckpoint
 
 PREFIX = "flamingo/vision_encoder"
@@ -45,8 +47,47 @@ _BLOCK_MODULES = {"conv1": "conv0", "conv2": "conv1", "conv2b": "conv1b", "conv3
                   "downsample.conv": "conv_shortcut", "attn_last.fc1": "squeeze_excite/fc0",
                   "attn_last.fc2": "squeeze_excite/fc1"}
 _CONV_LEAVES = {"weight": "w", "gain": "gain", "bias": "b"}
-_BLOCK = re.compile(r"stages\.(\d+)\.(\d+)\.(.+)\.(weight|gain|bias)$")
-_IGNORED = re.compile(r"(head\.fc\.(weight|bias)|.*num_batches_tracked)$")
+_NFNET_IGNORED = (r"head\.fc\.(weight|bias)", r".*num_batches_tracked")
+
+
+def _block_target(groups: dict, module: str, leaf: str) -> str:
+  """Block 0 of a stage is its own module; blocks 1.. are rows 0.. of a stacked one."""
+  stage, block = int(groups["stage"]), int(groups["block"])
+  if block == 0:
+    return f"{PREFIX}/stage{stage}_block0/{module}/{leaf}".replace("//", "/")
+  return f"{PREFIX}/stage{stage}_blocks/block/{module}/{leaf}@{block - 1}".replace("//", "/")
+
+
+def _nfnet_conv(module_of) -> mapping.Transform:
+  """A weight-standardised conv (or the SE's 1x1 convs, our Linears) -> w / gain / b."""
+  def transform(x, xp, ctx, groups):
+    del xp, ctx
+    module = module_of(groups)
+    linear = "squeeze_excite" in module
+    if groups["leaf"] == "weight":
+      value = (x.reshape(x.shape[:2]).T if linear              # SE [O, I, 1, 1] -> [I, O]
+               else x.transpose(2, 3, 1, 0))                    # [O, I, kh, kw] -> HWIO
+      value = np.ascontiguousarray(value)
+    else:
+      value = x.reshape(-1)                                     # gain [O, 1, 1, 1], bias [O]
+    leaf = _CONV_LEAVES[groups["leaf"]]
+    if "{block}" in module:
+      return {_block_target(groups, module.replace("{block}", ""), leaf): value}
+    return {f"{module}/{leaf}": value}
+  return transform
+
+
+_BLOCK_SOURCES = "|".join(re.escape(m) for m in _BLOCK_MODULES)
+NFNET_RULES: tuple[mapping.Rule, ...] = (
+    (r"stem\.conv(?P<i>\d)\.(?P<leaf>weight|gain|bias)",
+     _nfnet_conv(lambda g: f"{PREFIX}/stem_conv{int(g['i']) - 1}")),
+    (r"final_conv\.(?P<leaf>weight|gain|bias)", _nfnet_conv(lambda g: f"{PREFIX}/final_conv")),
+    (rf"stages\.(?P<stage>\d+)\.(?P<block>\d+)\.(?P<module>{_BLOCK_SOURCES})\."
+     r"(?P<leaf>weight|gain|bias)",
+     _nfnet_conv(lambda g: "{block}" + _BLOCK_MODULES[g["module"]])),
+    (r"stages\.(?P<stage>\d+)\.(?P<block>\d+)\.skipinit_gain",
+     lambda x, xp, ctx, g: {_block_target(g, "", "skip_gain"): x.reshape(())}),
+)
 
 
 def _strip(name: str) -> str:
@@ -86,41 +127,6 @@ def find_variant(structure: dict) -> str:
       f"{sorted(nfnet.NFNET_VARIANTS)}, models/vision/nfnet.py)")
 
 
-def _conv_leaf(leaf: str, x: np.ndarray, linear: bool) -> tuple[str, np.ndarray]:
-  if leaf == "weight":
-    if linear:                                        # SE's 1x1 conv [O, I, 1, 1] -> [I, O]
-      return "w", np.ascontiguousarray(x.reshape(x.shape[:2]).T)
-    return "w", np.ascontiguousarray(x.transpose(2, 3, 1, 0))   # [O, I, kh, kw] -> HWIO
-  return _CONV_LEAVES[leaf], x.reshape(-1)             # gain [O, 1, 1, 1] / bias [O] -> [O]
-
-
-def _target(name: str) -> Optional[tuple[str, str, Optional[int]]]:
-  """timm name -> (our module path, leaf, row of a stacked block or None)."""
-  match = re.match(r"stem\.conv(\d)\.(weight|gain|bias)$", name)
-  if match:
-    return f"{PREFIX}/stem_conv{int(match.group(1)) - 1}", match.group(2), None
-  match = re.match(r"final_conv\.(weight|gain|bias)$", name)
-  if match:
-    return f"{PREFIX}/final_conv", match.group(1), None
-  match = re.match(r"stages\.(\d+)\.(\d+)\.skipinit_gain$", name)
-  if match:
-    stage, block = int(match.group(1)), int(match.group(2))
-    return _block_path(stage, block), "skipinit_gain", (block - 1 if block else None)
-  match = _BLOCK.match(name)
-  if match and match.group(3) in _BLOCK_MODULES:
-    stage, block = int(match.group(1)), int(match.group(2))
-    return (f"{_block_path(stage, block)}/{_BLOCK_MODULES[match.group(3)]}", match.group(4),
-            block - 1 if block else None)
-  return None
-
-
-def stack_rows(rows: dict[int, np.ndarray], count: int, what: str) -> np.ndarray:
-  """{row: array} of a layer-stacked parameter -> [count, ...]; every row must be there."""
-  if sorted(rows) != list(range(count)):
-    raise CheckpointError(f"{what} has rows {sorted(rows)}, expected 0-{count - 1}")
-  return np.stack([rows[i] for i in range(count)])             # a new, contiguous array
-
-
 def _module_shapes(module_fn, image_size: int) -> dict[str, dict[str, tuple]]:
   """{module: {leaf: shape}} of the encoder `module_fn(name)` under PREFIX (shapes only)."""
   outer, inner = PREFIX.split("/")
@@ -130,10 +136,6 @@ def _module_shapes(module_fn, image_size: int) -> dict[str, dict[str, tuple]]:
   shapes = jax.eval_shape(hk.transform(forward).init, jax.random.key(0),
                           jax.ShapeDtypeStruct((1, image_size, image_size, 3), jnp.float32))
   return {m: {n: tuple(v.shape) for n, v in leaves.items()} for m, leaves in shapes.items()}
-
-
-def _block_path(stage: int, block: int) -> str:
-  return f"{PREFIX}/stage{stage}_block0" if block == 0 else f"{PREFIX}/stage{stage}_blocks/block"
 
 
 def expected_shapes(variant: str) -> dict[str, dict[str, tuple]]:
@@ -152,34 +154,16 @@ def load_timm_nfnet(source: str) -> tuple[dict, dict]:
   except KeyError as e:
     raise CheckpointError(f"{source}: not a timm NFNet state dict (no tensor {e})") from None
   depth = nfnet.NFNET_VARIANTS[variant]["depth"]
-  params = collections.defaultdict(dict)
-  stacked = collections.defaultdict(dict)           # (module, leaf) -> {row: array}
-  for raw_name, array in ckpt:
-    name = _strip(raw_name)
-    if _IGNORED.match(name):
-      continue
-    target = _target(name)
-    if target is None:
-      raise CheckpointError(f"{source}: tensor {raw_name} has no place in our NFNet")
-    module, leaf, row = target
-    if leaf == "skipinit_gain":
-      ours, value = "skip_gain", np.asarray(array).reshape(())
-    else:
-      ours, value = _conv_leaf(leaf, np.asarray(array), linear="squeeze_excite" in module)
-    if row is None:
-      params[module][ours] = value
-    else:
-      stacked[(module, ours)][row] = value
-  for (module, leaf), rows in stacked.items():
-    stage = int(re.search(r"stage(\d)_blocks", module).group(1))     # row r = block r + 1
-    params[module][leaf] = stack_rows(rows, depth[stage] - 1, f"{source}: {module}/{leaf}")
+  params = mapping.convert(
+      ((_strip(name), array) for name, array in ckpt), NFNET_RULES, what=f"NFNet ({source})",
+      ignored=_NFNET_IGNORED,
+      rows=lambda module: depth[int(re.search(r"stage(\d)_blocks", module).group(1))] - 1)
   _check_shapes(source, params, expected_shapes(variant), f"NFNet {variant}")
   return dict(params), {"vision": {"variant": variant, "numerics": "timm"}}
 
 
 # --- CLIP ViT (OpenCLIP / OpenAI state dicts, or Hugging Face's renamed to them) -----------
 
-_VIT_BLOCK = re.compile(r"transformer\.resblocks\.(\d+)\.(.+)$")
 _VIT_BLOCK_LEAVES = {
     "ln_1.weight": ("ln_1", "scale"), "ln_1.bias": ("ln_1", "offset"),
     "ln_2.weight": ("ln_2", "scale"), "ln_2.bias": ("ln_2", "offset"),
@@ -190,6 +174,30 @@ _VIT_BLOCK_LEAVES = {
 }
 _VIT_TOP = {"ln_pre.weight": ("ln_pre", "scale"), "ln_pre.bias": ("ln_pre", "offset"),
             "ln_post.weight": ("ln_post", "scale"), "ln_post.bias": ("ln_post", "offset")}
+_VIT_BLOCK = re.compile(r"transformer\.resblocks\.(\d+)\.(.+)$")
+
+
+def _vit_rules(image_size: int) -> tuple[mapping.Rule, ...]:
+  """OpenCLIP's visual.* (prefix removed) -> our ViT; positions resized for `image_size`."""
+  rules = [
+      (r"conv1\.weight", mapping.to(f"{PREFIX}/conv1/w",              # [D, 3, p, p] -> HWIO
+                                     lambda x: np.ascontiguousarray(x.transpose(2, 3, 1, 0)))),
+      (r"class_embedding", mapping.to(f"{PREFIX}/class_embedding")),
+      (r"positional_embedding", lambda x, xp, ctx, g: {
+          f"{PREFIX}/positional_embedding": resize_positions(
+              x, image_size // ctx["patch"])}),
+  ]
+  for source, (module, leaf) in _VIT_TOP.items():
+    rules.append((re.escape(source), mapping.to(f"{PREFIX}/{module}/{leaf}")))
+  for source, (module, leaf) in _VIT_BLOCK_LEAVES.items():
+    rules.append((rf"transformer\.resblocks\.(?P<layer>\d+)\.{re.escape(source)}",
+                  mapping.to(f"{PREFIX}/blocks/block/{module}/{leaf}@{{layer}}",
+                             mapping.transposed if leaf == "w" else None)))
+  return tuple(rules)
+
+
+# CLIP's joint-space projection and attention pooling: not part of the token grid.
+_VIT_IGNORED = (r"proj", r"attn_pool.*")
 
 
 def _visual_names(names) -> tuple[str, bool]:
@@ -310,32 +318,11 @@ def clip_vit_params(tensors: dict[str, np.ndarray], source: str, *, heads: int =
   if width % heads:
     raise CheckpointError(f"width {width} is not divisible by {heads} heads")
   mlp_ratio = shape("transformer.resblocks.0.mlp.c_fc.weight")[0] / width
-  params = collections.defaultdict(dict)
-  stacked = collections.defaultdict(dict)
-  for raw_name, array in tensors.items():
-    if not raw_name.startswith(prefix):
-      continue                                    # the text tower of a whole CLIP model
-    name = raw_name[len(prefix):]
-    block = _VIT_BLOCK.match(name)
-    if block and block.group(2) in _VIT_BLOCK_LEAVES:
-      module, leaf = _VIT_BLOCK_LEAVES[block.group(2)]
-      value = array.T if leaf == "w" else array               # torch Linear [out, in]
-      stacked[(f"{PREFIX}/blocks/block/{module}", leaf)][int(block.group(1))] = value
-    elif name in _VIT_TOP:
-      module, leaf = _VIT_TOP[name]
-      params[f"{PREFIX}/{module}"][leaf] = array
-    elif name == "conv1.weight":                               # [D, 3, p, p] -> [p, p, 3, D]
-      params[f"{PREFIX}/conv1"]["w"] = np.ascontiguousarray(array.transpose(2, 3, 1, 0))
-    elif name == "class_embedding":
-      params[PREFIX]["class_embedding"] = array
-    elif name == "positional_embedding":
-      params[PREFIX]["positional_embedding"] = resize_positions(array, image_size // patch)
-    elif name in ("proj",) or name.startswith("attn_pool"):
-      continue                                    # CLIP's joint-space projection: unused
-    else:
-      raise CheckpointError(f"{source}: tensor {raw_name} has no place in our ViT")
-  for (module, leaf), rows in stacked.items():
-    params[module][leaf] = stack_rows(rows, layers, f"{source}: {module}/{leaf}")
+  mine = ((name[len(prefix):], array) for name, array in tensors.items()
+          if name.startswith(prefix))             # not the text tower of a whole CLIP model
+  params = mapping.convert(mine, _vit_rules(image_size), what=f"ViT ({source})",
+                           ignored=_VIT_IGNORED, rows=lambda module: layers,
+                           ctx={"patch": patch}, prefix=prefix)
   vit_fields = dict(width=width, layers=layers, heads=heads, patch_size=patch,
                     mlp_ratio=mlp_ratio, activation=activation)
   expected = expected_vit_shapes(vit_fields, image_size)
