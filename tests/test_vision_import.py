@@ -286,3 +286,23 @@ def test_check_logits_compares_imported_towers_with_their_references(fixture_var
                                         np.load(os.path.join(FIXTURE, "images.npy")),
                                         np.load(os.path.join(FIXTURE, "features.npy")))
   assert report["ok"] and report["relative_l2"] < 1e-5, report
+
+
+def test_a_tower_import_into_a_config_of_another_tower_names_both(fixture_variant, tiny_config,
+                                                                  tmp_path):
+  """A ViT import handed to an NFNet config (and an NFNet of another variant)."""
+  setup = None
+  for kind, source, kwargs, message in (
+      ("clip_vit", os.path.join(CLIP_FIXTURE, "weights.safetensors"), dict(vit_heads=2),
+       r"holds a ViT \(64 wide, 3 layers, patch 8\) but config.model.vision builds an "
+       r"NFNet tiny"),
+      ("nfnet", os.path.join(FIXTURE, "weights.safetensors"), {},
+       "holds an NFNet fixture but config.model.vision builds an NFNet tiny")):
+    out = str(tmp_path / kind)
+    vision_import.run(kind, source, out, **kwargs)
+    config = copy.deepcopy(tiny_config)
+    config.model.vision.init_checkpoint = os.path.join(out, "params")
+    setup = setup or train_step.make_train_setup(config, sharding.make_mesh(-1, 1))
+    _, fresh = setup.init(jax.random.key(0))
+    with pytest.raises(weights.CheckpointError, match=message):
+      trainer.load_init_checkpoints(config.model, fresh, setup)

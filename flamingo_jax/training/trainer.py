@@ -328,6 +328,8 @@ def load_init_checkpoints(model_config: Any, frozen, setup: train_step.TrainSetu
   for component, path in _init_paths(model_config):
     part, _ = hk.data_structures.partition(
         lambda module, name, value, c=component: models.component_of(module) == c, frozen)
+    if component == "vision":
+      weights.check_vision_import(path, model_config.vision)
     if not part:      # the component trains (lm.trainable): load_init_trainable loads it
       continue
     frozen = hk.data_structures.merge(frozen, weights.restore_params(path, part))

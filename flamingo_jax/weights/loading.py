@@ -347,6 +347,40 @@ def _stored_tree(path: str) -> Mapping:
                           ) from None
 
 
+def _tower(vision: Mapping) -> str:
+  kind = vision.get("kind", "nfnet")
+  if kind == "vit":
+    v = vision.get("vit", {})
+    return (f"a ViT ({v.get('width')} wide, {v.get('layers')} layers, patch "
+            f"{v.get('patch_size')})")
+  return f"an NFNet {vision.get('variant')}"
+
+
+def check_vision_import(params_path: str, vision_config: Mapping) -> None:
+  """An import's vision tower (its model.json beside `params/`) is the one the config
+  builds: the kind, and the NFNet variant or the ViT's shape; else an error naming both."""
+  import json  # pylint: disable=g-import-not-at-top
+  import os  # pylint: disable=g-import-not-at-top
+  model_json = os.path.join(os.path.dirname(os.path.normpath(params_path)), "model.json")
+  if not os.path.exists(model_json):
+    return                                   # not an import folder: restore_params checks shapes
+  with open(model_json) as f:
+    stored = json.load(f).get("vision")
+  if not stored:
+    return
+  ours = dict(vision_config)
+  same = stored.get("kind", "nfnet") == ours.get("kind", "nfnet")
+  if same and stored.get("kind", "nfnet") == "vit":
+    keys = ("width", "layers", "heads", "patch_size")
+    same = all(stored["vit"].get(k) == dict(ours["vit"]).get(k) for k in keys)
+  elif same:
+    same = stored.get("variant") == ours.get("variant")
+  if not same:
+    raise CheckpointError(f"{params_path} holds {_tower(stored)} but config.model.vision "
+                          f"builds {_tower(ours)}; use the import's model.json fields "
+                          "(experiments/configs/pretrained.py:...,vision=DIR sets them)")
+
+
 def stored_param_names(path: str) -> set[tuple[str, str]]:
   """{(module, name)} of the parameters a `save_params` directory holds (metadata only)."""
   return {(m, n) for m, leaves in _stored_tree(path).items() for n in leaves}
