@@ -20,9 +20,9 @@ from flamingo_jax import models
 from flamingo_jax import weights
 from flamingo_jax.models import gated_xattn
 from flamingo_jax.models import perceiver
-from flamingo_jax.tools import check_logits
 from flamingo_jax.tools import model_params
 from flamingo_jax.tools import openflamingo_import
+from flamingo_jax.tools import parity
 from flamingo_jax.training import trainer
 from flamingo_jax.weights import openflamingo
 
@@ -126,7 +126,7 @@ def _import(directory, out, source="", **kwargs):
 def _check(directory, out, media=None):
   config = config_base.load_config(f"{config_path('openflamingo')}:{out}")
   load = lambda name: np.load(os.path.join(directory, f"{name}.npy"))
-  report, _ = check_logits.check(config, str(out), load("input_ids"),
+  report, _ = parity.check(config, str(out), load("input_ids"),
                                  load("media") if media is None else media, load("logits"))
   return report
 

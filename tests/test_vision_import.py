@@ -20,7 +20,7 @@ from flamingo_jax import weights
 from flamingo_jax.models import flamingo
 from flamingo_jax.models.vision import nfnet
 from flamingo_jax.models.vision import vit
-from flamingo_jax.tools import check_logits
+from flamingo_jax.tools import parity
 from flamingo_jax.tools import vision_import
 from flamingo_jax.training import flops
 from flamingo_jax.training import sharding
@@ -282,7 +282,7 @@ def test_check_logits_compares_imported_towers_with_their_references(fixture_var
   nfnet_out = str(tmp_path / "nfnet")
   vision_import.run("nfnet", os.path.join(FIXTURE, "weights.safetensors"), nfnet_out)
   config = config_base.load_config(f"{config_path('pretrained')}:vision={nfnet_out}")
-  report, _ = check_logits.check_vision(config, nfnet_out,
+  report, _ = parity.check_vision(config, nfnet_out,
                                         np.load(os.path.join(FIXTURE, "images.npy")),
                                         np.load(os.path.join(FIXTURE, "features.npy")))
   assert report["ok"] and report["relative_l2"] < 1e-5, report

@@ -28,6 +28,7 @@ from absl import logging
 from ml_collections import config_flags
 
 from flamingo_jax.tools import cli
+from flamingo_jax.tools import parity
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file.", lock_config=False)
 _PARAMS = flags.DEFINE_string("params", None, "Import folder, its params/, or a run workdir.")
@@ -44,75 +45,6 @@ _PIXELS = flags.DEFINE_string("pixels", "", "--part=vision: float [B, H, W, 3] .
 _RTOL = flags.DEFINE_float("rtol", 1e-4, "--part=vision: largest relative L2 error.")
 
 
-def check(config, params_path: str, input_ids=None, media=None, reference=None,
-          atol: float = 1e-4) -> dict:
-  import jax  # pylint: disable=g-import-not-at-top
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  import numpy as np  # pylint: disable=g-import-not-at-top
-  from flamingo_jax import models  # pylint: disable=g-import-not-at-top
-  from flamingo_jax.tools import model_params  # pylint: disable=g-import-not-at-top
-  model = models.make_flamingo(config.model)
-  if input_ids is None:
-    special = {config.model.image_token_id, config.model.eoc_token_id}
-    valid = config.model.lm.get("valid_vocab_size", 0) or config.model.vocab_size
-    ids = np.random.default_rng(0).integers(0, valid, (2, 16))
-    input_ids = np.where(np.isin(ids, list(special)), 0, ids)
-  input_ids = jnp.asarray(input_ids, jnp.int32)
-  if input_ids.ndim != 2:
-    raise ValueError(f"input_ids must be [B, L], got shape {input_ids.shape}")
-  media = None if media is None else jnp.asarray(media, jnp.uint8)
-  params, missing = model_params.load(config, params_path)
-  params = jax.tree.map(lambda x: x.astype(jnp.float32), params)
-  logits = np.asarray(jax.jit(model.apply)(params, None, input_ids, media))
-  report = {"shape": list(logits.shape), "initialised_from_seed": missing}
-  if reference is not None:
-    reference = np.asarray(reference, np.float32)
-    v = reference.shape[-1]
-    if reference.shape[:2] != logits.shape[:2] or v > logits.shape[-1]:
-      raise ValueError(f"reference logits {reference.shape} do not match ours {logits.shape}")
-    compared = ~np.isnan(reference).any(-1)                            # [B, L]
-    if not compared.any():
-      raise ValueError("the reference logits are NaN everywhere")
-    diff = np.where(compared[..., None], np.abs(logits[..., :v] - reference), 0.0)
-    worst = np.unravel_index(np.argmax(diff), diff.shape)
-    agree = logits[..., :v].argmax(-1) == np.nan_to_num(reference, nan=-np.inf).argmax(-1)
-    report |= {"max_abs_diff": float(diff.max()), "worst_position": [int(i) for i in worst],
-               "atol": atol, "ok": bool(diff.max() <= atol),
-               "positions": int(compared.sum()),
-               "argmax_agreement": float(agree[compared].mean())}
-  return report, logits
-
-
-def check_vision(config, params_path: str, pixels, reference=None,
-                 rtol: float = 1e-4) -> tuple[dict, "np.ndarray"]:
-  """Our encoder's final grid for normalised `pixels`, and its relative L2 error against a
-  reference grid."""
-  import jax  # pylint: disable=g-import-not-at-top
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  import numpy as np  # pylint: disable=g-import-not-at-top
-  from flamingo_jax import models  # pylint: disable=g-import-not-at-top
-  from flamingo_jax.tools import model_params  # pylint: disable=g-import-not-at-top
-  pixels = np.asarray(pixels, np.float32)
-  if pixels.ndim != 4 or pixels.shape[-1] != 3:
-    raise ValueError(f"--pixels must be float [B, H, W, 3], got shape {pixels.shape}")
-  params, missing = model_params.load(config, params_path)
-  vision = [m for m in missing if models.component_of(m.rsplit("/", 1)[0]) == "vision"]
-  if vision:
-    raise ValueError(f"{params_path} holds no vision tower ({vision[0]} ...)")
-  params = jax.tree.map(lambda x: x.astype(jnp.float32), params)
-  stages = models.make_flamingo_stages(config.model)
-  grid = np.asarray(jax.jit(stages.apply.encoder_grid)(params, None, jnp.asarray(pixels)))
-  report = {"shape": list(grid.shape)}
-  if reference is not None:
-    reference = np.asarray(reference, np.float32)
-    if reference.shape != grid.shape:
-      raise ValueError(f"reference features {reference.shape} do not match ours {grid.shape}")
-    error = float(np.linalg.norm(grid - reference) / np.linalg.norm(reference))
-    report |= {"relative_l2": error, "max_abs_diff": float(np.abs(grid - reference).max()),
-               "rtol": rtol, "ok": error <= rtol}
-  return report, grid
-
-
 def main(argv):
   del argv
   import numpy as np  # pylint: disable=g-import-not-at-top
@@ -127,10 +59,10 @@ def main(argv):
     if _PART.value == "vision":
       if not _PIXELS.value:
         raise ValueError("--part=vision needs --pixels=images.npy")
-      report, logits = check_vision(_CONFIG.value, _PARAMS.value, load(_PIXELS.value),
+      report, logits = parity.check_vision(_CONFIG.value, _PARAMS.value, load(_PIXELS.value),
                                     load(_REFERENCE.value), _RTOL.value)
     else:
-      report, logits = check(_CONFIG.value, _PARAMS.value, load(_INPUT_IDS.value),
+      report, logits = parity.check(_CONFIG.value, _PARAMS.value, load(_INPUT_IDS.value),
                              load(_MEDIA.value), load(_REFERENCE.value), _ATOL.value)
   except (weights.CheckpointError, ValueError, FileNotFoundError) as e:
     print(f"error: {e}", file=sys.stderr)
