@@ -124,6 +124,26 @@ def test_update_is_sum_of_weighted_stream_gradients(tiny_config):
     assert all((float(counts[n]) > 0) == (n == name) for n in names), (step, counts)
 
 
+def test_accumulating_in_place_gives_the_same_gradients(tiny_config):
+  """train.accumulate_in_place (one running sum, each microbatch's gradient scaled by
+  λ / tokens as it arrives) computes the per-stream sums' losses, counts and gradients."""
+  config = with_overrides(two_stream(tiny_config), **{"train.microbatches.m3w": 2})
+  batches = schema.random_batches(config, seed=3)
+  results = []
+  for in_place in (False, True):
+    mode = with_overrides(config, **{"train.accumulate_in_place": in_place})
+    setup = train_step.make_train_setup(mode, sharding.make_mesh(1, 1, jax.devices()[:1]))
+    state, frozen = setup.init(jax.random.key(0))
+    results.append(jax.device_get(setup.gradients(
+        state.params, frozen, train_step.put_batches(setup, batches), jax.random.key(5), 0)))
+  (loss, per_loss, counts, grads), (loss2, per_loss2, counts2, grads2) = results
+  assert relative_error(loss2, loss) < 1e-6
+  assert counts2 == counts and all(relative_error(per_loss2[n], per_loss[n]) < 1e-6
+                                   for n in per_loss)
+  assert max_leaf_relative_error(grads2, grads) < 1e-5
+  assert global_relative_error(grads2, grads) < 1e-6
+
+
 def test_zero1_shards_optimizer_state_eightfold(tiny_config):
   """Compiled argument bytes with and without ZeRO-1 on 8 devices (data=8)."""
   def argument_bytes(zero1):

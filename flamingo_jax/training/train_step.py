@@ -67,24 +67,41 @@ def _microbatch(batch: dict, count: int) -> dict:
 
 
 def make_loss_and_grads(config: Any, model: hk.Transformed) -> Callable:
-  """(params, frozen, batch, rng, microbatches) -> (mean NLL, token count, mean grads)."""
+  """(params, frozen, batch, rng, microbatches, weight=1, into=None) -> (mean NLL, token count,
+  weight × mean grads); with `into`, the gradients are added into it as they arrive."""
   compute = precision.dtype(config.precision.compute)
 
-  def nll_sum(params, frozen, batch, rng):
+  def nll_sum(params, frozen, batch, rng, scale=1.0):
     merged = hk.data_structures.merge(precision.cast(params, compute),
                                       precision.cast(frozen, compute))
     logits = model.apply(merged, rng, batch["input_ids"], batch["media"], is_training=True)
-    return losses.masked_nll_sum(logits, batch["target_ids"], batch["loss_mask"])
+    total, count = losses.masked_nll_sum(logits, batch["target_ids"], batch["loss_mask"])
+    return total * scale, (total, count)
 
   grad_fn = jax.value_and_grad(nll_sum, has_aux=True)
 
-  def loss_and_grads(params, frozen, batch, rng, microbatches: int):
+  def loss_and_grads(params, frozen, batch, rng, microbatches: int, weight=1.0, into=None):
+    if into is not None:
+      # train.accumulate_in_place: the stream's token count is known from its mask before any
+      # backward pass, so each microbatch's gradient arrives scaled (weight / count) and is
+      # added straight into the running sum `into`: no per-stream accumulator or scaled copy.
+      count = jnp.sum(batch["loss_mask"].astype(jnp.float32))
+      scale = weight / jnp.maximum(count, 1.0)
+      def body(carry, xs):
+        mb, index = xs
+        (_, (total, _)), grads = grad_fn(params, frozen, mb, jax.random.fold_in(rng, index),
+                                         scale)
+        return (carry[0] + total, jax.tree.map(jnp.add, carry[1], grads)), None
+      (total, grads), _ = jax.lax.scan(
+          body, (jnp.float32(0), into),
+          (_microbatch(batch, microbatches), jnp.arange(microbatches)))
+      return total / jnp.maximum(count, 1.0), count, grads
     if microbatches == 1:
-      (total, count), grads = grad_fn(params, frozen, batch, rng)
+      (_, (total, count)), grads = grad_fn(params, frozen, batch, rng)
     else:
       def body(carry, xs):
         mb, index = xs
-        (total, count), grads = grad_fn(params, frozen, mb, jax.random.fold_in(rng, index))
+        (_, (total, count)), grads = grad_fn(params, frozen, mb, jax.random.fold_in(rng, index))
         acc_total, acc_count, acc_grads = carry
         return (acc_total + total, acc_count + count,
                 jax.tree.map(jnp.add, acc_grads, grads)), None
@@ -93,7 +110,7 @@ def make_loss_and_grads(config: Any, model: hk.Transformed) -> Callable:
           body, (jnp.float32(0), jnp.float32(0), zeros),
           (_microbatch(batch, microbatches), jnp.arange(microbatches)))
     denom = jnp.maximum(count, 1.0)
-    return total / denom, count, jax.tree.map(lambda g: g / denom, grads)
+    return total / denom, count, jax.tree.map(lambda g: weight * (g / denom), grads)
 
   return loss_and_grads
 
@@ -171,13 +188,19 @@ def make_train_setup(config: Any, mesh: Mesh | None = None, rules=None) -> Train
   wsc = jax.lax.with_sharding_constraint
 
   def accumulate(params, frozen, batches, rng):
-    losses_, counts, total = {}, {}, None
+    losses_, counts = {}, {}
+    in_place = config.train.get("accumulate_in_place", False)
+    total = jax.tree.map(jnp.zeros_like, params) if in_place else None
     for index, name in enumerate(streams):
-      loss, count, grads = loss_and_grads(params, frozen, batches[name],
-                                          jax.random.fold_in(rng, index), microbatches[name])
+      stream_rng = jax.random.fold_in(rng, index)
+      if in_place:
+        loss, count, total = loss_and_grads(params, frozen, batches[name], stream_rng,
+                                            microbatches[name], weights[name], total)
+      else:
+        loss, count, grads = loss_and_grads(params, frozen, batches[name], stream_rng,
+                                            microbatches[name], weights[name])
+        total = grads if total is None else jax.tree.map(jnp.add, total, grads)
       losses_[name], counts[name] = loss, count
-      scaled = jax.tree.map(lambda g, w=weights[name]: w * g, grads)
-      total = scaled if total is None else jax.tree.map(jnp.add, total, scaled)
     loss = sum(weights[name] * losses_[name] for name in streams)
     return loss, losses_, counts, total
 
