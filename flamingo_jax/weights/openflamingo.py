@@ -263,12 +263,10 @@ def xattn_every(layers: list[int], num_layers: int) -> int:
   return n
 
 
-def _xattn_stacks(parts: CheckpointParts, num_layers: int, every: int) -> dict:
-  """Our groups/xattn ([G, ...]) and tail_xattn parameters from the per-layer blocks."""
+def _xattn_stacks(blocks: list[dict], num_layers: int, every: int) -> dict:
+  """Our groups/xattn ([G, ...]) and tail_xattn parameters from the blocks in layer order."""
   from flamingo_jax.models import language_model  # pylint: disable=g-import-not-at-top
-  layers = sorted({int(n[len(XATTN_PREFIX):].split(".", 1)[0]) for n in parts.xattn})
-  _, groups, tail = language_model.layer_layout(num_layers, every, every - 1)
-  blocks = [xattn_block_params(parts.xattn, layer) for layer in layers]
+  _, groups, _ = language_model.layer_layout(num_layers, every, every - 1)
   params = collections.defaultdict(dict)
   rows = collections.defaultdict(dict)
   for j, block in enumerate(blocks):
@@ -370,8 +368,9 @@ def load_openflamingo(source: str, lm_dir: str, vision_source: str = "", *,
     raise CheckpointError(f"the ViT of {vit_source} is {width} wide but the checkpoint's "
                           f"resampler reads {resampler_fields['dim']}-wide tokens (another "
                           "--vision?)")
-  xattn = _xattn_stacks(parts, num_layers, every)
-  first = xattn_block_params(parts.xattn, layers[0])
+  blocks = [xattn_block_params(parts.xattn, layer) for layer in layers]
+  xattn = _xattn_stacks(blocks, num_layers, every)
+  first = blocks[0]
   inner = first["cross_attention/query"]["w"].shape[1]
   if inner % dim_head:
     raise CheckpointError(f"gated block width {inner} is not a multiple of dim_head {dim_head}")

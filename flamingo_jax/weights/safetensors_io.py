@@ -114,9 +114,13 @@ class SafetensorsCheckpoint:
 
   def __iter__(self) -> Iterator[tuple[str, np.ndarray]]:
     """(name, array) in file order: one tensor in host memory at a time."""
+    return self.items(self.tensors)
+
+  def items(self, names) -> Iterator[tuple[str, np.ndarray]]:
+    """(name, array) of `names` only, in file order (the others are never read)."""
     by_file: dict[str, list[str]] = {}
-    for name, info in self.tensors.items():
-      by_file.setdefault(info.file, []).append(name)
+    for name in names:
+      by_file.setdefault(self.tensors[name].file, []).append(name)
     for path, names in by_file.items():
       with safe_open(path, framework="numpy") as f:
         for name in names:
@@ -144,7 +148,6 @@ class OverlaidCheckpoint:
     return sum(info.nbytes for info in self.tensors.values())
 
   def __iter__(self) -> Iterator[tuple[str, np.ndarray]]:
-    for name, value in self._base:
-      if name in self.tensors and name not in self._overrides:
-        yield name, value
+    # The base's replaced tensors are never read (a token table is hundreds of MB).
+    yield from self._base.items([n for n in self.tensors if n not in self._overrides])
     yield from self._overrides.items()

@@ -51,40 +51,41 @@ _NFNET_IGNORED = (r"head\.fc\.(weight|bias)", r".*num_batches_tracked")
 
 
 def _block_target(groups: dict, module: str, leaf: str) -> str:
-  """Block 0 of a stage is its own module; blocks 1.. are rows 0.. of a stacked one."""
+  """`module/leaf` of a block's parameter: block 0 of a stage is its own module; blocks 1..
+  are rows 0.. of a stacked one. `module` "" is the block itself (its skip gain)."""
   stage, block = int(groups["stage"]), int(groups["block"])
   if block == 0:
-    return f"{PREFIX}/stage{stage}_block0/{module}/{leaf}".replace("//", "/")
-  return f"{PREFIX}/stage{stage}_blocks/block/{module}/{leaf}@{block - 1}".replace("//", "/")
+    parts, row = (f"{PREFIX}/stage{stage}_block0", module, leaf), ""
+  else:
+    parts, row = (f"{PREFIX}/stage{stage}_blocks/block", module, leaf), f"@{block - 1}"
+  return "/".join(p for p in parts if p) + row
 
 
-def _nfnet_conv(module_of) -> mapping.Transform:
-  """A weight-standardised conv (or the SE's 1x1 convs, our Linears) -> w / gain / b."""
+def _nfnet_conv(target) -> mapping.Transform:
+  """A weight-standardised conv (or the SE's 1x1 convs, our Linears) -> w / gain / b at
+  `target(groups, leaf)`."""
   def transform(x, xp, ctx, groups):
     del xp, ctx
-    module = module_of(groups)
-    linear = "squeeze_excite" in module
     if groups["leaf"] == "weight":
+      linear = groups.get("module", "").startswith("attn_last")
       value = (x.reshape(x.shape[:2]).T if linear              # SE [O, I, 1, 1] -> [I, O]
                else x.transpose(2, 3, 1, 0))                    # [O, I, kh, kw] -> HWIO
       value = np.ascontiguousarray(value)
     else:
       value = x.reshape(-1)                                     # gain [O, 1, 1, 1], bias [O]
-    leaf = _CONV_LEAVES[groups["leaf"]]
-    if "{block}" in module:
-      return {_block_target(groups, module.replace("{block}", ""), leaf): value}
-    return {f"{module}/{leaf}": value}
+    return {target(groups, _CONV_LEAVES[groups["leaf"]]): value}
   return transform
 
 
 _BLOCK_SOURCES = "|".join(re.escape(m) for m in _BLOCK_MODULES)
 NFNET_RULES: tuple[mapping.Rule, ...] = (
     (r"stem\.conv(?P<i>\d)\.(?P<leaf>weight|gain|bias)",
-     _nfnet_conv(lambda g: f"{PREFIX}/stem_conv{int(g['i']) - 1}")),
-    (r"final_conv\.(?P<leaf>weight|gain|bias)", _nfnet_conv(lambda g: f"{PREFIX}/final_conv")),
+     _nfnet_conv(lambda g, leaf: f"{PREFIX}/stem_conv{int(g['i']) - 1}/{leaf}")),
+    (r"final_conv\.(?P<leaf>weight|gain|bias)",
+     _nfnet_conv(lambda g, leaf: f"{PREFIX}/final_conv/{leaf}")),
     (rf"stages\.(?P<stage>\d+)\.(?P<block>\d+)\.(?P<module>{_BLOCK_SOURCES})\."
      r"(?P<leaf>weight|gain|bias)",
-     _nfnet_conv(lambda g: "{block}" + _BLOCK_MODULES[g["module"]])),
+     _nfnet_conv(lambda g, leaf: _block_target(g, _BLOCK_MODULES[g["module"]], leaf))),
     (r"stages\.(?P<stage>\d+)\.(?P<block>\d+)\.skipinit_gain",
      lambda x, xp, ctx, g: {_block_target(g, "", "skip_gain"): x.reshape(())}),
 )
