@@ -139,6 +139,9 @@ def base_config(model: ml_collections.ConfigDict, *, streams: dict, image_size: 
   """The whole recipe around a model config: data, optimisation, mesh, precision."""
   config = ml_collections.ConfigDict()
   config.seed = 0
+  # A fresh run's parameters, all of them, from a run's workdir or a parameter folder
+  # (fine-tuning; trainer.load_init_from); the optimizer starts fresh. Read at step 0 only.
+  config.init_from = ""
   config.model = model
   config.data = ml_collections.ConfigDict(dict(
       # Per stream: manual_dir = folder of raw files, or "synthetic" (data/synthetic.py).
@@ -184,6 +187,47 @@ def base_config(model: ml_collections.ConfigDict, *, streams: dict, image_size: 
       compute="bfloat16",             # activations and gradients
       frozen_params="bfloat16",       # storage of the frozen towers (PAPER.md §4)
   ))
+  return config
+
+
+# PAPER.md §5: the contrastive stage's streams (ALIGN + LTIP, one gradient computation each)
+# and optimisation. Per-stream batch 16,384 (the paper does not say whether its 16,384 is per
+# dataset or in total, PAPER.md §9.11; ALIGN trained at 16,384 per step).
+PAPER_CONTRASTIVE_STREAMS = {
+    "align": dict(source="image_text", batch_size=16_384, weight=1.0, max_tokens=32, max_media=1, frames=1),
+    "ltip": dict(source="image_text", batch_size=16_384, weight=1.0, max_tokens=64, max_media=1, frames=1),
+}
+# BERT's size is unspecified (PAPER.md §9.11): BERT-Large, as ALIGN (whose tokenizer the
+# paper uses) pairs with its image tower.
+BERT_LARGE = dict(num_layers=24, dim=1024, num_heads=16, ffw_size=4096)
+
+
+def contrastive_config(*, vocab_size: int, image_size: int, vision_variant: str, text: dict,
+                       streams: dict, steps: int, embed_dim: int = 1376,
+                       ) -> ml_collections.ConfigDict:
+  """The contrastive vision-pretraining recipe (PAPER.md §5; training/contrastive.py): an
+  NFNet and a BERT-style text encoder trained from scratch, every parameter trainable."""
+  model = model_config(vocab_size=vocab_size, image_size=image_size,
+                       vision_variant=vision_variant, lm=paper_lm(1, 8, 1, 8),
+                       xattn_every=1, xattn_num_heads=1)
+  contrastive_model = ml_collections.ConfigDict(dict(
+      vocab_size=vocab_size, image_token_id=IMAGE_ID, eoc_token_id=EOC_ID,
+      image_size=image_size, attention_impl="einsum",
+      embed_dim=embed_dim,                    # PAPER.md §5: 1376
+      vision=model.vision.to_dict() | dict(trainable=True),
+      # max_length: position embeddings (>= every stream's max_tokens)
+      text=dict(max_length=max(s["max_tokens"] for s in streams.values())) | text,
+  ))
+  config = base_config(contrastive_model, streams=streams, image_size=image_size, steps=steps)
+  config.task = "contrastive"
+  config.train.label_smoothing = 0.1          # PAPER.md §5
+  config.optim = ml_collections.ConfigDict(dict(
+      learning_rate=1e-3, schedule="linear_to_zero", warmup_steps=0, decay_steps=steps,
+      b1=0.9, b2=0.999, eps=1e-8,             # Adam; β and ε unspecified (PAPER.md §9.8)
+      agc_clipping=1e-2,                      # AGC on the NFNet
+      text_clip_global_norm=10.0,             # global-norm clipping on the text tower
+  ))
+  config.precision.frozen_params = "float32"  # nothing is frozen
   return config
 
 

@@ -17,7 +17,8 @@ Kinds: llama (Llama 2/3, Mistral, TinyLlama), gpt_neox (Pythia, RedPajama-INCITE
 `dm_nfnet_f0` ... `f6`), clip_vit (OpenCLIP / OpenAI CLIP state dicts, or a Hugging Face
 CLIPVisionModel / CLIPModel folder; --vit_heads, --vit_activation, --image_size); a whole
 OpenFlamingo 2.0.1 (tools/openflamingo_import.py): openflamingo, with --source=its
-checkpoint.pt or a safetensors export, --lm=its base LM's folder, --vision=its OpenCLIP ViT.
+checkpoint.pt or a safetensors export, --lm=its base LM's folder, --vision=its OpenCLIP ViT;
+our own contrastive pretraining: contrastive, with --source=the run's workdir (its NFNet).
 """
 
 import json
@@ -32,7 +33,8 @@ from flamingo_jax.tools import openflamingo_import
 from flamingo_jax.tools import vision_import
 
 _KIND = flags.DEFINE_enum("kind", None, ["llama", "gpt_neox", "gemma", "chinchilla", "nfnet",
-                                          "clip_vit", "openflamingo"], "Checkpoint family.")
+                                          "clip_vit", "openflamingo", "contrastive"],
+                            "Checkpoint family.")
 _SOURCE = flags.DEFINE_string("source", None, "Hugging Face model folder (config.json + "
                               "*.safetensors) or our exported folder.")
 _OUTPUT = flags.DEFINE_string("output", None, "Output folder (must not exist yet).")

@@ -11,6 +11,9 @@ sets both).
             --vit_activation (from config.json for Hugging Face folders; else width / 64 and
             quick_gelu: OpenAI's weights; gelu: LAION's), --image_size (positions resized;
             default the checkpoint's)
+  contrastive  a contrastive pretraining run's workdir (training/contrastive.py; its newest
+            checkpoint) -> its NFNet, {"vision": {"variant", "activation", "numerics"}}: the
+            hand-off of PAPER.md §5 to a Flamingo run
 """
 
 import time
@@ -20,7 +23,36 @@ import jax.numpy as jnp
 from flamingo_jax.tools import lm_import
 
 
-KINDS = ("nfnet", "clip_vit")
+KINDS = ("nfnet", "clip_vit", "contrastive")
+
+
+def load_contrastive_run(workdir: str):
+  """(params under flamingo/vision_encoder, model.json fields) of a contrastive run's newest
+  checkpoint. Raises weights.CheckpointError."""
+  import json  # pylint: disable=g-import-not-at-top
+  import os  # pylint: disable=g-import-not-at-top
+  import jax  # pylint: disable=g-import-not-at-top
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  from flamingo_jax import weights  # pylint: disable=g-import-not-at-top
+  from flamingo_jax.training import checkpointing  # pylint: disable=g-import-not-at-top
+  from flamingo_jax.training import contrastive  # pylint: disable=g-import-not-at-top
+  from flamingo_jax.training import trainer  # pylint: disable=g-import-not-at-top
+  path = os.path.join(workdir, "config.json")
+  if not os.path.isfile(path):
+    raise weights.CheckpointError(f"{path} not found: is {workdir} a training run's workdir?")
+  with open(path) as f:
+    config = ml_collections.ConfigDict(json.load(f))
+  if config.get("task", "flamingo") != "contrastive":
+    raise weights.CheckpointError(f"{workdir} is not a contrastive run (its config.json has "
+                                  f"task={config.get('task', 'flamingo')!r})")
+  try:
+    params = trainer.restore_workdir_params(config, workdir)
+  except (ValueError, checkpointing.NoLoadableCheckpointError) as e:
+    raise weights.CheckpointError(str(e)) from e
+  vision = config.model.vision
+  fields = {"vision": {"kind": "nfnet", "variant": vision.variant,
+                       "activation": vision.activation, "numerics": vision.numerics}}
+  return jax.device_get(contrastive.export_vision(params)), fields
 
 
 def run(kind: str, source: str, output: str, *, dtype: str = "keep", vit_heads: int = 0,
@@ -33,6 +65,8 @@ def run(kind: str, source: str, output: str, *, dtype: str = "keep", vit_heads: 
   start = time.time()
   if kind == "nfnet":
     params, fields = vision.load_timm_nfnet(source)
+  elif kind == "contrastive":
+    params, fields = load_contrastive_run(source)
   else:
     params, fields = vision.load_clip_vit(source, heads=vit_heads, activation=vit_activation,
                                               image_size=image_size)

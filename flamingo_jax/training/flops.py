@@ -120,12 +120,30 @@ def stream_train_flops(model: Any, batch_size: int, tokens: int, media: int, fra
           "xattn": xattn + new_tokens}
 
 
+def contrastive_stream_flops(model: Any, batch_size: int, tokens: int) -> dict[str, float]:
+  """Analytic train-step FLOPs of one contrastive stream (PAPER.md §5), everything trained
+  (3x: forward, activation and weight gradients): the NFNet, the text encoder over `tokens`,
+  both projections and the [N, N] similarities (whose rows span the global batch)."""
+  m, b = model, batch_size
+  _, vision_ch, frame_flops = vision_encoder_shape(m, m.image_size)
+  t = m.text
+  block = (4 * _linear(tokens, t.dim, t.dim) + 2 * 2.0 * tokens * tokens * t.dim
+           + 2 * _linear(tokens, t.dim, t.ffw_size))
+  return {"vision": 3 * b * (frame_flops + _linear(1, vision_ch, m.embed_dim)),
+          "text": 3 * b * (t.num_layers * block + _linear(1, t.dim, m.embed_dim)),
+          "similarity": 3 * 2.0 * b * b * m.embed_dim}
+
+
 def train_step_flops(config: Any) -> dict[str, Any]:
   """Analytic FLOPs of one accumulate-mode step over every stream: {total, by_stream, by_component}."""
   by_stream, by_component = {}, {}
+  contrastive = config.get("task", "flamingo") == "contrastive"
   for name, spec in config.data.streams.items():
-    parts = stream_train_flops(config.model, spec.batch_size, spec.max_tokens, spec.max_media,
-                               spec.frames)
+    if contrastive:
+      parts = contrastive_stream_flops(config.model, spec.batch_size, spec.max_tokens)
+    else:
+      parts = stream_train_flops(config.model, spec.batch_size, spec.max_tokens, spec.max_media,
+                                 spec.frames)
     by_stream[name] = sum(parts.values())
     for key, value in parts.items():
       by_component[key] = by_component.get(key, 0.0) + value

@@ -23,6 +23,7 @@ MESH_AXES = (DATA, MODEL)
 PARTITION_RULES: tuple[tuple[str, P], ...] = (
     (r"language_model/token_embed/embeddings$", P(MODEL, None)),   # vocab-parallel
     (r"language_model/unembed/w$", P(None, MODEL)),                 # vocab-parallel logits
+    (r"text_encoder/token_embed/embeddings$", P(MODEL, None)),      # contrastive text tower
     (r"/(query|key|value)/w$", P(None, MODEL)),                     # column-parallel
     (r"/(query|key|value)/b$", P(MODEL)),
     (r"/output/w$", P(MODEL, None)),                                # row-parallel
@@ -32,6 +33,7 @@ PARTITION_RULES: tuple[tuple[str, P], ...] = (
     (r"/(output|ffw_out)/b$", P()),                                 # added after the all-reduce
     (r"vision_encoder/", P()),                                      # NFNet: replicated
     (r"perceiver_resampler/input_projection/w$", P()),              # 3072x1536, replicated
+    (r"(image|text)_projection/w$", P()),                           # contrastive heads
 )
 # Parameters no rule names are replicated, but only if small: a big one is a missing rule.
 MAX_UNMATCHED_SIZE = 1_000_000

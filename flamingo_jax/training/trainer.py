@@ -77,7 +77,8 @@ RUN_CONTROL_KEYS = ("train.steps", "train.log_every", "train.checkpoint_every",
                     "train.on_nonfinite", "train.max_rollbacks", "train.skip_batches",
                     "train.profile_steps",
                     "train.peak_tflops_per_device", "data.prefetch", "data.workers",
-                    "model.attention_impl")   # how attention is computed, not what
+                    "model.attention_impl",   # how attention is computed, not what
+                    "init_from")              # read at a fresh start only
 
 
 def check_workdir(workdir: str) -> None:
@@ -291,6 +292,9 @@ def _initial_state(config, setup, ckpt, shards):
       frozen = load_init_checkpoints(config.model, fresh_frozen, setup)
       frozen_is_new = not _init_paths(config.model)   # random towers: keep them (exact resume)
   if restored is None:
+    if config.get("init_from"):        # every parameter from another run / parameter folder
+      params, frozen = load_init_from(config.init_from, setup)
+      return fresh_state._replace(params=params), frozen, None, True
     state = fresh_state._replace(params=load_init_trainable(config.model, fresh_state.params))
     return state, frozen, None, frozen_is_new
   state, data = restored
@@ -317,6 +321,54 @@ def restore_workdir_params(config: Any, workdir: str, mesh=None) -> hk.Params:
   finally:
     ckpt.close()
   return hk.data_structures.merge(restored[0].params, frozen)
+
+
+def load_init_from(source: str, setup: train_step.TrainSetup) -> tuple[hk.Params, hk.Params]:
+  """`config.init_from`: (trainable, frozen) parameters of `setup`'s model, every one taken
+  from `source` — a run's workdir (its newest checkpoint, frozen towers included) or a
+  parameter folder (`save_params`: an import's `params/` or the folder holding it) — and
+  split by this config's trainability (fine-tuning: the vision tower trains now). The
+  optimizer starts fresh. A parameter `source` lacks, or of another shape, is an error."""
+  target = hk.data_structures.merge(
+      jax.tree.map(lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh),
+                   setup.abstract_state.params, setup.state_shardings.params),
+      jax.tree.map(lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh),
+                   setup.abstract_frozen, setup.frozen_shardings))
+  if os.path.isfile(os.path.join(source, "config.json")):
+    loaded = _workdir_params(source, setup.mesh)
+    for module, name, value in hk.data_structures.traverse(target):
+      have = loaded.get(module, {}).get(name)
+      if have is None:
+        raise ValueError(f"config.init_from={source} has no parameter {module}/{name} (a run "
+                         f"of another model?)")
+      if tuple(have.shape) != tuple(value.shape):
+        raise ValueError(f"config.init_from={source}: {module}/{name} is {tuple(have.shape)} "
+                         f"but this config's is {tuple(value.shape)}")
+    params = jax.tree.map(lambda t, x: jax.device_put(x.astype(t.dtype), t.sharding), target,
+                          {m: {n: loaded[m][n] for n in leaves} for m, leaves in target.items()})
+  else:
+    path = os.path.join(source, "params") if os.path.isdir(os.path.join(source, "params")) else source
+    if not os.path.isdir(path):
+      raise ValueError(f"config.init_from={source} is neither a run's workdir (config.json) "
+                       f"nor a parameter folder")
+    params = weights.restore_params(path, target)
+  trainable = {m: {n: params[m][n] for n in leaves}
+               for m, leaves in setup.abstract_state.params.items()}
+  frozen = {m: {n: params[m][n] for n in leaves} for m, leaves in setup.abstract_frozen.items()}
+  logging.info("parameters from %s (config.init_from)", source)
+  return trainable, frozen
+
+
+def _workdir_params(workdir: str, mesh) -> hk.Params:
+  """Every parameter of a run's newest checkpoint, restored on `mesh`: the run's own config
+  (its config.json) with batches set to fit the mesh (they do not shape a parameter)."""
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  with open(os.path.join(workdir, "config.json")) as f:
+    config = ml_collections.ConfigDict(json.load(f))
+  for name, stream in config.data.streams.items():
+    stream.batch_size = mesh.shape[sharding.DATA]
+    config.train.microbatches[name] = 1
+  return restore_workdir_params(config, workdir, mesh)
 
 
 def load_init_checkpoints(model_config: Any, frozen, setup: train_step.TrainSetup):
@@ -351,7 +403,8 @@ def load_init_trainable(model_config: Any, params):
 
 
 def _init_paths(model_config: Any) -> list[tuple[str, str]]:
-  return [(c, p) for c, p in (("lm", model_config.lm.init_checkpoint),
+  lm = model_config.get("lm")       # a contrastive model has none
+  return [(c, p) for c, p in (("lm", lm.init_checkpoint if lm else ""),
                               ("vision", model_config.vision.init_checkpoint)) if p]
 
 

@@ -19,6 +19,7 @@ Numerics (`numerics`), two arithmetics of the same network:
 """
 
 import functools
+import re
 from typing import Optional
 
 import haiku as hk
@@ -42,6 +43,10 @@ STAGE_STRIDES = (1, 2, 2, 2)
 TOTAL_STRIDE = 32  # stem (2 x 2) x stages (1 x 2 x 2 x 2)
 
 NUMERICS = ("deepmind", "timm")
+
+# The scanned blocks of each stage (hk.layer_stack): their parameters carry a leading
+# layer axis, which unit-wise gradient clipping must not mix (training/optimizer.py).
+STACKED_MODULE = re.compile(r"(^|/)stage\d+_blocks(/|$)")
 
 # gamma such that act(N(0, 1)) has unit variance (Brock et al. 2021, App. D).
 _GAMMAS = {"gelu": 1.7015043497085571, "relu": 1.7139588594436646}
