@@ -81,6 +81,8 @@ def model_config(*, vocab_size: int, image_size: int, vision_variant: str, lm: d
                   # the import sets it). models/flamingo.py PIXEL_STATS.
                   pixel_stats="imagenet",
                   trainable=False,    # True: the paper's fine-tuning recipe (PAPER.md §8)
+                  remat=False,        # NFNet: recompute each block in the backward pass (a
+                                      #   trained tower: contrastive stage, fine-tuning)
                   init_checkpoint=""),
       resampler=RESAMPLER_OPTIONS | dict(resampler or PAPER_RESAMPLER),
       # lm.trainable: False (PAPER.md), True: the "LM unfrozen" ablation (Table 3 xiii).

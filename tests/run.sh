@@ -10,6 +10,7 @@ export JAX_PLATFORMS=cpu
 # first, so that the quick ones fill the gaps at the end instead of a long one starting last.
 if [[ $# -eq 0 ]]; then
   set -- tests/test_multiprocess.py tests/test_train_step.py tests/test_trainer.py tests/test_faults.py \
-      tests/test_inference.py tests/test_lm_import.py tests
+      tests/test_inference.py tests/test_contrastive.py tests/test_lm_import.py \
+      tests/test_finetune.py tests
 fi
 exec "$PYTHON" -m pytest -q --durations=10 -n "${TEST_WORKERS:-auto}" --dist loadfile "$@"

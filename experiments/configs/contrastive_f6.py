@@ -16,4 +16,7 @@ def get_config(arg=None):
       vocab_size=32_000, image_size=288, vision_variant="F6", text=config_base.BERT_LARGE,
       streams=config_base.PAPER_CONTRASTIVE_STREAMS, steps=1_200_000)
   config_base.paper_input(config)
+  # Each NFNet block recomputed in the backward pass: without it the step needs 96 GB of
+  # temporaries per v4 chip (tools/aot_compile; WORKSPACE.md).
+  config.model.vision.remat = True
   return config_base.apply_variant(config, arg)

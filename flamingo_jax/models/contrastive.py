@@ -61,7 +61,8 @@ class ContrastiveModel(hk.Module):
                        f"{vision.kind!r}")
     encoder = nfnet.NFNet(vision.variant, activation=vision.activation,
                           stochdepth_rate=vision.stochdepth_rate,
-                          numerics=vision.get("numerics", "deepmind"), name="vision_encoder")
+                          numerics=vision.get("numerics", "deepmind"),
+                          remat=vision.get("remat", False), name="vision_encoder")
     pixels = flamingo.normalize_pixels(images, self._dtype(),
                                        vision.get("pixel_stats", "imagenet"))
     grid = self.vision_batching(lambda x: encoder(x, is_training=is_training), pixels)
@@ -152,3 +153,14 @@ def param_shapes(config: Any) -> hk.Params:
                         jax.ShapeDtypeStruct((1, length), jnp.int32),
                         jax.ShapeDtypeStruct((1, length), jnp.float32),
                         jax.ShapeDtypeStruct((1, 1, 1, size, size, 3), jnp.uint8))
+
+
+def count_params(config: Any) -> dict[str, int]:
+  """{"vision", "text", "head", "total", "trainable", "frozen"} from shapes (all trainable)."""
+  counts = dict.fromkeys(CONTRASTIVE_COMPONENTS + ("total", "trainable", "frozen"), 0)
+  for module, _, value in hk.data_structures.traverse(param_shapes(config)):
+    size = int(np.prod(value.shape))
+    counts[contrastive_component_of(module)] += size
+    counts["total"] += size
+    counts["trainable"] += size
+  return counts

@@ -143,7 +143,8 @@ class Flamingo(hk.Module):
       raise ValueError(f"config.model.vision.kind={kind!r}; expected 'nfnet' or 'vit'")
     return nfnet.NFNet(cfg.variant, activation=cfg.activation,
                        stochdepth_rate=cfg.stochdepth_rate,
-                       numerics=cfg.get("numerics", "deepmind"), name="vision_encoder")
+                       numerics=cfg.get("numerics", "deepmind"),
+                       remat=cfg.get("remat", False), name="vision_encoder")
 
   @hk.name_like("__call__")
   def vision_features(self, images: jax.Array) -> jax.Array:

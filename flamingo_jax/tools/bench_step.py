@@ -18,6 +18,7 @@ from ml_collections import config_flags
 
 from flamingo_jax import models
 from flamingo_jax.data import schema
+from flamingo_jax.models import contrastive
 from flamingo_jax.tools import cli
 from flamingo_jax.training import flops as flops_lib
 from flamingo_jax.training import train_step
@@ -59,7 +60,8 @@ def benchmark(config, steps: int, peak_tflops: float = 0.0, profile_dir: str = "
   tflops_per_device = analytic / seconds / devices / 1e12
   report = {
       "device_kind": jax.devices()[0].device_kind, "devices": devices,
-      "params": models.count_params(config.model)["total"],
+      "params": (contrastive.count_params(config.model) if config.get("task") == "contrastive"
+                 else models.count_params(config.model))["total"],
       "init_seconds": round(init_seconds, 2),
       "first_step_seconds (compile)": round(first_seconds, 2),
       "step_seconds": seconds, "steps_per_sec": 1 / seconds,

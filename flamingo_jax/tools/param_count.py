@@ -9,6 +9,7 @@ from absl import flags
 from ml_collections import config_flags
 
 from flamingo_jax import models
+from flamingo_jax.models import contrastive
 from flamingo_jax.tools import cli
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file.", lock_config=False)
@@ -17,7 +18,9 @@ _JSON = flags.DEFINE_bool("json", False, "Print one JSON object instead of a tab
 
 def main(argv):
   del argv
-  counts = models.count_params(_CONFIG.value.model)
+  config = _CONFIG.value
+  counts = (contrastive.count_params(config.model) if config.get("task") == "contrastive"
+            else models.count_params(config.model))
   if _JSON.value:
     print(json.dumps(counts))
     return

@@ -21,8 +21,8 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from flamingo_jax.models import contrastive as contrastive_model
 from flamingo_jax.data import schema
+from flamingo_jax.models import contrastive as contrastive_model
 from flamingo_jax.training import optimizer as optimizer_lib
 from flamingo_jax.training import precision
 from flamingo_jax.training import sharding

@@ -164,7 +164,10 @@ class NFNet(hk.Module):
   def __init__(self, variant: str = "F6", *, activation: str = "gelu", alpha: float = 0.2,
                se_ratio: float = 0.5, stochdepth_rate: float = 0.1,
                final_conv_mult: int = 2, num_classes: Optional[int] = None,
-               numerics: str = "deepmind", name: Optional[str] = "nfnet"):
+               numerics: str = "deepmind", remat: bool = False,
+               name: Optional[str] = "nfnet"):
+    """`remat`: recompute each block's insides in the backward pass (only block inputs are
+    kept): a trained tower's activations at 288-480 px otherwise take ~3 GB per F6 image."""
     super().__init__(name=name)
     if variant not in NFNET_VARIANTS:
       raise ValueError(f"unknown NFNet variant {variant!r}; known: {sorted(NFNET_VARIANTS)}")
@@ -176,6 +179,7 @@ class NFNet(hk.Module):
     self.final_conv_mult = final_conv_mult
     self.num_classes = num_classes
     self.numerics = numerics
+    self.remat = remat
     self.act = scaled_activation(activation, numerics)
 
   @property
@@ -197,9 +201,10 @@ class NFNet(hk.Module):
                         numerics=self.numerics)
       # Transition block: beta from the variance the previous stage accumulated; its new
       # shortcut resets the variance to 1 (expected-variance tracking, Brock et al.).
-      x = NFBlock(in_ch=in_ch, out_ch=width, stride=stride, beta=expected_var ** -0.5,
-                  stochdepth_rate=self.stochdepth_rate * index / num_blocks,
-                  name=f"stage{stage}_block0", **block_args)(x, is_training)
+      first = NFBlock(in_ch=in_ch, out_ch=width, stride=stride, beta=expected_var ** -0.5,
+                      stochdepth_rate=self.stochdepth_rate * index / num_blocks,
+                      name=f"stage{stage}_block0", **block_args)
+      x = self._maybe_remat(lambda x, first=first: first(x, is_training))(x)
       in_ch, index = width, index + 1
       if depth > 1:
         # The other blocks share one shape: one scanned body (F6 stage 2: 41 blocks).
@@ -213,12 +218,16 @@ class NFNet(hk.Module):
                          name="block", **block_args)(x, is_training), None
 
         x, _ = hk.layer_stack(depth - 1, with_per_layer_inputs=True,
-                              name=f"stage{stage}_blocks")(block)(x, jnp.asarray(betas),
+                              name=f"stage{stage}_blocks")(self._maybe_remat(block))(
+                                  x, jnp.asarray(betas),
                                                                   jnp.asarray(rates))
         index += depth - 1
       expected_var = 1.0 + depth * self.alpha ** 2
     x = conv(self.output_channels, 1, name="final_conv")(x)
     return self.act(x)
+
+  def _maybe_remat(self, fn):
+    return hk.remat(fn) if self.remat else fn
 
   def pooled(self, images: jax.Array, *, is_training: bool) -> jax.Array:
     """Global-average-pooled embedding [B, output_channels] (contrastive use, retrieval)."""
