@@ -4,10 +4,8 @@ hand-off to a Flamingo run."""
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 
 import haiku as hk
 import jax
@@ -25,6 +23,7 @@ from flamingo_jax.training import sharding
 from flamingo_jax.training import train_step
 from flamingo_jax.training import trainer
 from train_helpers import env, global_relative_error, losses, run, train, train_command
+from train_helpers import train_until_sigterm
 
 
 @pytest.fixture(scope="module")
@@ -152,16 +151,7 @@ def contrastive_run(tmp_path_factory):
   data = str(root / "data")
   straight, resumed = str(root / "straight"), str(root / "resumed")
   train(_command(straight, data), devices=2)
-  proc = subprocess.Popen(_command(resumed, data), env=env(2), cwd=REPO,
-                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-  metrics = os.path.join(resumed, "metrics.jsonl")
-  deadline = time.time() + 600
-  while time.time() < deadline and proc.poll() is None:
-    if os.path.exists(metrics) and sum(1 for _ in open(metrics)) >= 12:
-      proc.send_signal(signal.SIGTERM)
-      break
-    time.sleep(0.05)
-  assert proc.wait(timeout=300) == 0
+  train_until_sigterm(_command(resumed, data), 2, resumed, 12)
   stopped_at = max(losses(resumed))
   train(_command(resumed, data), devices=2)
   return {"straight": straight, "resumed": resumed, "stopped_at": stopped_at}

@@ -5,21 +5,17 @@ import copy
 import dataclasses
 import json
 import os
-import signal
-import subprocess
-import time
 
 import jax
 import numpy as np
 import pytest
 
-from conftest import REPO
 from flamingo_jax.training import checkpointing
 from flamingo_jax.training import sharding
 from flamingo_jax.training import train_step
 from flamingo_jax.training import trainer
-from train_helpers import env, losses, poison, small_config, stream_subset_config_file
-from train_helpers import train, train_command
+from train_helpers import losses, poison, small_config, stream_subset_config_file
+from train_helpers import train, train_command, train_until_sigterm
 
 
 @pytest.mark.slow
@@ -31,16 +27,7 @@ def test_sigterm_and_resume_log_exactly_the_same_losses(tmp_path):
   straight, resumed = str(tmp_path / "straight"), str(tmp_path / "resumed")
   train(train_command(straight, data, 40, config=config), devices=1)
   workers = "--config.data.workers=1"
-  proc = subprocess.Popen(train_command(resumed, data, 40, workers, config=config), env=env(1),
-                          cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-  metrics = os.path.join(resumed, "metrics.jsonl")
-  deadline = time.time() + 600
-  while time.time() < deadline and proc.poll() is None:
-    if os.path.exists(metrics) and sum(1 for _ in open(metrics)) >= 15:
-      proc.send_signal(signal.SIGTERM)
-      break
-    time.sleep(0.05)
-  assert proc.wait(timeout=300) == 0                     # SIGTERM: save and exit 0
+  train_until_sigterm(train_command(resumed, data, 40, workers, config=config), 1, resumed, 15)
   stopped_at = max(losses(resumed))
   assert 15 <= stopped_at < 40, stopped_at
   assert stopped_at in [int(d) for d in os.listdir(os.path.join(resumed, "checkpoints"))]

@@ -3,8 +3,10 @@
 import copy
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 
 import haiku as hk
 import jax
@@ -107,6 +109,21 @@ def train(command, devices):
   """Runs train.py to completion; a failure shows the run's own output, not just its status."""
   result = subprocess.run(command, env=env(devices), cwd=REPO, capture_output=True, text=True)
   assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+
+
+def train_until_sigterm(command, devices, workdir, logged_steps):
+  """Runs train.py and sends SIGTERM once its metrics.jsonl holds `logged_steps` rows; the run
+  must save and exit 0."""
+  proc = subprocess.Popen(command, env=env(devices), cwd=REPO, stdout=subprocess.DEVNULL,
+                          stderr=subprocess.DEVNULL)
+  metrics = os.path.join(workdir, "metrics.jsonl")
+  deadline = time.time() + 600
+  while time.time() < deadline and proc.poll() is None:
+    if os.path.exists(metrics) and sum(1 for _ in open(metrics)) >= logged_steps:
+      proc.send_signal(signal.SIGTERM)
+      break
+    time.sleep(0.05)
+  assert proc.wait(timeout=300) == 0                     # SIGTERM: save and exit 0
 
 
 def losses(workdir, key="loss"):
