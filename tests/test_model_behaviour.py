@@ -278,24 +278,22 @@ def test_layer_layout_places_xattn_blocks_by_every_and_offset():
       language_model.layer_layout(*bad)
 
 
-def test_nfnet_block_remat_keeps_the_parameters_and_the_gradients(monkeypatch):
-  """vision.remat (a trained tower at high resolution) recomputes each block in the backward
-  pass: same parameter tree, same loss, the same gradients up to float reassociation. (A
-  small variant with a scanned stage: the transition blocks and the stacked ones.)"""
+def test_nfnet_block_remat_keeps_the_parameters_and_the_outputs(monkeypatch):
+  """vision.remat (a trained tower at high resolution) wraps each block in a checkpoint
+  (JAX then recomputes its insides in the backward pass): the same parameter tree and the
+  same features. (A small variant with a scanned stage: transition and stacked blocks.)"""
   from flamingo_jax.models.vision import nfnet  # pylint: disable=g-import-not-at-top
   monkeypatch.setitem(nfnet.NFNET_VARIANTS, "small", dict(
       nfnet.NFNET_VARIANTS["tiny"], depth=(1, 3, 1, 1)))
   images = jax.random.normal(jax.random.key(0), (2, 64, 64, 3))
   results = []
   for remat in (False, True):
-    f = hk.transform(lambda x, remat=remat: jnp.mean(jnp.square(nfnet.NFNet(
-        "small", remat=remat, stochdepth_rate=0.1)(x, is_training=True))))
+    f = hk.transform(lambda x, remat=remat: nfnet.NFNet(
+        "small", remat=remat, stochdepth_rate=0.1)(x, is_training=True))
     params = f.init(jax.random.key(1), images)
     jaxpr = str(jax.make_jaxpr(f.apply)(params, jax.random.key(2), images))
     assert jaxpr.count("remat2[") == (5 if remat else 0)    # 4 transition blocks + the stack
-    results.append((params, *jax.value_and_grad(f.apply)(params, jax.random.key(2), images)))
-  (p0, l0, g0), (p1, l1, g1) = results
+    results.append((params, jax.jit(f.apply)(params, jax.random.key(2), images)))
+  (p0, y0), (p1, y1) = results
   assert jax.tree.structure(p0) == jax.tree.structure(p1)
-  np.testing.assert_allclose(l1, l0, rtol=1e-6)
-  for a, b in zip(jax.tree.leaves(g0), jax.tree.leaves(g1)):
-    np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-6 * float(jnp.max(jnp.abs(a))))
+  np.testing.assert_allclose(y1, y0, rtol=1e-5, atol=1e-6)

@@ -4,6 +4,7 @@ backward pass on random tokens and media, print the loss and gradient norm.
   python -m flamingo_jax.tools.smoke --config=experiments/configs/tiny.py
 """
 
+import sys
 import time
 
 import haiku as hk
@@ -34,6 +35,9 @@ def random_batch(config, stream: str, seed: int = 0):
 def main(argv):
   del argv
   config = _CONFIG.value
+  if config.get("task", "flamingo") != "flamingo":
+    sys.exit(f"error: smoke checks Flamingo configs; this one is task={config.task!r}: try "
+             f"tools/param_count or tools/bench_step (one compiled train step)")
   counts = models.count_params(config.model)
   print(f"{'component':>10}  {'parameters':>14}")
   for key, value in counts.items():
