@@ -60,6 +60,23 @@ LM_OPTIONS = dict(
 )
 
 
+def vision_config(variant: str) -> dict:
+  """config.model.vision: an NFNet `variant` (or, with kind="vit", a CLIP ViT), frozen."""
+  return dict(kind="nfnet",       # | "vit": a CLIP ViT (models/vision/vit.py)
+              variant=variant, activation="gelu", stochdepth_rate=0.1,
+              numerics="deepmind",  # | "timm": weights imported from timm (nfnet.py)
+              # kind="vit": its shape (default ViT-L/14, OpenFlamingo's encoder)
+              vit=dict(width=1024, layers=24, heads=16, patch_size=14, mlp_ratio=4.0,
+                       activation="quick_gelu"),
+              # The encoder's input normalisation: "imagenet" | "clip" (CLIP weights;
+              # the import sets it). models/flamingo.py PIXEL_STATS.
+              pixel_stats="imagenet",
+              trainable=False,    # True: the paper's fine-tuning recipe (PAPER.md §8)
+              remat=False,        # NFNet: recompute each block in the backward pass (a
+                                  # trained tower: contrastive stage, fine-tuning)
+              init_checkpoint="")
+
+
 def model_config(*, vocab_size: int, image_size: int, vision_variant: str, lm: dict,
                  xattn_every: int, xattn_num_heads: int, xattn_key_size: int = 128,
                  resampler: Optional[dict] = None) -> ml_collections.ConfigDict:
@@ -71,19 +88,7 @@ def model_config(*, vocab_size: int, image_size: int, vision_variant: str, lm: d
       image_size=image_size,          # pixels, square (320 training, 480 fine-tuning)
       remat="none",                   # per LM / xattn block: none | full | dots (language_model.py)
       attention_impl="einsum",        # einsum | xla | cudnn | auto (models/attention.py)
-      vision=dict(kind="nfnet",       # | "vit": a CLIP ViT (models/vision/vit.py)
-                  variant=vision_variant, activation="gelu", stochdepth_rate=0.1,
-                  numerics="deepmind",  # | "timm": weights imported from timm (nfnet.py)
-                  # kind="vit": its shape (default ViT-L/14, OpenFlamingo's encoder)
-                  vit=dict(width=1024, layers=24, heads=16, patch_size=14, mlp_ratio=4.0,
-                           activation="quick_gelu"),
-                  # The encoder's input normalisation: "imagenet" | "clip" (CLIP weights;
-                  # the import sets it). models/flamingo.py PIXEL_STATS.
-                  pixel_stats="imagenet",
-                  trainable=False,    # True: the paper's fine-tuning recipe (PAPER.md §8)
-                  remat=False,        # NFNet: recompute each block in the backward pass (a
-                                      #   trained tower: contrastive stage, fine-tuning)
-                  init_checkpoint=""),
+      vision=vision_config(vision_variant),
       resampler=RESAMPLER_OPTIONS | dict(resampler or PAPER_RESAMPLER),
       # lm.trainable: False (PAPER.md), True: the "LM unfrozen" ablation (Table 3 xiii).
       lm=dict(LM_OPTIONS, init_checkpoint="", trainable=False) | lm,
@@ -209,14 +214,11 @@ def contrastive_config(*, vocab_size: int, image_size: int, vision_variant: str,
                        ) -> ml_collections.ConfigDict:
   """The contrastive vision-pretraining recipe (PAPER.md §5; training/contrastive.py): an
   NFNet and a BERT-style text encoder trained from scratch, every parameter trainable."""
-  model = model_config(vocab_size=vocab_size, image_size=image_size,
-                       vision_variant=vision_variant, lm=paper_lm(1, 8, 1, 8),
-                       xattn_every=1, xattn_num_heads=1)
   contrastive_model = ml_collections.ConfigDict(dict(
       vocab_size=vocab_size, image_token_id=IMAGE_ID, eoc_token_id=EOC_ID,
       image_size=image_size, attention_impl="einsum",
       embed_dim=embed_dim,                    # PAPER.md §5: 1376
-      vision=model.vision.to_dict() | dict(trainable=True),
+      vision=vision_config(vision_variant) | dict(trainable=True),
       # max_length: position embeddings (>= every stream's max_tokens)
       text=dict(max_length=max(s["max_tokens"] for s in streams.values())) | text,
   ))

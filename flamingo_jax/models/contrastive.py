@@ -11,7 +11,7 @@ unspecified) and L2-normalised. `beta` is the learnable inverse temperature, sto
 log (started at CLIP's 1/0.07, capped at 100 as in CLIP; the paper gives neither).
 
 Parameters: `contrastive/{vision_encoder, text_encoder, image_projection, text_projection}`
-and `contrastive/log_inverse_temperature`; `component_of` names their parts.
+and `contrastive/log_inverse_temperature`; `contrastive_component_of` names their parts.
 """
 
 import re
@@ -24,7 +24,6 @@ import numpy as np
 
 from flamingo_jax.models import flamingo
 from flamingo_jax.models import text_encoder
-from flamingo_jax.models.vision import nfnet
 
 MAX_INVERSE_TEMPERATURE = 100.0
 INITIAL_INVERSE_TEMPERATURE = 1.0 / 0.07
@@ -59,10 +58,7 @@ class ContrastiveModel(hk.Module):
     if vision.get("kind", "nfnet") != "nfnet":
       raise ValueError(f"contrastive pretraining trains an NFNet; config.model.vision.kind="
                        f"{vision.kind!r}")
-    encoder = nfnet.NFNet(vision.variant, activation=vision.activation,
-                          stochdepth_rate=vision.stochdepth_rate,
-                          numerics=vision.get("numerics", "deepmind"),
-                          remat=vision.get("remat", False), name="vision_encoder")
+    encoder = flamingo.nfnet_encoder(vision)
     pixels = flamingo.normalize_pixels(images, self._dtype(),
                                        vision.get("pixel_stats", "imagenet"))
     grid = self.vision_batching(lambda x: encoder(x, is_training=is_training), pixels)

@@ -56,6 +56,15 @@ def normalize_pixels(images: jax.Array, dtype: Any, stats: str = "imagenet") -> 
   return ((images.astype(jnp.float32) - mean) / std).astype(dtype)
 
 
+def nfnet_encoder(vision: Any) -> nfnet.NFNet:
+  """The NFNet `config.model.vision` describes, as module `vision_encoder` (Flamingo's and
+  the contrastive model's: one path, so a trained tower moves between them)."""
+  return nfnet.NFNet(vision.variant, activation=vision.activation,
+                     stochdepth_rate=vision.stochdepth_rate,
+                     numerics=vision.get("numerics", "deepmind"),
+                     remat=vision.get("remat", False), name="vision_encoder")
+
+
 class Flamingo(hk.Module):
   """The whole model. Submodules are built inside methods: paths are `flamingo/<child>/...`."""
 
@@ -141,10 +150,7 @@ class Flamingo(hk.Module):
                                    name="vision_encoder")
     if kind != "nfnet":
       raise ValueError(f"config.model.vision.kind={kind!r}; expected 'nfnet' or 'vit'")
-    return nfnet.NFNet(cfg.variant, activation=cfg.activation,
-                       stochdepth_rate=cfg.stochdepth_rate,
-                       numerics=cfg.get("numerics", "deepmind"),
-                       remat=cfg.get("remat", False), name="vision_encoder")
+    return nfnet_encoder(cfg)
 
   @hk.name_like("__call__")
   def vision_features(self, images: jax.Array) -> jax.Array:

@@ -29,19 +29,15 @@ KINDS = ("nfnet", "clip_vit", "contrastive")
 def load_contrastive_run(workdir: str):
   """(params under flamingo/vision_encoder, model.json fields) of a contrastive run's newest
   checkpoint. Raises weights.CheckpointError."""
-  import json  # pylint: disable=g-import-not-at-top
-  import os  # pylint: disable=g-import-not-at-top
   import jax  # pylint: disable=g-import-not-at-top
-  import ml_collections  # pylint: disable=g-import-not-at-top
   from flamingo_jax import weights  # pylint: disable=g-import-not-at-top
   from flamingo_jax.training import checkpointing  # pylint: disable=g-import-not-at-top
   from flamingo_jax.training import contrastive  # pylint: disable=g-import-not-at-top
   from flamingo_jax.training import trainer  # pylint: disable=g-import-not-at-top
-  path = os.path.join(workdir, "config.json")
-  if not os.path.isfile(path):
-    raise weights.CheckpointError(f"{path} not found: is {workdir} a training run's workdir?")
-  with open(path) as f:
-    config = ml_collections.ConfigDict(json.load(f))
+  try:
+    config = trainer.run_config(workdir)
+  except ValueError as e:
+    raise weights.CheckpointError(str(e)) from e
   if config.get("task", "flamingo") != "contrastive":
     raise weights.CheckpointError(f"{workdir} is not a contrastive run (its config.json has "
                                   f"task={config.get('task', 'flamingo')!r})")

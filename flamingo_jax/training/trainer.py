@@ -359,12 +359,20 @@ def load_init_from(source: str, setup: train_step.TrainSetup) -> tuple[hk.Params
   return trainable, frozen
 
 
+def run_config(workdir: str) -> Any:
+  """The config a run was started with (its WORKDIR/config.json), as a ConfigDict."""
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  path = os.path.join(workdir, "config.json")
+  if not os.path.isfile(path):
+    raise ValueError(f"{path} not found: is {workdir} a training run's workdir?")
+  with open(path) as f:
+    return ml_collections.ConfigDict(json.load(f))
+
+
 def _workdir_params(workdir: str, mesh) -> hk.Params:
   """Every parameter of a run's newest checkpoint, restored on `mesh`: the run's own config
   (its config.json) with batches set to fit the mesh (they do not shape a parameter)."""
-  import ml_collections  # pylint: disable=g-import-not-at-top
-  with open(os.path.join(workdir, "config.json")) as f:
-    config = ml_collections.ConfigDict(json.load(f))
+  config = run_config(workdir)
   for name, stream in config.data.streams.items():
     stream.batch_size = mesh.shape[sharding.DATA]
     config.train.microbatches[name] = 1
