@@ -23,7 +23,7 @@ from flamingo_jax.training import sharding
 from flamingo_jax.training import train_step
 from flamingo_jax.training import trainer
 from train_helpers import env, losses, run, train, train_command
-from train_helpers import train_until_sigterm
+from train_helpers import stream_subset_config_file, train_until_sigterm
 
 
 @pytest.fixture(scope="module")
@@ -233,6 +233,23 @@ def test_the_trained_nfnet_loads_into_a_flamingo_run(contrastive_run, tiny_confi
   config.model.vision.variant = "F0"
   with pytest.raises(weights.CheckpointError, match=r"an NFNet tiny but config.model.vision builds an NFNet F0"):
     trainer.load_init_checkpoints(config.model, frozen, setup)
+
+  # The second stage as launch/local.sh runs it: a Flamingo run on the import (no frozen/ of
+  # its own), then the caption probe, which must find the towers through the init checkpoint.
+  flamingo_run, vision_flag = str(tmp_path / "flamingo"), f"--config.model.vision.init_checkpoint={out}/params"
+  subset = stream_subset_config_file(tmp_path, keep=("align",))
+  train(train_command(flamingo_run, str(tmp_path / "data"), 2, vision_flag, config=subset), devices=1)
+  assert not os.path.exists(os.path.join(flamingo_run, "frozen"))
+  result = subprocess.run(
+      [sys.executable, "-m", "flamingo_jax.tools.image_text_probe", f"--config={subset}",
+       f"--workdir={flamingo_run}", "--examples=8", "--captions=4", "--json", vision_flag,
+       f"--config.data.data_dir={tmp_path / 'data'}"],
+      env=env(1), cwd=REPO, capture_output=True, text=True)
+  assert result.returncode == 0, result.stderr[-3000:]
+  report = json.loads(result.stdout.strip().splitlines()[-1])
+  assert report["step"] == 2 and report["captions"] == 4, report
+  assert 0.0 <= report["caption_exact_match"] <= 1.0
+  assert os.path.exists(os.path.join(flamingo_run, "example.png"))
 
 
 def test_retrieval_recall_counts_shared_captions_once():

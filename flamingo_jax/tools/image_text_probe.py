@@ -14,7 +14,6 @@ import json
 
 from absl import flags
 from absl import logging
-import haiku as hk
 import jax
 import numpy as np
 from ml_collections import config_flags
@@ -24,11 +23,11 @@ from flamingo_jax.data import preprocessing
 from flamingo_jax.data import synthetic
 from flamingo_jax.data import pipeline
 from flamingo_jax.tools import cli
-from flamingo_jax.training import checkpointing
 from flamingo_jax.training import losses
 from flamingo_jax.training import precision
 from flamingo_jax.training import sharding
 from flamingo_jax.training import train_step
+from flamingo_jax.training import trainer
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file.", lock_config=False)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Trained run.", required=True)
@@ -62,15 +61,9 @@ def held_out_batch(config, count: int, seed: int) -> dict:
 def probe(config, workdir: str, count: int, seed: int, captions: int = 0) -> dict:
   mesh = sharding.make_mesh(config.mesh.data, config.mesh.model)
   setup = train_step.make_train_setup(config, mesh)
-  ckpt = checkpointing.Checkpointer(workdir, config.train.keep_checkpoints)
-  restored, frozen = ckpt.restore(setup), ckpt.restore_frozen(setup)
-  ckpt.close()
-  if restored is None or frozen is None:
-    raise ValueError(f"no checkpoint (or frozen towers) in {workdir}")
-  state, _ = restored
-  compute = precision.dtype(config.precision.compute)
-  params = hk.data_structures.merge(precision.cast(state.params, compute),
-                                    precision.cast(frozen, compute))
+  # The frozen towers as the run had them: its frozen/ or its init checkpoints.
+  params, step = trainer.restore_workdir_params_and_step(config, workdir, mesh)
+  params = precision.cast(params, precision.dtype(config.precision.compute))
 
   @jax.jit
   def mean_nll(batch):
@@ -81,7 +74,7 @@ def probe(config, workdir: str, count: int, seed: int, captions: int = 0) -> dic
   _, batch = held_out_batch(config, count, seed)
   shuffled = dict(batch, media=np.roll(batch["media"], 1, axis=0))
   right, wrong = float(mean_nll(batch)), float(mean_nll(shuffled))
-  report = {"step": int(state.step), "examples": count, "caption_nll_right_images": right,
+  report = {"step": step, "examples": count, "caption_nll_right_images": right,
             "caption_nll_shuffled_images": wrong, "gap": wrong - right}
   if captions:
     report |= caption_images(config, params, captions, seed, workdir)

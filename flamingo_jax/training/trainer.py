@@ -304,6 +304,11 @@ def _initial_state(config, setup, ckpt, shards):
 def restore_workdir_params(config: Any, workdir: str, mesh=None) -> hk.Params:
   """All parameters (trainable + frozen, merged) of a run's newest loadable checkpoint, for
   inference and checks; the frozen towers as the run had them (frozen/ or init checkpoints)."""
+  return restore_workdir_params_and_step(config, workdir, mesh)[0]
+
+
+def restore_workdir_params_and_step(config: Any, workdir: str, mesh=None) -> tuple[hk.Params, int]:
+  """`restore_workdir_params`, and the step of the checkpoint they come from."""
   mesh = mesh or sharding.make_mesh(-1, 1)
   setup = train_step.make_train_setup(config, mesh)
   ckpt = checkpointing.Checkpointer(_absolute(workdir), config.train.keep_checkpoints,
@@ -320,7 +325,7 @@ def restore_workdir_params(config: Any, workdir: str, mesh=None) -> hk.Params:
                                      setup)
   finally:
     ckpt.close()
-  return hk.data_structures.merge(restored[0].params, frozen)
+  return hk.data_structures.merge(restored[0].params, frozen), int(restored[0].step)
 
 
 def load_init_from(source: str, setup: train_step.TrainSetup) -> tuple[hk.Params, hk.Params]:
