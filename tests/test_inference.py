@@ -189,7 +189,7 @@ def test_sharded_generation_equals_one_device(setup):
     assert [r[0].tokens for r in a] == [r[0].tokens for r in b], method
   ids, lengths, padded_media, _ = inference.decoding.prepare(sharded, prompts, media, 4)
   k = sharded.prefill(ids, lengths, sharded.encode(padded_media)).cache["groups"]["self"]["k"]
-  assert tuple(k.sharding.spec)[:5] == (None, None, "data", None, "model")   # [G, k, B, S, H, K]
+  assert tuple(k.sharding.spec)[:4] == ("data", None, None, "model")   # [B, G, k, H, S, K]
 
 
 def test_bad_input_is_a_clear_error(setup):

@@ -245,8 +245,9 @@ def test_attention_kernel_with_grouped_query_heads_and_a_cache():
   from flamingo_jax.models import attention  # pylint: disable=g-import-not-at-top
   rng = np.random.RandomState(0)
   x = jnp.asarray(rng.randn(2, 5, 16), jnp.float32)
-  cache = {"k": jnp.asarray(rng.randn(2, 8, 2, 4), jnp.float32),
-           "v": jnp.asarray(rng.randn(2, 8, 2, 4), jnp.float32)}
+  # A stack of 2 layers' caches; this attention is layer 1.
+  cache = {"k": jnp.asarray(rng.randn(2, 2, 2, 8, 4), jnp.float32),        # [B, N, H, S, K]
+           "v": jnp.asarray(rng.randn(2, 2, 2, 8, 4), jnp.float32), "layer": jnp.int32(1)}
   positions = jnp.asarray([[3, 4, 5, 6, 7], [0, 1, 2, 3, 4]])
   mask = jnp.asarray(rng.rand(2, 1, 5, 8) < 0.6).at[1, 0, 2].set(False)   # a fully masked row
 
@@ -261,6 +262,10 @@ def test_attention_kernel_with_grouped_query_heads_and_a_cache():
   (want, want_cache), (got, got_cache) = run("einsum"), run("xla")
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
   np.testing.assert_array_equal(got_cache["k"], want_cache["k"])
+  np.testing.assert_array_equal(got_cache["k"][:, 0], cache["k"][:, 0])   # layer 0 untouched
+  # Row 0's positions 3..7 of layer 1 are new, its 0..2 kept.
+  np.testing.assert_array_equal(got_cache["v"][0, 1, :, :3], cache["v"][0, 1, :, :3])
+  assert not np.array_equal(got_cache["v"][0, 1, :, 3:], cache["v"][0, 1, :, 3:])
   with pytest.raises(ValueError, match="attention impl='flash'; expected one of"):
     hk.transform(lambda: attention.MultiHeadAttention(
         num_heads=4, key_size=4, model_size=16, impl="flash")).init(None)

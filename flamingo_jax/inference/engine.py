@@ -84,7 +84,8 @@ class Engine:
       keys = [p.key for p in path if isinstance(p, jax.tree_util.DictKey)]
       dims = [None] * len(leaf.shape)
       dims[models.CACHE_BATCH_AXES[keys[0]][keys[1]]] = DATA
-      dims[-2] = MODEL if leaf.shape[-2] % self.mesh.shape[MODEL] == 0 else None
+      heads = models.CACHE_HEAD_AXES[keys[1]]
+      dims[heads] = MODEL if leaf.shape[heads] % self.mesh.shape[MODEL] == 0 else None
       return P(*dims)
     return jax.tree_util.tree_map_with_path(spec, cache)
 

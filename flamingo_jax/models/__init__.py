@@ -6,4 +6,4 @@ from flamingo_jax.models.flamingo import (COMPONENTS, Flamingo, FlamingoStages, 
                                           make_flamingo_stages, param_shapes, VisionBatching,
                                           split_trainable)
 from flamingo_jax.models.gated_xattn import media_attention_mask, media_positions
-from flamingo_jax.models.language_model import CACHE_BATCH_AXES, layer_layout
+from flamingo_jax.models.language_model import CACHE_BATCH_AXES, CACHE_HEAD_AXES, layer_layout

@@ -176,9 +176,12 @@ class MultiHeadAttention(hk.Module):
     """query [B, Lq, D], key_value [B, Lk, Dkv], mask bool [B, 1|H, Lq, Lk] -> [B, Lq, model_size].
 
     kv: precomputed `project_kv(key_value)` instead of key_value. cache (self-attention
-    decoding): {"k", "v": [B, S, Hkv, K]} holding earlier positions; the new keys/values
-    (rotated) are written at `positions` (contiguous per row), the queries attend over all S
-    slots under `mask` [B, 1, Lq, S], and (output, updated cache) is returned.
+    decoding): a layer stack's keys/values {"k", "v": [B, N, Hkv, S, K], "layer": int32 []}
+    holding earlier positions; the new keys/values (rotated) are written into layer `layer`
+    at `positions` (contiguous per row), the queries attend over its S slots under `mask`
+    [B, 1, Lq, S], and (output, updated cache) is returned. The whole stack goes in and out
+    (a scan's carry, not its per-layer input and output), so that XLA writes the new
+    positions in place instead of copying every layer's slots on every token.
     """
     q = self._project(query, self.num_heads, "query")
     k, v = kv if kv is not None else self.project_kv(key_value)
@@ -188,11 +191,15 @@ class MultiHeadAttention(hk.Module):
       k = apply_rotary(k, positions, rotary.max_wavelength, fraction=rotary.fraction,
                        layout=rotary.layout)
     if cache is not None:
-      write = jax.vmap(lambda c, new, start: jax.lax.dynamic_update_slice(
-          c, new.astype(c.dtype), (start, 0, 0)))
-      cache = {"k": write(cache["k"], k, positions[:, 0]),
-               "v": write(cache["v"], v, positions[:, 0])}
-      k, v = cache["k"], cache["v"]                                        # [B, S, Hkv, K]
+      layer = cache["layer"]
+      # Row b's token t goes to [b, layer, :, positions[b, t]] of the [B, N, Hkv, S, K] stack:
+      # one scatter into the carried buffer (prompts are ragged; slots past S are dropped).
+      rows = jnp.arange(positions.shape[0])[:, None]                       # [B, 1]
+      write = lambda full, new: full.at[rows, layer, :, positions].set(new.astype(full.dtype),
+                                                                    mode="drop")
+      cache = {"k": write(cache["k"], k), "v": write(cache["v"], v), "layer": layer}
+      k, v = (jnp.swapaxes(jax.lax.dynamic_index_in_dim(cache[name], layer, 1, keepdims=False),
+                           1, 2) for name in ("k", "v"))                   # [B, S, Hkv, K]
     b, lq = q.shape[:2]
     if self.impl != "einsum":
       attn = jax.nn.dot_product_attention(

@@ -80,7 +80,8 @@ class DecoderBlock(hk.Module):
   def __call__(self, x: jax.Array, positions: jax.Array, mask: jax.Array,
                cache: Optional[dict] = None):
     """x [B, T, D] at positions [B, T] -> [B, T, D]; with a self-attention cache
-    ({"k", "v": [B, S, Hkv, K]}, see MultiHeadAttention) -> (x, updated cache)."""
+    (a layer stack's, {"k", "v": [B, N, Hkv, S, K], "layer"}: see MultiHeadAttention)
+    -> (x, updated cache)."""
     o = self.options
     norm = lambda name: attention.make_norm(o.norm, eps=o.norm_eps, bias=o.norm_bias, name=name)
     h = norm("attention_norm")(x)
@@ -220,45 +221,72 @@ class LanguageModel(hk.Module):
         media_kv = block.media_kv(visual.astype(x.dtype), x.shape[-1])
       return block(x, None, phi, media_kv=media_kv), media_kv
 
-    def lm_blocks(x, count, name, layer_cache=None):
+    def lm_blocks(x, count, name, stack=None):
+      """`count` scanned blocks; cached: `stack` ({"k", "v": [B, N, Hkv, S, K], "layer": the
+      index of the first of these blocks in it}) is carried through the scan, each block
+      writing its own layer, and returned with "layer" past the last."""
       def one(x):
         return maybe_remat(DecoderBlock(name="block", **self._block_kwargs))(x, positions, mask)
       if not cached:
         return hk.layer_stack(count, name=name)(one)(x), None
 
-      def one_cached(x, c):
-        return DecoderBlock(name="block", **self._block_kwargs)(x, positions, mask, c)
-      return hk.layer_stack(count, with_per_layer_inputs=True, name=name)(one_cached)(
-          x, layer_cache)
+      def one_cached(carry):
+        x, stack = carry
+        x, stack = DecoderBlock(name="block", **self._block_kwargs)(x, positions, mask, stack)
+        return x, dict(stack, layer=stack["layer"] + 1)
+      return hk.layer_stack(count, name=name)(one_cached)((x, stack))
 
-    def stage(x, c, xattn_name, blocks_name, count):
-      """[xattn, `count` blocks] with the cache slice `c` of this stage (None: no cache)."""
-      kept = None if c is None else c.get("xattn")                   # {"k", "v"} or None
+    def stage(x, stack, kept, xattn_name, blocks_name, count):
+      """[xattn, `count` blocks]: (x, stack, this xattn layer's visual keys/values or None).
+      kept: the cache's {"k", "v"} of this xattn layer (None: compute them, the prefill)."""
       x, media_kv = xattn(x, xattn_name, None if kept is None else (kept["k"], kept["v"]))
-      x, self_cache = lm_blocks(x, count, blocks_name, None if c is None else c["self"])
-      out = {"self": self_cache}
-      if media_kv is not None:
-        out["xattn"] = {"k": media_kv[0], "v": media_kv[1]}
-      return x, out
+      x, stack = lm_blocks(x, count, blocks_name, stack)
+      return x, stack, media_kv
+
+    def stack_of(part, layer_dims=1):
+      """The self-attention cache of `part` as one layer stack [B, N, Hkv, S, K], starting at
+      layer 0 (groups: [B, G, every, ...] -> [B, G * every, ...], a free reshape)."""
+      merge = lambda a: a.reshape(a.shape[0], -1, *a.shape[1 + layer_dims:])
+      return {"k": merge(cache[part]["self"]["k"]), "v": merge(cache[part]["self"]["v"]),
+              "layer": jnp.int32(0)}
+
+    def unstack(stack, like):
+      return {name: stack[name].reshape(like[name].shape) for name in ("k", "v")}
 
     head, num_groups, tail = layer_layout(self.num_layers, self.xattn_every, self.xattn_offset)
     new_cache = {}
     if head:                                    # LM blocks before the first xattn block
-      x, head_cache = lm_blocks(x, head, "head_blocks",
-                                cache["head"]["self"] if cached else None)
       if cached:
-        new_cache["head"] = {"self": head_cache}
+        x, stack = lm_blocks(x, head, "head_blocks", stack_of("head"))
+        new_cache["head"] = {"self": unstack(stack, cache["head"]["self"])}
+      else:
+        x, _ = lm_blocks(x, head, "head_blocks")
     if not cached:
       x = hk.layer_stack(num_groups, name="groups")(
-          lambda x: stage(x, None, "xattn", "blocks", self.xattn_every)[0])(x)
+          lambda x: stage(x, None, None, "xattn", "blocks", self.xattn_every)[0])(x)
       if tail:
-        x = stage(x, None, "tail_xattn", "tail_blocks", tail)[0]
+        x = stage(x, None, None, "tail_xattn", "tail_blocks", tail)[0]
     else:
-      x, new_cache["groups"] = hk.layer_stack(num_groups, with_per_layer_inputs=True,
-                                              name="groups")(
-          lambda x, c: stage(x, c, "xattn", "blocks", self.xattn_every))(x, cache["groups"])
+      kept = cache["groups"].get("xattn")
+      def group(carry, *kept_g):
+        x, stack, media_kv = stage(*carry, kept_g[0] if kept_g else None, "xattn", "blocks",
+                                   self.xattn_every)
+        # Kept visual keys/values pass through untouched (no per-token copy of them).
+        return (x, stack), (None if kept_g else media_kv)
+      (x, stack), media_kv = hk.layer_stack(num_groups, with_per_layer_inputs=True,
+                                            name="groups")(group)(
+          (x, stack_of("groups", layer_dims=2)), *([kept] if kept is not None else []))
+      new_cache["groups"] = {"self": unstack(stack, cache["groups"]["self"])}
+      if kept is not None or media_kv is not None:
+        new_cache["groups"]["xattn"] = kept if kept is not None else {"k": media_kv[0],
+                                                                      "v": media_kv[1]}
       if tail:
-        x, new_cache["tail"] = stage(x, cache["tail"], "tail_xattn", "tail_blocks", tail)
+        kept = cache["tail"].get("xattn")
+        x, stack, media_kv = stage(x, stack_of("tail"), kept, "tail_xattn", "tail_blocks", tail)
+        new_cache["tail"] = {"self": unstack(stack, cache["tail"]["self"])}
+        if kept is not None or media_kv is not None:
+          new_cache["tail"]["xattn"] = kept if kept is not None else {"k": media_kv[0],
+                                                                      "v": media_kv[1]}
 
     o = self.options
     x = attention.make_norm(o.norm, eps=o.norm_eps, bias=o.norm_bias, name="final_norm")(x)
@@ -293,13 +321,15 @@ def layer_layout(num_layers: int, xattn_every: int, xattn_offset: int = 0
 def init_cache(*, num_layers: int, xattn_every: int, num_kv_heads: int, key_size: int,
                batch: int, slots: int, dtype: Any, xattn_offset: int = 0) -> dict:
   """Empty self-attention cache for `batch` rows of `slots` positions, laid out for the
-  scanned stacks (layer_layout): head {"self": {"k", "v": [offset, B, S, Hkv, K]}} when
-  there is a head, groups {"self": [G, k, B, S, Hkv, K]}, tail {"self": [tail, B, S, Hkv,
-  K]}. The prefill adds each xattn layer's visual keys/values ("xattn": {"k", "v": [G, B, N,
-  R, H, K]} and [B, N, R, H, K] for the tail)."""
+  scanned stacks (layer_layout): head {"self": {"k", "v": [B, offset, Hkv, S, K]}} when
+  there is a head, groups {"self": [B, G, k, Hkv, S, K]}, tail {"self": [B, tail, Hkv, S,
+  K]}. Rows first, so that the decode scans carry each stack whole and write it in place;
+  slots after the heads, so that attention reads a layer's keys without transposing them.
+  The prefill adds each xattn layer's visual keys/values ("xattn": {"k", "v": [G, B, N, R,
+  H, K]} and [B, N, R, H, K] for the tail)."""
   head, num_groups, tail = layer_layout(num_layers, xattn_every, xattn_offset)
-  zeros = lambda *lead: {"k": jnp.zeros((*lead, batch, slots, num_kv_heads, key_size), dtype),
-                         "v": jnp.zeros((*lead, batch, slots, num_kv_heads, key_size), dtype)}
+  zeros = lambda *lead: {"k": jnp.zeros((batch, *lead, num_kv_heads, slots, key_size), dtype),
+                         "v": jnp.zeros((batch, *lead, num_kv_heads, slots, key_size), dtype)}
   cache = {"groups": {"self": zeros(num_groups, xattn_every)}}
   if head:
     cache["head"] = {"self": zeros(head)}
@@ -309,13 +339,15 @@ def init_cache(*, num_layers: int, xattn_every: int, num_kv_heads: int, key_size
 
 
 # Which axis of each cache leaf is the batch (beam search reorders rows along it).
-CACHE_BATCH_AXES = {"groups": {"self": 2, "xattn": 1}, "tail": {"self": 1, "xattn": 0},
-                    "head": {"self": 1}}
+CACHE_BATCH_AXES = {"groups": {"self": 0, "xattn": 1}, "tail": {"self": 0, "xattn": 0},
+                    "head": {"self": 0}}
+# Which axis of a cache leaf is the key/value heads (sharded over 'model'), by kind.
+CACHE_HEAD_AXES = {"self": -3, "xattn": -2}
 
 
 def cache_length(cache: dict) -> int:
   """S, the positions a cache holds."""
-  return cache["groups"]["self"]["k"].shape[3]
+  return cache["groups"]["self"]["k"].shape[4]           # [B, G, every, Hkv, S, K]
 
 
 def cached_mask(positions: jax.Array, slots: int, sliding_window: int = 0) -> jax.Array:
