@@ -75,6 +75,21 @@ def test_cached_step_logits_equal_the_full_forward(setup):
     np.testing.assert_allclose(prompt.logits[i], reference, atol=1e-5)
 
 
+def test_the_decode_step_writes_the_cache_in_place(setup):
+  """The step's working memory is a fraction of its KV cache: the cache is donated, carried
+  through the layer scans and scattered into, never copied whole (before: 2x the cache)."""
+  cfg, engine, full, prompts, media = setup
+  ids, lengths, media_p, _ = inference.decoding.prepare(engine, prompts, media, 8)
+  big = inference.Engine(cfg, engine.params, max_slots=1024)
+  prompt = big.prefill(ids, lengths, big.encode(media_p))
+  compiled = big._step.lower(big.params, prompt.positions, prompt.positions, prompt.phi,
+                             prompt.cache).compile()
+  memory = compiled.memory_analysis()
+  cache_bytes = sum(leaf.nbytes for leaf in jax.tree.leaves(prompt.cache))
+  assert memory.alias_size_in_bytes >= cache_bytes
+  assert memory.temp_size_in_bytes < cache_bytes / 2, (memory.temp_size_in_bytes, cache_bytes)
+
+
 def test_beam_search(setup):
   cfg, engine, full, prompts, media = setup
   stop = (cfg.eoc_token_id,)
