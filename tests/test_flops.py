@@ -1,8 +1,10 @@
-"""Compiled-FLOPs counting (hlo_flops) and the spreading of the frozen encoder's batch."""
+"""Compiled-FLOPs counting (hlo_flops), the spreading of the frozen encoder's batch, and the
+per-part reading of a profiled step (tools/profile_parts)."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from flamingo_jax.training import hlo_flops
@@ -72,3 +74,62 @@ ENTRY %main (x: f32[1,4,4,2,8], w: f32[3,3,8,2,16]) -> f32[1,4,4,2,16] {
 """
   outputs, taps = 4 * 4 * 2 * 16, 3 * 3 * 8           # per output: 3x3 window x 8 inputs
   assert hlo_flops.count(hlo) == 2 * outputs * taps
+
+
+# -- tools/profile_parts: where a profiled step's time goes ---------------------------------
+
+def test_profile_parts_names_each_op_by_model_part_and_direction():
+  from flamingo_jax.tools import profile_parts  # pylint: disable=g-import-not-at-top
+  step = "jit(step_fn)/"
+  assert profile_parts.part_of(
+      step + "jvp(flamingo)/encode_media/flamingo/vision_encoder/stem/conv") == \
+      "vision_encoder forward"
+  assert profile_parts.part_of(
+      step + "transpose(jvp(flamingo))/encode_media/flamingo/perceiver_resampler/while/body/"
+      "closed_call/ffw/ffw_out/dot_general") == "perceiver_resampler backward"
+  lm = step + "jvp(flamingo)/decode/flamingo/language_model/while/body/closed_call/"
+  assert profile_parts.part_of(lm + "blocks/while/body/closed_call/block/ffw/dot") == \
+      "language_model forward"
+  assert profile_parts.part_of(lm + "xattn/ffw/ffw_in/dot_general") == "gated_xattn forward"
+  assert profile_parts.part_of(lm.replace("jvp(", "transpose(jvp(") + "tail_xattn/attn/dot") \
+      == "gated_xattn backward"
+  assert profile_parts.part_of(step + "adam/mul") == "update"
+
+
+def test_profile_parts_sums_trace_events_per_part_and_step():
+  from flamingo_jax.tools import profile_parts  # pylint: disable=g-import-not-at-top
+  hlo = ('  %fusion.1 = f32[2]{0} fusion(%p), metadata={op_name="jit(f)/jvp(m)/vision_encoder/conv"}\n'
+         '  ROOT %dot.7 = f32[2]{0} dot(%a, %b), metadata={op_name="jit(f)/transpose(jvp(m))/vision_encoder/dot"}\n'
+         '  %add.3 = f32[2]{0} add(%a, %b), metadata={op_name="jit(f)/adam/add"}\n')
+  trace = {"traceEvents": [
+      {"ph": "X", "name": "fusion.1", "dur": 3000.0},
+      {"ph": "X", "name": "fusion.1", "dur": 1000.0},
+      {"ph": "X", "name": "kernel_abc", "dur": 600.0, "args": {"hlo_op": "dot.7"}},   # GPU form
+      {"ph": "X", "name": "add.3", "dur": 200.0},
+      {"ph": "X", "name": "ThunkExecutor::Execute", "dur": 9000.0},                  # not an op
+      {"ph": "i", "name": "fusion.1", "dur": 7000.0}]}                               # not complete
+  assert profile_parts.summarize(trace, hlo, steps=2) == {
+      "vision_encoder forward": 2.0, "vision_encoder backward": 0.3, "update": 0.1}
+
+
+def test_profile_parts_reads_a_real_cpu_trace(tmp_path):
+  """A profiled jitted gradient on this backend: its ops are found and named by part."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from flamingo_jax.tools import profile_parts  # pylint: disable=g-import-not-at-top
+
+  def loss(w, x):
+    with jax.named_scope("perceiver_resampler"):
+      return jnp.sum(jnp.tanh(x @ w) ** 2)
+  step = jax.jit(jax.grad(loss))
+  w, x = jnp.ones((256, 256)) * 0.01, jnp.ones((64, 256))
+  step(w, x).block_until_ready()
+  jax.profiler.start_trace(str(tmp_path))
+  for _ in range(2):
+    step(w, x).block_until_ready()
+  jax.profiler.stop_trace()
+  parts = profile_parts.summarize_dir(str(tmp_path), step.lower(w, x).compile().as_text(), 2)
+  assert parts.get("perceiver_resampler forward", 0) > 0, parts
+  assert parts.get("perceiver_resampler backward", 0) > 0, parts
+  with pytest.raises(FileNotFoundError, match="no \\*.trace.json.gz under"):
+    profile_parts.trace_file(str(tmp_path / "empty"))

@@ -6,10 +6,14 @@ model-FLOPs utilisation (analytic FLOPs / step time / chip peak). A benchmark, n
       --peak_tflops=989 --config.model.attention_impl=cudnn --profile_dir=/tmp/prof --json
 
 --profile_dir writes a jax.profiler trace of the timed steps (TensorBoard's profile plugin or
-Perfetto); --config.model.attention_impl picks the attention kernel (models/attention.py).
+Perfetto) and the compiled step's HLO (compiled_step.hlo.txt) there, and adds
+"profile_ms_per_step": the op time of each model part, forward and backward, and of the
+update (tools/profile_parts.py). --config.model.attention_impl picks the attention kernel
+(models/attention.py).
 """
 
 import json
+import os
 import time
 
 from absl import flags
@@ -20,6 +24,7 @@ from flamingo_jax import models
 from flamingo_jax.data import schema
 from flamingo_jax.models import contrastive
 from flamingo_jax.tools import cli
+from flamingo_jax.tools import profile_parts
 from flamingo_jax.training import flops as flops_lib
 from flamingo_jax.training import train_step
 
@@ -52,6 +57,10 @@ def benchmark(config, steps: int, peak_tflops: float = 0.0, profile_dir: str = "
   seconds = (time.perf_counter() - start) / steps
   if profile_dir:
     jax.profiler.stop_trace()
+    # The trace names the compiled module's instructions; their op_names name the parts.
+    hlo_text = setup.step.lower(state, frozen, batches[0]).compile().as_text()
+    with open(os.path.join(profile_dir, "compiled_step.hlo.txt"), "w") as f:
+      f.write(hlo_text)
   streams = config.data.streams
   tokens = sum(s.batch_size * s.max_tokens for s in streams.values())
   examples = sum(s.batch_size for s in streams.values())
@@ -73,6 +82,8 @@ def benchmark(config, steps: int, peak_tflops: float = 0.0, profile_dir: str = "
   }
   if peak_tflops:
     report["mfu"] = tflops_per_device / peak_tflops
+  if profile_dir:
+    report["profile_ms_per_step"] = profile_parts.summarize_dir(profile_dir, hlo_text, steps)
   return report
 
 
