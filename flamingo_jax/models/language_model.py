@@ -250,15 +250,23 @@ class LanguageModel(hk.Module):
       return {"k": merge(cache[part]["self"]["k"]), "v": merge(cache[part]["self"]["v"]),
               "layer": jnp.int32(0)}
 
-    def unstack(stack, like):
-      return {name: stack[name].reshape(like[name].shape) for name in ("k", "v")}
+    def part_cache(part, stack, kept=None, media_kv=None):
+      """`part`'s new cache: its self stack back in the part's own shape, and its xattn
+      keys/values: the kept ones untouched, or the prefill's new ones."""
+      like = cache[part]["self"]
+      out = {"self": {name: stack[name].reshape(like[name].shape) for name in ("k", "v")}}
+      if kept is not None:
+        out["xattn"] = kept
+      elif media_kv is not None:
+        out["xattn"] = {"k": media_kv[0], "v": media_kv[1]}
+      return out
 
     head, num_groups, tail = layer_layout(self.num_layers, self.xattn_every, self.xattn_offset)
     new_cache = {}
     if head:                                    # LM blocks before the first xattn block
       if cached:
         x, stack = lm_blocks(x, head, "head_blocks", stack_of("head"))
-        new_cache["head"] = {"self": unstack(stack, cache["head"]["self"])}
+        new_cache["head"] = part_cache("head", stack)
       else:
         x, _ = lm_blocks(x, head, "head_blocks")
     if not cached:
@@ -276,17 +284,11 @@ class LanguageModel(hk.Module):
       (x, stack), media_kv = hk.layer_stack(num_groups, with_per_layer_inputs=True,
                                             name="groups")(group)(
           (x, stack_of("groups", layer_dims=2)), *([kept] if kept is not None else []))
-      new_cache["groups"] = {"self": unstack(stack, cache["groups"]["self"])}
-      if kept is not None or media_kv is not None:
-        new_cache["groups"]["xattn"] = kept if kept is not None else {"k": media_kv[0],
-                                                                      "v": media_kv[1]}
+      new_cache["groups"] = part_cache("groups", stack, kept, media_kv)
       if tail:
         kept = cache["tail"].get("xattn")
         x, stack, media_kv = stage(x, stack_of("tail"), kept, "tail_xattn", "tail_blocks", tail)
-        new_cache["tail"] = {"self": unstack(stack, cache["tail"]["self"])}
-        if kept is not None or media_kv is not None:
-          new_cache["tail"]["xattn"] = kept if kept is not None else {"k": media_kv[0],
-                                                                      "v": media_kv[1]}
+        new_cache["tail"] = part_cache("tail", stack, kept, media_kv)
 
     o = self.options
     x = attention.make_norm(o.norm, eps=o.norm_eps, bias=o.norm_bias, name="final_norm")(x)

@@ -62,7 +62,7 @@ def probe(config, workdir: str, count: int, seed: int, captions: int = 0) -> dic
   mesh = sharding.make_mesh(config.mesh.data, config.mesh.model)
   setup = train_step.make_train_setup(config, mesh)
   # The frozen towers as the run had them: its frozen/ or its init checkpoints.
-  params, step = trainer.restore_workdir_params_and_step(config, workdir, mesh)
+  params, step = trainer.restore_workdir_params_and_step(config, workdir, setup=setup)
   params = precision.cast(params, precision.dtype(config.precision.compute))
 
   @jax.jit

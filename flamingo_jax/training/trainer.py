@@ -307,10 +307,13 @@ def restore_workdir_params(config: Any, workdir: str, mesh=None) -> hk.Params:
   return restore_workdir_params_and_step(config, workdir, mesh)[0]
 
 
-def restore_workdir_params_and_step(config: Any, workdir: str, mesh=None) -> tuple[hk.Params, int]:
-  """`restore_workdir_params`, and the step of the checkpoint they come from."""
-  mesh = mesh or sharding.make_mesh(-1, 1)
-  setup = train_step.make_train_setup(config, mesh)
+def restore_workdir_params_and_step(config: Any, workdir: str, mesh=None,
+                                    setup: train_step.TrainSetup | None = None
+                                    ) -> tuple[hk.Params, int]:
+  """`restore_workdir_params`, and the step of the checkpoint they come from. `setup`: the
+  caller's own TrainSetup of `config` (not built twice)."""
+  if setup is None:
+    setup = train_step.make_train_setup(config, mesh or sharding.make_mesh(-1, 1))
   ckpt = checkpointing.Checkpointer(_absolute(workdir), config.train.keep_checkpoints,
                                     async_save=False)
   try:
