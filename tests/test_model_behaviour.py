@@ -302,3 +302,37 @@ def test_nfnet_block_remat_keeps_the_parameters_and_the_outputs(monkeypatch):
   (p0, y0), (p1, y1) = results
   assert jax.tree.structure(p0) == jax.tree.structure(p1)
   np.testing.assert_allclose(y1, y0, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("shape,with_bias,dtype", [
+    ((6, 5), True, jnp.float32), ((2, 3, 5), False, jnp.float32),
+    ((2, 2, 3, 5), True, jnp.float32), ((4, 3, 5), True, jnp.bfloat16)])
+def test_linear_gradients_equal_haiku_linear_autodiff(shape, with_bias, dtype):
+  """attention.Linear (its own VJP: the weight gradient as one dot over all rows) has
+  hk.Linear's parameters, outputs and gradients for the input, weight and bias, at any rank,
+  inside a scanned stack (the resampler's case) and in bfloat16."""
+  from flamingo_jax.models import attention  # pylint: disable=g-import-not-at-top
+
+  def stack(cls):
+    def f(x):
+      def layer(x):
+        h = attention.squared_relu(cls(7, with_bias=with_bias, name="ffw_in")(x))
+        return x + cls(x.shape[-1], with_bias=with_bias, name="ffw_out")(h)
+      return hk.layer_stack(2, name="layers")(layer)(x)
+    return hk.without_apply_rng(hk.transform(f))
+
+  x = jnp.asarray(np.random.default_rng(0).standard_normal(shape), dtype)
+  ours, theirs = stack(attention.Linear), stack(hk.Linear)
+  params = theirs.init(jax.random.key(1), x)
+  assert jax.tree.structure(ours.init(jax.random.key(1), x)) == jax.tree.structure(params)
+  params = jax.tree.map(lambda p: p + 0.1, params)      # nonzero biases
+  r = jnp.asarray(np.random.default_rng(2).standard_normal(shape), dtype)
+  loss = lambda model, p, x: jnp.sum((model.apply(p, x) * r).astype(jnp.float32))
+  np.testing.assert_array_equal(ours.apply(params, x), theirs.apply(params, x))
+  got = jax.jit(jax.grad(lambda p, x: loss(ours, p, x), argnums=(0, 1)))(params, x)
+  want = jax.jit(jax.grad(lambda p, x: loss(theirs, p, x), argnums=(0, 1)))(params, x)
+  tol = 2e-2 if dtype == jnp.bfloat16 else 1e-5
+  for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    assert g.dtype == w.dtype and g.shape == w.shape
+    np.testing.assert_allclose(np.asarray(g, np.float32), np.asarray(w, np.float32),
+                               rtol=tol, atol=tol)

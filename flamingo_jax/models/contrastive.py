@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from flamingo_jax.models import attention
 from flamingo_jax.models import flamingo
 from flamingo_jax.models import text_encoder
 
@@ -63,7 +64,7 @@ class ContrastiveModel(hk.Module):
                                        vision.get("pixel_stats", "imagenet"))
     grid = self.vision_batching(lambda x: encoder(x, is_training=is_training), pixels)
     pooled = jnp.mean(grid.astype(jnp.float32), axis=(1, 2))                    # [N, C]
-    projected = hk.Linear(self.config.embed_dim, name="image_projection")(
+    projected = attention.Linear(self.config.embed_dim, name="image_projection")(
         pooled.astype(self._dtype()))
     return l2_normalize(projected)
 
@@ -78,7 +79,7 @@ class ContrastiveModel(hk.Module):
     weights = (text_mask > 0).astype(jnp.float32)[..., None]                      # [N, L, 1]
     pooled = (jnp.sum(features.astype(jnp.float32) * weights, axis=1)
               / jnp.maximum(jnp.sum(weights, axis=1), 1.0))                      # [N, D]
-    projected = hk.Linear(self.config.embed_dim, name="text_projection")(
+    projected = attention.Linear(self.config.embed_dim, name="text_projection")(
         pooled.astype(self._dtype()))
     return l2_normalize(projected)
 

@@ -27,6 +27,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from flamingo_jax.models import attention
+
 # Stage widths, depths, group width, and resolution (train/test) per variant.
 NFNET_VARIANTS = {
     "F0": dict(width=(256, 512, 1536, 1536), depth=(1, 2, 6, 3), group_size=128, train_imsize=192, test_imsize=256),
@@ -110,8 +112,8 @@ class SqueezeExcite(hk.Module):
 
   def __call__(self, x: jax.Array) -> jax.Array:
     h = jnp.mean(x, axis=(1, 2))                                           # [B, C]
-    h = jax.nn.relu(hk.Linear(self.hidden, name="fc0")(h))
-    return jax.nn.sigmoid(hk.Linear(self.channels, name="fc1")(h))[:, None, None, :]
+    h = jax.nn.relu(attention.Linear(self.hidden, name="fc0")(h))
+    return jax.nn.sigmoid(attention.Linear(self.channels, name="fc1")(h))[:, None, None, :]
 
 
 class NFBlock(hk.Module):
@@ -237,5 +239,5 @@ class NFNet(hk.Module):
     """Classifier logits [B, num_classes] (the 1000-class head of the published counts)."""
     if self.num_classes is None:
       raise ValueError("NFNet built without num_classes has no classifier head")
-    return hk.Linear(self.num_classes, w_init=jnp.zeros, name="classifier")(
+    return attention.Linear(self.num_classes, w_init=jnp.zeros, name="classifier")(
         self.pooled(images, is_training=is_training))

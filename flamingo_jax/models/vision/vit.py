@@ -22,6 +22,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from flamingo_jax.models import attention
+
 ACTIVATIONS = {
     "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),
     "gelu": lambda x: jax.nn.gelu(x, approximate=False),
@@ -44,14 +46,14 @@ class ResidualBlock(hk.Module):
     b, s, d = x.shape
     h, k = self.heads, d // self.heads
     y = _layer_norm("ln_1", self.ln_eps)(x)
-    qkv = hk.Linear(3 * d, name="in_proj")(y).reshape(b, s, 3, h, k)              # [B, S, 3, H, K]
+    qkv = attention.Linear(3 * d, name="in_proj")(y).reshape(b, s, 3, h, k)              # [B, S, 3, H, K]
     q, key, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
     logits = jnp.einsum("bqhk,bshk->bhqs", q, key).astype(jnp.float32) / np.sqrt(k)
     weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
     attended = jnp.einsum("bhqs,bshk->bqhk", weights, v).reshape(b, s, d)         # [B, S, D]
-    x = x + hk.Linear(d, name="out_proj")(attended)
+    x = x + attention.Linear(d, name="out_proj")(attended)
     y = _layer_norm("ln_2", self.ln_eps)(x)
-    y = hk.Linear(d, name="c_proj")(self.act(hk.Linear(self.mlp_width, name="c_fc")(y)))
+    y = attention.Linear(d, name="c_proj")(self.act(hk.Linear(self.mlp_width, name="c_fc")(y)))
     return x + y
 
 
