@@ -295,9 +295,9 @@ class LanguageModel(hk.Module):
     if self.tied_embeddings:
       logits = jnp.einsum("bld,vd->blv", x, self._table().astype(x.dtype))      # [B, L, V]
     else:
-      logits = attention.Linear(self.vocab_size, with_bias=False, name="unembed")(x)    # [B, L, V]
+      logits = attention.Linear(self.vocab_size, with_bias=False, name="unembed")(x)  # [B, L, V]
     new_logits = attention.Linear(len(self.new_token_ids), with_bias=False,
-                           name="new_token_unembed")(x)                          # [B, L, 2]
+                                  name="new_token_unembed")(x)                   # [B, L, 2]
     logits, new_logits = logits.astype(jnp.float32), new_logits.astype(jnp.float32)
     # Select over the vocabulary iota (not a scatter) to put the new tokens' columns in place.
     vocab = jnp.arange(self.vocab_size, dtype=jnp.int32)

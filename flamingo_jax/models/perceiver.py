@@ -70,7 +70,8 @@ class PerceiverResampler(hk.Module):
     dtype = features.dtype
     if self.input_projection:
       # Encoder channels -> resampler width (PAPER.md §10.3: 3072 -> 1536 for NFNet-F6).
-      x_f = attention.Linear(self.dim, with_bias=False, name="input_projection")(features)  # [B,N,T,S,D]
+      x_f = attention.Linear(self.dim, with_bias=False,
+                             name="input_projection")(features)                 # [B,N,T,S,D]
     elif c != self.dim:
       raise ValueError(f"resampler without input projection needs {self.dim}-wide features "
                        f"(config.model.resampler.dim), the vision encoder gives {c}")

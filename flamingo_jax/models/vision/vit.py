@@ -46,14 +46,15 @@ class ResidualBlock(hk.Module):
     b, s, d = x.shape
     h, k = self.heads, d // self.heads
     y = _layer_norm("ln_1", self.ln_eps)(x)
-    qkv = attention.Linear(3 * d, name="in_proj")(y).reshape(b, s, 3, h, k)              # [B, S, 3, H, K]
+    qkv = attention.Linear(3 * d, name="in_proj")(y).reshape(b, s, 3, h, k)        # [B, S, 3, H, K]
     q, key, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
     logits = jnp.einsum("bqhk,bshk->bhqs", q, key).astype(jnp.float32) / np.sqrt(k)
     weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
     attended = jnp.einsum("bhqs,bshk->bqhk", weights, v).reshape(b, s, d)         # [B, S, D]
     x = x + attention.Linear(d, name="out_proj")(attended)
     y = _layer_norm("ln_2", self.ln_eps)(x)
-    y = attention.Linear(d, name="c_proj")(self.act(hk.Linear(self.mlp_width, name="c_fc")(y)))
+    y = self.act(attention.Linear(self.mlp_width, name="c_fc")(y))
+    y = attention.Linear(d, name="c_proj")(y)
     return x + y
 
 
