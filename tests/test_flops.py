@@ -133,3 +133,18 @@ def test_profile_parts_reads_a_real_cpu_trace(tmp_path):
   assert parts.get("perceiver_resampler backward", 0) > 0, parts
   with pytest.raises(FileNotFoundError, match="no \\*.trace.json.gz under"):
     profile_parts.trace_file(str(tmp_path / "empty"))
+
+
+# -- tools/host: which machine a benchmark ran on ---------------------------------------------
+
+def test_host_reads_the_first_processor_of_cpuinfo():
+  from flamingo_jax.tools import host  # pylint: disable=g-import-not-at-top
+  x86 = ("processor\t: 0\nvendor_id\t: AuthenticAMD\ncpu family\t: 26\nmodel\t\t: 2\n"
+         "model name\t: AMD EPYC 9B45\nflags\t\t: fpu sse2 avx2 fma avx512f avx512_bf16 vaes\n\n"
+         "processor\t: 1\ncpu family\t: 25\nmodel name\t: other\nflags\t\t: amx_tile\n")
+  assert host.parse_cpuinfo(x86) == {"cpu": "AMD EPYC 9B45", "cpu_family": 26, "cpu_model": 2,
+                                     "isa": ["avx2", "fma", "avx512f", "avx512_bf16"]}
+  arm = "processor\t: 0\nBogoMIPS\t: 50.00\nFeatures\t: fp asimd sve sha3\nCPU part\t: 0xd4f\n"
+  assert host.parse_cpuinfo(arm) == {"isa": ["asimd", "sve"]}
+  described = host.describe()
+  assert described["cores"] >= 1 and described["jax"] == jax.__version__

@@ -23,6 +23,7 @@ from ml_collections import config_flags
 from flamingo_jax import inference
 from flamingo_jax import models
 from flamingo_jax.tools import cli
+from flamingo_jax.tools import host
 from flamingo_jax.tools import model_params
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file.", lock_config=False)
@@ -96,6 +97,7 @@ def benchmark(config, *, prompt_tokens: int, images: int, new_tokens: int, batch
       "uncached_ms_per_token": round(1000 * uncached_seconds / new_tokens, 3),
       "speedup": round(uncached_seconds / cached_seconds, 2),
       "same_tokens": bool(same),
+      "host": host.describe(),
   }
 
 

@@ -20,6 +20,7 @@ from ml_collections import config_flags
 
 from flamingo_jax.data import pipeline
 from flamingo_jax.tools import cli
+from flamingo_jax.tools import host
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file.", lock_config=False)
 _IMAGE_SIZE = flags.DEFINE_integer("image_size", 320, "Model input size (the paper: 320).")
@@ -75,7 +76,8 @@ def main(argv):
 
 def _measure(config) -> dict:
   report = {"image_size": _IMAGE_SIZE.value, "source_image_size": _SOURCE_SIZE.value,
-            "cpus": os.cpu_count(), "workers": _WORKERS.value, "streams": {}}
+            "cpus": os.cpu_count(), "workers": _WORKERS.value, "host": host.describe(),
+            "streams": {}}
   for name in list(config.data.streams):
     single = config.copy_and_resolve_references()
     single.data.streams = {name: config.data.streams[name].to_dict()}

@@ -9,7 +9,8 @@ model-FLOPs utilisation (analytic FLOPs / step time / chip peak). A benchmark, n
 Perfetto) and the compiled step's HLO (compiled_step.hlo.txt) there, and adds
 "profile_ms_per_step": the op time of each model part, forward and backward, and of the
 update (tools/profile_parts.py). --config.model.attention_impl picks the attention kernel
-(models/attention.py).
+(models/attention.py). "host" says which machine ran it (tools/host.py): compare
+figures only between runs whose hosts agree.
 """
 
 import json
@@ -24,6 +25,7 @@ from flamingo_jax import models
 from flamingo_jax.data import schema
 from flamingo_jax.models import contrastive
 from flamingo_jax.tools import cli
+from flamingo_jax.tools import host
 from flamingo_jax.tools import profile_parts
 from flamingo_jax.training import flops as flops_lib
 from flamingo_jax.training import train_step
@@ -81,6 +83,7 @@ def benchmark(config, steps: int, peak_tflops: float = 0.0, profile_dir: str = "
       "tflops_per_sec_per_device": tflops_per_device,
       "loss": float(metrics["loss"]),
       "attention_impl": config.model.get("attention_impl", "einsum"),
+      "host": host.describe(),
   }
   if peak_tflops:
     report["mfu"] = tflops_per_device / peak_tflops
