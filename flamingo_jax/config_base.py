@@ -184,6 +184,10 @@ def base_config(model: ml_collections.ConfigDict, *, streams: dict, image_size: 
       skip_batches=0,                 # batches per stream a resumed run drops first (once)
       profile_steps=(),               # (first, last): a jax.profiler trace of those steps
       peak_tflops_per_device=0.0,     # for MFU; 0 = known chips by device_kind (trainer.py)
+      # The workdir's lease (flamingo_jax/lease.py): a second trainer on the workdir is
+      # refused while the holder renews it; a holder that died blocks a new start for at
+      # most this long (on its own machine, not at all).
+      lease_seconds=60.0,
   ))
   config.optim = ml_collections.ConfigDict(dict(   # PAPER.md §4
       learning_rate=1e-4, warmup_steps=5000, b1=0.9, b2=0.999, eps=1e-8,

@@ -69,6 +69,7 @@ def main(argv):
     return
   _init_distributed()
   import jax  # pylint: disable=g-import-not-at-top
+  from flamingo_jax import lease  # pylint: disable=g-import-not-at-top
   from flamingo_jax.training import checkpointing  # pylint: disable=g-import-not-at-top
   from flamingo_jax.training import trainer  # pylint: disable=g-import-not-at-top
   if jax.process_index() != 0 or not flags.FLAGS["verbosity"].present:
@@ -76,7 +77,7 @@ def main(argv):
   try:
     summary = trainer.train(_CONFIG.value, _WORKDIR.value, _ALLOW_CHANGE.value)
   except (trainer.NonFiniteError, checkpointing.NoLoadableCheckpointError, ValueError,
-          FileNotFoundError) as e:         # the run's own one-line errors
+          FileNotFoundError, lease.LeaseHeldError, lease.LeaseLostError) as e:  # one-line errors
     print(f"error: {e}", file=sys.stderr, flush=True)
     sys.exit(1)
   if jax.process_index() == 0:

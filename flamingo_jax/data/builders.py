@@ -47,6 +47,14 @@ class _RawSourceBuilder(tfds.core.GeneratorBasedBuilder):
   def _split_generators(self, dl_manager):
     return {"train": self._generate_examples(dl_manager.manual_dir)}
 
+  # TFDS prints "Downloading and preparing dataset Unknown size ..." and "... downloaded and
+  # prepared": nothing is downloaded here, so `prepare` says what it builds instead.
+  def _log_download_bytes(self) -> None:
+    pass
+
+  def _log_download_done(self) -> None:
+    pass
+
   def _generate_examples(self, manual_dir):
     counts, skip_log = collections.Counter(), []
     usable = 0
@@ -162,15 +170,28 @@ def make_builder(kind: str, data_dir: str) -> tfds.core.DatasetBuilder:
   return BUILDERS[kind](data_dir=data_dir, file_format="array_record")
 
 
+def is_prepared(builder: tfds.core.DatasetBuilder) -> bool:
+  """Whether the builder's dataset is built (TFDS renames it into place whole, info last).
+  (TFDS's own is_prepared warns about a folder that does not exist yet.)"""
+  return (builder.data_path / "dataset_info.json").exists()
+
+
 def prepare(kind: str, manual_dir: str, data_dir: str,
             max_fps: float = 0.0) -> tfds.core.DatasetBuilder:
   """Builds the dataset unless `data_dir` already holds it; returns the builder. `max_fps`:
-  video datasets keep at most this frame rate (0: every frame)."""
+  video datasets keep at most this frame rate (0: every frame).
+
+  TFDS writes into a temporary folder and renames it when complete, so a dataset is either
+  whole or absent; callers that may race (several runs on one data_dir) hold the dataset's
+  build lease around this (pipeline.prepare_stream)."""
   builder = make_builder(kind, data_dir)
   if kind == "video_text":
     builder.max_fps = float(max_fps)
+  if is_prepared(builder):
+    return builder
   if not sys.stderr.isatty():
     tfds.disable_progress_bar()       # progress bars only on a terminal, not in logs
+  print(f"building the {kind} dataset {builder.data_dir} from {manual_dir}", flush=True)
   builder.download_and_prepare(
       download_config=tfds.download.DownloadConfig(manual_dir=manual_dir))
   return builder

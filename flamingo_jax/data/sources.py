@@ -325,14 +325,9 @@ def _tar_pairs(path: str, shard: str) -> Iterator[tuple[str, dict | Skip]]:
       yield name, Skip("invalid_text", f"{key}.txt is not UTF-8: {e}")
 
 
-def read_source(kind: str, directory: str, counts: collections.Counter,
-                skip_log: list[str] | None = None) -> Iterator[tuple[str, dict]]:
-  """All usable examples of the raw files in `directory`, as (unique key, example).
-
-  `counts` gets one entry per skipped example (and per dropped image in a document);
-  `skip_log`, if given, a line "file:line: reason: detail" for each (the first
-  MAX_SKIP_LOG).
-  """
+def source_files(kind: str, directory: str) -> tuple[list[str], list[str]]:
+  """(the *.jsonl files, the *.tar shards) of a raw `kind` folder; FileNotFoundError naming
+  the folder when it does not exist or holds neither."""
   if kind not in SOURCE_KINDS:
     raise ValueError(f"source kind {kind!r}; expected one of {SOURCE_KINDS}")
   if not os.path.isdir(directory):
@@ -342,6 +337,18 @@ def read_source(kind: str, directory: str, counts: collections.Counter,
   if not jsonl and not (kind == "image_text" and tars):
     raise FileNotFoundError(f"{kind} source {directory!r} has no "
                             f"{'*.jsonl or *.tar' if kind == 'image_text' else '*.jsonl'} files")
+  return jsonl, tars
+
+
+def read_source(kind: str, directory: str, counts: collections.Counter,
+                skip_log: list[str] | None = None) -> Iterator[tuple[str, dict]]:
+  """All usable examples of the raw files in `directory`, as (unique key, example).
+
+  `counts` gets one entry per skipped example (and per dropped image in a document);
+  `skip_log`, if given, a line "file:line: reason: detail" for each (the first
+  MAX_SKIP_LOG).
+  """
+  jsonl, tars = source_files(kind, directory)
 
   def count(where: str, skip: Skip) -> None:
     counts[skip.reason] += 1

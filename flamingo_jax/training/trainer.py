@@ -33,8 +33,10 @@ from etils import epath
 import haiku as hk
 import jax
 from jax.experimental import multihost_utils
+import numpy as np
 from orbax.checkpoint import multihost as ocp_multihost
 
+from flamingo_jax import lease as lease_lib
 from flamingo_jax import models
 from flamingo_jax import weights
 from flamingo_jax.data import pipeline as pipeline_lib
@@ -77,6 +79,7 @@ RUN_CONTROL_KEYS = ("train.steps", "train.log_every", "train.checkpoint_every",
                     "train.on_nonfinite", "train.max_rollbacks", "train.skip_batches",
                     "train.profile_steps",
                     "train.peak_tflops_per_device", "data.prefetch", "data.workers",
+                    "train.lease_seconds",
                     "model.attention_impl",   # how attention is computed, not what
                     "init_from")              # read at a fresh start only
 
@@ -445,13 +448,16 @@ def train(config: Any, workdir: str, allow_config_change: bool = False) -> dict:
     config.data.data_dir = os.path.join(workdir, "data")
   check_config(config, workdir, allow_config_change)
   _validate_train_options(config)
-  mesh = sharding.make_mesh(config.mesh.data, config.mesh.model)
-  setup = train_step.make_train_setup(config, mesh)
-  ckpt = checkpointing.Checkpointer(workdir, config.train.keep_checkpoints, heal=True)
-  pipe = log = preemption = None
+  created = not epath.Path(workdir).exists()
+  lease = take_workdir_lease(config, workdir)
+  ckpt = pipe = log = preemption = None
   try:
+    mesh = sharding.make_mesh(config.mesh.data, config.mesh.model)
+    setup = train_step.make_train_setup(config, mesh)
+    ckpt = checkpointing.Checkpointer(workdir, config.train.keep_checkpoints, heal=True)
     if jax.process_count() > 1:          # one process builds the datasets, the others wait
       if jax.process_index() == 0:
+        pipeline_lib.check_stream_sources(config)
         for name in config.data.streams:
           pipeline_lib.prepare_stream(config, name)
       multihost_utils.sync_global_devices("datasets prepared")
@@ -478,11 +484,12 @@ def train(config: Any, workdir: str, allow_config_change: bool = False) -> dict:
     preemption = _Preemption()
     pipe.start()                         # the loader warms up while the step compiles
     return _loop(config, setup, ckpt, pipe, shards, written_shards, log, preemption, state,
-                 frozen, step, resumed=data is not None, skip_applied=skip_applied)
+                 frozen, step, resumed=data is not None, skip_applied=skip_applied, lease=lease)
   finally:
     if preemption is not None:
       preemption.restore()
-    ckpt.close()
+    if ckpt is not None:
+      ckpt.close()
     if log is not None:
       log.close()
     if pipe is not None:
@@ -491,6 +498,37 @@ def train(config: Any, workdir: str, allow_config_change: bool = False) -> dict:
       # Leave together: a process that exits while a peer is still saving would otherwise
       # wait in the coordination service's shutdown barrier, and time out under load.
       multihost_utils.sync_global_devices("training finished")
+    if lease is not None:
+      lease.release()
+    if created and jax.process_index() == 0:
+      _remove_if_empty(workdir)        # a start that failed its checks leaves nothing behind
+
+
+def take_workdir_lease(config: Any, workdir: str) -> lease_lib.Lease | None:
+  """Process 0 takes the workdir's lease (lease.py); every process learns whether it did, so
+  a refused start ends everywhere with process 0's one-line reason."""
+  ttl = float(config.train.get("lease_seconds", lease_lib.DEFAULT_TTL))
+  held, error = None, None
+  if jax.process_index() == 0:
+    held = lease_lib.Lease(epath.Path(workdir) / "lease.json", what="training run", ttl=ttl)
+    try:
+      held.acquire()
+    except lease_lib.LeaseHeldError as e:
+      held, error = None, e
+  if jax.process_count() > 1:
+    taken = multihost_utils.broadcast_one_to_all(np.int32(error is None))
+    if not taken and error is None:
+      error = lease_lib.LeaseHeldError(f"process 0 could not take the lease on {workdir}")
+  if error is not None:
+    raise error
+  return held
+
+
+def _remove_if_empty(path: str) -> None:
+  try:
+    os.rmdir(path)
+  except OSError:
+    pass
 
 
 class _Profile:
@@ -573,8 +611,16 @@ class _Judge:
     return good, self.ckpt.move_steps_aside(suspect, "diverged")
 
 
+def _lease_lost(lease: lease_lib.Lease | None) -> bool:
+  """Whether process 0 lost the workdir's lease (told to every process)."""
+  lost = lease is not None and not lease.verify()
+  if jax.process_count() > 1:
+    lost = bool(multihost_utils.broadcast_one_to_all(np.int32(lost)))
+  return lost
+
+
 def _loop(config, setup, ckpt, pipe, shards, written_shards, log, preemption, state, frozen, step,
-          resumed, skip_applied) -> dict:
+          resumed, skip_applied, lease=None) -> dict:
   total = int(config.train.steps)
   logging.info("starting at step %d of %d in %s (%d processes, mesh %s)", step, total,
                ckpt.workdir, jax.process_count(), dict(setup.mesh.shape))
@@ -609,6 +655,11 @@ def _loop(config, setup, ckpt, pipe, shards, written_shards, log, preemption, st
       periodic_save = step % config.train.checkpoint_every == 0
       if not (log_now or periodic_save or stop):
         continue
+      if _lease_lost(lease):
+        raise lease_lib.LeaseLostError(
+            f"the lease on {ckpt.workdir} was taken over by another training run (this one "
+            f"stalled for more than {config.train.get('lease_seconds', lease_lib.DEFAULT_TTL):g} "
+            f"s); stopping at step {step} without saving")
       streak = judge.update()
       if streak is not None:
         good, moved = judge.set_aside_diverged()
@@ -629,12 +680,14 @@ def _loop(config, setup, ckpt, pipe, shards, written_shards, log, preemption, st
           continue
         summary["stopped_by"] = "nonfinite"
         remaining = ckpt.all_steps()
-        resume = (f"rerunning resumes from step {max(remaining)}" if remaining
-                  else "rerunning starts from step 0")
+        resume_step = max(remaining) if remaining else 0
+        skip = streak[1] - resume_step
         raise NonFiniteError(
             f"{what}; stopping. The last good checkpoint is step {good} in {ckpt.directory} "
-            f"(its parameters gave a finite loss afterwards){moved_text}; {resume} — lower the "
-            f"learning rate, or pass --config.train.skip_batches=N to step over the data since")
+            f"(its parameters gave a finite loss afterwards){moved_text}; rerunning resumes "
+            f"from step {resume_step}. Lower the learning rate, or rerun with "
+            f"--config.train.skip_batches={skip} to step over the batches of steps "
+            f"{resume_step + 1}-{streak[1]}, where it diverged.")
       summary["skipped_updates"] = judge.skipped_updates
       if log_now:
         now = time.time()
