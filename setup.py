@@ -37,8 +37,14 @@ setuptools.setup(
         "tokenizers==0.23.3",
     ],
     extras_require={
-        # tests/run.sh runs files in parallel; matplotlib draws the few-shot demo's plot.
-        "dev": ["pytest==9.2.0", "pytest-xdist==3.8.0", "matplotlib==3.10.8"],
+        # tests/run.sh runs files in parallel; matplotlib draws the few-shot demo's plot;
+        # pycocoevalcap: the CIDEr tokenizer (as `coco`) and the scorers the tests compare with.
+        "dev": ["pytest==9.2.0", "pytest-xdist==3.8.0", "matplotlib==3.10.8",
+                "pycocoevalcap==1.2"],
+        # CIDEr (captioning tasks): pycocoevalcap's PTB tokenizer, the Stanford CoreNLP 3.4.1
+        # jar it ships, run with the system's Java (evaluation/metrics.py); the tests also
+        # compare against its Python scorers.
+        "coco": ["pycocoevalcap==1.2"],
         # libtpu lets a CPU-only machine compile for TPU topologies (tools/aot_compile.py).
         "tpu": ["libtpu==0.0.42.1"],
         # Only `import_weights --kind=openflamingo` reading a checkpoint.pt (torch.load with

@@ -131,6 +131,7 @@ def main(argv):
   from flamingo_jax import inference, weights  # pylint: disable=g-import-not-at-top
   from flamingo_jax.data import pipeline  # pylint: disable=g-import-not-at-top
   from flamingo_jax.evaluation import harness as harness_lib  # pylint: disable=g-import-not-at-top
+  from flamingo_jax.evaluation import metrics  # pylint: disable=g-import-not-at-top
   from flamingo_jax.evaluation import tasks  # pylint: disable=g-import-not-at-top
   from flamingo_jax.tools import model_params  # pylint: disable=g-import-not-at-top
   if _LIST_TASKS.value:
@@ -151,6 +152,8 @@ def main(argv):
       if not flag.value:
         raise UsageError(f"--{flag.name} is required")
     task = tasks.get(_TASK.value)
+    if task.metric == "cider":
+      metrics.check_ptb_tokenizer()       # Java and the jar, before the model is loaded
     counts = _shot_counts()
     settings = _settings(harness_lib)
     source = os.path.abspath(_WORKDIR.value or _PARAMS.value)
@@ -170,7 +173,8 @@ def main(argv):
       raise UsageError(f"{too_many[0]} shots asked for but the support set holds "
                        f"{len(harness.support)} examples")
     _pin_settings(_OUTPUT.value, settings, source, writer)
-  except (UsageError, ValueError, FileNotFoundError, weights.CheckpointError) as e:
+  except (UsageError, ValueError, FileNotFoundError, weights.CheckpointError,
+          metrics.TokenizerUnavailableError) as e:
     sys.exit(f"error: {e}")
   total = sum(len(harness.pending(k)) for k in counts)
   progress = cli.Progress(total, f"evaluate {task.name}", unit="queries",

@@ -5,6 +5,14 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source launch/install.sh dev,tpu
+# The CIDEr tests run pycocoevalcap's Java tokenizer (evaluation/metrics.py).
+if ! command -v java >/dev/null 2>&1; then
+  echo "[install] no java on the PATH: apt-get install default-jre-headless (the CIDEr tokenizer)"
+  if ! (apt-get update -qq && apt-get install -y -qq default-jre-headless) >/dev/null 2>&1; then
+    echo "error: the tests need a Java runtime on the PATH (e.g. default-jre-headless)" >&2
+    exit 1
+  fi
+fi
 export JAX_PLATFORMS=cpu
 # One file per worker (module fixtures computed once); the heaviest files first, longest
 # first, so that the quick ones fill the gaps at the end instead of a long one starting last.

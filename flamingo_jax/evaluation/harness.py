@@ -328,9 +328,11 @@ class Harness:
 def score_rows(task: tasks_lib.Task, rows: Sequence[dict], candidates: Sequence[str]) -> float:
   """The task's metric over stored rows (in percent, as the paper reports)."""
   if task.metric == "cider":
-    references = {r["id"]: [metrics.ptb_tokenize(x) for x in r["reference"]] for r in rows}
-    outputs = {r["id"]: metrics.ptb_tokenize(r["output"]) for r in rows}
-    return 100.0 * metrics.cider_d(references, outputs)[0]
+    # As pycocoevalcap's COCOEvalCap: the references in one tokenizer call, the outputs in
+    # another.
+    references = metrics.ptb_tokenize_sets({r["id"]: r["reference"] for r in rows})
+    outputs = metrics.ptb_tokenize_sets({r["id"]: [r["output"]] for r in rows})
+    return 100.0 * metrics.cider_d(references, {k: v[0] for k, v in outputs.items()})[0]
   if task.metric == "vqa":
     return 100.0 * float(np.mean([metrics.vqa_accuracy(r["output"], r["reference"])
                                   for r in rows]))

@@ -1,14 +1,16 @@
 """Evaluation metrics equal to the reference implementations': captions (pycocoevalcap 1.2)
 and VQA accuracy (the official VQA evaluation).
 
-    tokens = ptb_tokenize("A man's (red) T-shirt.")   # "a man 's -lrb- red -rrb- t-shirt"
+    tokens = ptb_tokenize(["A man's (red) T-shirt."])  # ["a man 's red t-shirt"]
     score, per_key = cider_d({key: [ref tokens, ...]}, {key: candidate tokens})
 
-`ptb_tokenize` stands in for pycocoevalcap's PTBTokenizer (Stanford CoreNLP 3.4.1 through
-Java, lower-cased, then its punctuation tokens dropped) without Java: it gives the same
-tokens on tests/data/captions (checked there, and regenerated against the library when it
-is installed). Like the library it keeps -lrb-/-rrb- (the punctuation list is upper-case,
-the tokens lower-cased) and splits clitics ("is n't", "man 's").
+`ptb_tokenize` is pycocoevalcap's PTBTokenizer step by step: the captions, each on one line,
+through Stanford CoreNLP 3.4.1's `PTBTokenizer -preserveLines -lowerCase` in Java, then its
+punctuation tokens dropped. No Python tokenizer gives its tokens on every input (hyphenated
+number words, inner apostrophes, unicode: CoreNLP's lexer has hundreds of rules), and CIDEr
+moves with every token, so the Java tokenizer is required: a Java runtime on the PATH and the
+jar that pycocoevalcap 1.2 ships (`pip install 'flamingo_jax[coco]'`), or the jar named by
+$FLAMINGO_PTB_JAR. `check_ptb_tokenizer()` says in one line what is missing.
 
 `cider_d` is CIDEr-D as the library computes it: n-grams 1-4, tf-idf with document
 frequencies over the references of the whole set, clipped candidate counts, a Gaussian
@@ -24,33 +26,93 @@ and the average over the 10 choose 9 annotator subsets.
 """
 
 import collections
+import importlib.util
 import math
+import os
 import re
+import shutil
+import subprocess
+import tempfile
 from typing import Hashable, Mapping, Sequence
 
-_DROPPED = {"''", "'", "``", "`", ".", "?", "!", ",", ":", "-", "--", "...", ";"}
-_BRACKETS = {"(": "-lrb-", ")": "-rrb-", "[": "-lsb-", "]": "-rsb-", "{": "-lcb-",
-             "}": "-rcb-"}
-_CLITIC = re.compile(r"^(.+?)(n't|'s|'re|'ve|'ll|'d|'m)$")      # is n't, ca n't, man 's
-# Abbreviations PTB keeps whole (a common subset of CoreNLP's list).
-_ABBREVIATIONS = ("mr", "mrs", "ms", "dr", "st", "jr", "sr", "prof", "vs", "etc", "inc", "ltd",
-                  "co", "mt", "ft", "ave", "gen", "gov", "lt", "sgt", "col", "capt")
-_WORD = re.compile(
-    r"\d+(?:[.,:/]\d+)+"                                  # 1,000  2.5  3:30  1/2
-    r"|(?:[^\W\d_]\.){2,}"                                 # u.s.
-    r"|\b(?:" + "|".join(_ABBREVIATIONS) + r")\.(?!\w)"    # mr.  st.
-    r"|[^\W_]+(?:[-'&/][^\W_]+)*"                          # t-shirt, don't, at&t, a/b
-    r"|\.\.\.|--|[!?]{2,}|\S")                             # ... -- !!! ?! and single characters
+from absl import logging
+
+# pycocoevalcap's PUNCTUATIONS: tokens dropped after tokenizing (upper-case brackets: the
+# tokens are lower-cased, so "-lrb-" stays, as in the library).
+_DROPPED = {"''", "'", "``", "`", "-LRB-", "-RRB-", "-LCB-", "-RCB-", ".", "?", "!", ",", ":",
+            "-", "--", "...", ";"}
+PTB_JAR = "stanford-corenlp-3.4.1.jar"
+_PTB_COMMAND = ["edu.stanford.nlp.process.PTBTokenizer", "-preserveLines", "-lowerCase"]
 
 
-def ptb_tokenize(text: str) -> str:
-  """Lower-cased PTB tokens joined by spaces, the evaluation's punctuation removed."""
-  tokens = []
-  for token in _WORD.findall(text.lower()):
-    token = _BRACKETS.get(token, token)
-    clitic = _CLITIC.match(token)
-    tokens += list(clitic.groups()) if clitic else [token]
-  return " ".join(t for t in tokens if t not in _DROPPED and t != '"')
+class TokenizerUnavailableError(RuntimeError):
+  """Java or the CoreNLP jar is missing; the message says how to install them."""
+
+
+def ptb_jar() -> str:
+  """The CoreNLP 3.4.1 jar: $FLAMINGO_PTB_JAR, else the one pycocoevalcap 1.2 installs."""
+  named = os.environ.get("FLAMINGO_PTB_JAR", "")
+  if named:
+    if not os.path.isfile(named):
+      raise TokenizerUnavailableError(f"FLAMINGO_PTB_JAR={named} does not exist")
+    return named
+  spec = importlib.util.find_spec("pycocoevalcap")          # its files only, never its code
+  for folder in (spec.submodule_search_locations or []) if spec else []:
+    path = os.path.join(folder, "tokenizer", PTB_JAR)
+    if os.path.isfile(path):
+      return path
+  raise TokenizerUnavailableError(
+      f"CIDEr needs pycocoevalcap's PTB tokenizer ({PTB_JAR}): pip install "
+      f"'flamingo_jax[coco]' (pycocoevalcap==1.2 ships it) or set FLAMINGO_PTB_JAR")
+
+
+def check_ptb_tokenizer() -> str:
+  """The jar, once Java and the jar are known to be there; TokenizerUnavailableError naming
+  what is missing and how to install it otherwise."""
+  if shutil.which("java") is None:
+    raise TokenizerUnavailableError(
+        "CIDEr needs Java for pycocoevalcap's PTB tokenizer (Stanford CoreNLP 3.4.1) and no "
+        "`java` is on the PATH: install a Java runtime (Debian/Ubuntu: apt-get install "
+        "default-jre-headless)")
+  return ptb_jar()
+
+
+def ptb_tokenize(captions: Sequence[str]) -> list[str]:
+  """pycocoevalcap's PTBTokenizer.tokenize on `captions` in order: lower-cased PTB tokens
+  joined by spaces, its punctuation dropped. One Java call for all of them."""
+  if not captions:
+    return []
+  jar = check_ptb_tokenizer()
+  # As the library: newlines inside a caption become spaces, one caption per line.
+  text = "\n".join(c.replace("\n", " ") for c in captions)
+  with tempfile.TemporaryDirectory() as folder:
+    path = os.path.join(folder, "captions.txt")
+    with open(path, "wb") as f:
+      f.write(text.encode())
+    result = subprocess.run(["java", "-cp", jar, *_PTB_COMMAND, path], capture_output=True)
+  if result.returncode != 0:
+    raise RuntimeError(f"the PTB tokenizer failed ({result.returncode}): "
+                       f"{result.stderr.decode(errors='replace').strip()[-500:]}")
+  lines = result.stdout.decode().split("\n")
+  if len(lines) != len(captions) + 1:
+    # Java breaks lines at characters Python's join does not (\r, U+2028, ...): the library
+    # then pairs captions with the wrong lines, and so do we, to give its numbers.
+    logging.warning("the PTB tokenizer gave %d lines for %d captions; pairing them in order "
+                    "as pycocoevalcap does", len(lines) - 1, len(captions))
+  tokens = [" ".join(w for w in line.rstrip().split(" ") if w not in _DROPPED)
+            for line, _ in zip(lines, captions)]
+  return tokens
+
+
+def ptb_tokenize_sets(captions: Mapping[Hashable, Sequence[str]]) -> dict[Hashable, list[str]]:
+  """{key: [tokens of each caption]} for {key: [captions]}, in one Java call (the library's
+  `tokenize` of a gts or res dict). A key whose line the tokenizer did not give is left out,
+  as the library leaves it out."""
+  keys = [k for k, v in captions.items() for _ in v]
+  out = {}
+  for key, tokens in zip(keys, ptb_tokenize([c for v in captions.values() for c in v])):
+    out.setdefault(key, []).append(tokens)
+  return out
 
 
 def _ngrams(sentence: str, n: int) -> collections.Counter:
