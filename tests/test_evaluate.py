@@ -266,3 +266,73 @@ def test_fewshot_demo_report_averages_seeds_and_draws_chance(tmp_path):
     json.dump([{"task": "naming", "shots": 0, "value": 30.0, "complete": False}], f)
   with pytest.raises(ValueError, match="0 shots is incomplete"):
     report.summarize(paths)
+
+
+def _free_port() -> int:
+  import socket  # pylint: disable=g-import-not-at-top
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def _evaluate(args, processes: int, devices: int):
+  """`evaluate` in `processes` processes of `devices` CPU devices each (gloo); returns each
+  process's CompletedProcess."""
+  from train_helpers import env  # pylint: disable=g-import-not-at-top
+  port = _free_port()
+  extra = lambda i: ([f"--coordinator_address=127.0.0.1:{port}",
+                      f"--num_processes={processes}", f"--process_id={i}"]
+                     if processes > 1 else [])
+  procs = [subprocess.Popen([sys.executable, "-m", "flamingo_jax.evaluate", *args, *extra(i)],
+                            env=env(devices), cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True) for i in range(processes)]
+  outputs = [p.communicate(timeout=900) for p in procs]
+  for p, (out, err) in zip(procs, outputs):
+    assert p.returncode == 0, err[-3000:]
+  return outputs
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("task", ["naming", "coco"])
+def test_two_processes_evaluate_as_one_and_resume(tiny, tmp_path, task):
+  """2 processes x 2 devices (gloo, data 2 x model 2) write the results.json and
+  predictions.jsonl that 1 process of 4 devices writes, for a score task (naming) and a
+  generation task (coco, CIDEr); the 2-process run is done in two commands, the second
+  resuming it with one more shot count."""
+  from flamingo_jax import weights  # pylint: disable=g-import-not-at-top
+  config, params, _ = tiny
+  weights.save_params(str(tmp_path / "params"), params)
+  if task == "naming":
+    data = str(tmp_path / "naming")
+    synthetic.write_naming_task(data, seed=2, support=6, queries=5, size=64)
+  else:
+    data = write_captions(str(tmp_path / "coco"), train=4, test=5)
+  common = [f"--config={config_path('tiny')}", f"--params={tmp_path / 'params'}",
+            f"--task={task}", f"--data_dir={data}", "--batch_size=2", "--max_new_tokens=4",
+            "--mesh=data=2,model=2"]
+  _evaluate([*common, f"--output={tmp_path / 'one'}", "--shots=0,2"], processes=1, devices=4)
+  first = _evaluate([*common, f"--output={tmp_path / 'two'}", "--shots=0"], processes=2,
+                    devices=2)
+  assert "| task | shots |" in first[0][0] and "| task" not in first[1][0]   # process 0 writes
+  _evaluate([*common, f"--output={tmp_path / 'two'}", "--shots=0,2"], processes=2, devices=2)
+
+  def read(name):
+    with open(tmp_path / name / "results.json") as f:
+      results = json.load(f)
+    with open(tmp_path / name / "predictions.jsonl") as f:
+      rows = sorted((json.loads(line) for line in f), key=lambda r: (r["shots"], r["id"]))
+    return results, rows
+  (results_one, rows_one), (results_two, rows_two) = read("one"), read("two")
+  assert [(r["shots"], r["queries"], r["complete"]) for r in results_two] == [(0, 5, True),
+                                                                              (2, 5, True)]
+  assert len(rows_two) == 10
+  for x, y in zip(rows_one, rows_two):
+    assert {k: v for k, v in x.items() if k != "scores"} == \
+        {k: v for k, v in y.items() if k != "scores"}
+    if "scores" in x:
+      np.testing.assert_allclose(list(x["scores"].values()), list(y["scores"].values()),
+                                 rtol=1e-5, atol=1e-5)
+  assert [(r["shots"], r["metric"], r["queries"]) for r in results_one] == \
+      [(r["shots"], r["metric"], r["queries"]) for r in results_two]
+  np.testing.assert_allclose([r["value"] for r in results_one],
+                             [r["value"] for r in results_two], rtol=0, atol=1e-9)

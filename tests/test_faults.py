@@ -136,6 +136,10 @@ def test_a_diverging_run_stops_at_a_good_checkpoint_and_the_rerun_resumes_from_i
   assert "3 non-finite steps in a row (steps 6-8)" in message
   assert "last good checkpoint is step 4 " in message
   assert "checkpoint-5-diverged" in message and "rerunning resumes from step 4" in message
+  # The advice ends as a whole sentence, with the flag value that steps over steps 5-8.
+  assert message.endswith("Lower the learning rate, or rerun with "
+                          "--config.train.skip_batches=4 to step over the batches of steps "
+                          "5-8, where it diverged."), message
   assert moved_aside(workdir) == ["checkpoint-5-diverged"]
   # Rerun with the old rate: from step 4, finite, equal to the undisturbed run.
   summary = trainer.train(fault_config(tiny_config, root, steps=6), str(workdir),
@@ -230,6 +234,16 @@ def test_command_line_misuse_is_one_line(tmp_path):
   result = run_cli(tiny, "--config.train.steps=abc", f"--workdir={tmp_path / 'w'}")
   assert error_lines(result) == ["error: flag --config.train.steps=abc: invalid literal for "
                                  "int() with base 10: 'abc'"]
+  result = run_cli(f"{tiny[:-3]}.py:bogus", f"--workdir={tmp_path / 'w'}")
+  assert result.returncode == 2
+  assert error_lines(result) == [f"error: flag {tiny}:bogus: unknown config variant 'bogus'; "
+                                 f"known: 'runlocal'"]
+  # A stream whose raw folder is missing: named before any dataset is built.
+  result = run_cli(tiny, f"--workdir={tmp_path / 'w'}",
+                   f"--config.data.streams.vtp.manual_dir={tmp_path / 'no_videos'}")
+  assert result.returncode == 1
+  assert error_lines(result) == [f"error: stream vtp: video_text source directory "
+                                 f"'{tmp_path / 'no_videos'}' does not exist"]
   (tmp_path / "a_file").write_text("")
   result = run_cli(tiny, f"--workdir={tmp_path / 'a_file'}")
   assert result.returncode == 1
@@ -263,11 +277,18 @@ def test_skip_batches_drops_data_once_per_resume_point(base, tiny_config, capsys
 
 def test_a_failed_restore_prints_no_tracebacks(base):
   """orbax's echoes of a failed TensorStore read ("Event loop is closed" through
-  sys.unraisablehook, asyncio's unretrieved task errors) stay off the console. In a
-  subprocess: pytest replaces sys.unraisablehook around each test, which would hide them."""
+  sys.unraisablehook, asyncio's unretrieved task errors) stay off the console: after a damaged
+  checkpoint, and in three runs that resume over a damaged frozen/ (its echoes surface later,
+  while the run saves). In a subprocess: pytest replaces sys.unraisablehook around each test,
+  which would hide them."""
   root, _ = base
   workdir = copy_of_base(root, "noise")
   truncate(largest_file(str(workdir / "checkpoints" / "4" / "state" / "d")))
+  # A damaged frozen/ too, three times over (its echoes came in 2 of 3 runs: asyncio's
+  # _GatheringFuture and Future errors, "coroutine … was never awaited" warnings).
+  frozen = [copy_of_base(root, f"noise_frozen{i}") for i in range(3)]
+  for other in frozen:
+    truncate(largest_file(str(other / "frozen")))
   tests = os.path.join(REPO, "tests")
   script = "\n".join([
       "import pathlib, sys",
@@ -286,7 +307,25 @@ def test_a_failed_restore_prints_no_tracebacks(base):
   result = subprocess.run([sys.executable, "-c", script], env=env(8), cwd=REPO,
                           capture_output=True, text=True, timeout=300)
   output = result.stdout + result.stderr
+  config_file = root / "fault_config.py"
+  config_file.write_text("\n".join([
+      "import pathlib, sys",
+      f"sys.path.insert(0, {tests!r})",
+      "import conftest",
+      "from flamingo_jax import config_base",
+      "from test_faults import fault_config",
+      "def get_config(arg=None):",
+      "  return fault_config(config_base.load_config(conftest.config_path('tiny')), "
+      f"pathlib.Path({str(root)!r}), steps=5)"]))
+  for workdir in frozen:
+    run = subprocess.run([sys.executable, "-m", "flamingo_jax.train", f"--config={config_file}",
+                          f"--workdir={workdir}"], env=env(8), cwd=REPO, capture_output=True,
+                         text=True, timeout=300)
+    assert run.returncode == 0 and "done: step 5" in run.stdout, run.stderr[-3000:]
+    output += run.stdout + run.stderr
   assert result.returncode == 0 and "restored 2" in result.stdout, output[-3000:]
   assert "checkpoint-4-damaged" in output
+  assert output.count("frozen/ does not load") == 3
   assert "Traceback" not in output and "Event loop is closed" not in output, output[-3000:]
-  assert "Task exception was never retrieved" not in output
+  assert "exception was never retrieved" not in output and "never awaited" not in output, \
+      output[-3000:]

@@ -23,6 +23,17 @@ def _innermost_message(error: BaseException) -> str:
   return " ".join(line.strip() for line in message.splitlines() if line.strip())
 
 
+def _without_traceback(message: str) -> str:
+  """ml_collections puts the config file's whole traceback into its flag error: keep the flag
+  and the exception's own last line ("flag --config=tiny.py:bogus: unknown config variant …")."""
+  if "Traceback (most recent call last)" not in message:
+    return message
+  flag = message.splitlines()[0].split(": Error whilst parsing", 1)[0].rstrip(":")
+  last = [line.strip() for line in message.splitlines() if line.strip()][-1]
+  kind, _, text = last.partition(": ")
+  return f"{flag}: {text if kind.isidentifier() and text else last}"
+
+
 def _fail(message: str) -> None:
   print(f"error: {message}", file=sys.stderr, flush=True)
   sys.exit(2)
@@ -50,7 +61,7 @@ def parse_flags(argv: list[str]) -> list[str]:
   try:
     rest = flags.FLAGS(argv)
   except flags.Error as e:
-    _fail(str(e))
+    _fail(_without_traceback(str(e)))
   except (KeyError, AttributeError) as e:
     message = _innermost_message(e)
     key = message.split()[0].strip("'\"") if message else "?"

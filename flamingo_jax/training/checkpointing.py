@@ -29,6 +29,7 @@ import re
 import sys
 import time
 from typing import Any, Callable
+import warnings
 
 from absl import logging
 from etils import epath
@@ -185,6 +186,7 @@ def _load_checked(directory: str, pytree_directory: str, expected: dict[str, tup
       raise
     except Exception as e:  # pylint: disable=broad-except
       problem = _first_words(e)
+      _damaged_directories.add(os.path.join(os.fspath(directory), ""))
   if not _all_processes(problem is None):
     problem = problem or "it does not load on another process"
   return value, problem
@@ -203,30 +205,58 @@ def _sync(name: str) -> None:
 
 
 _restore_noise_filtered = False
+# Directories a restore failed on: echoes of reads from them are dropped (below).
+_damaged_directories: set[str] = set()
+# orbax's read coroutines, abandoned when another read of the same restore fails.
+_ORBAX_READS = ("_read_shard", "_read_array_index_and_device_put", "_read_and_create_array",
+                "async_deserialize")
+
+
+def _mentions_failed_read(text: str) -> bool:
+  return "orbax" in text or any(d in text for d in _damaged_directories)
 
 
 def _is_read_failure_echo(error: BaseException | None, source: object = None) -> bool:
   """An echo of a failed orbax read: the closed event loop its late TensorStore callbacks
-  hit, or an exception left in one of orbax's coroutines."""
+  hit, or an exception left in one of orbax's coroutines or on a damaged directory."""
   if isinstance(error, RuntimeError) and str(error) == "Event loop is closed":
     return True
   code = getattr(source, "cr_code", None)
-  return code is not None and "orbax" in code.co_filename
+  if code is not None and "orbax" in code.co_filename:
+    return True
+  return error is not None and _damaged_directories and _mentions_failed_read(str(error))
+
+
+def _orbax_in_traceback(error: BaseException | None) -> bool:
+  while error is not None:
+    tb = error.__traceback__
+    while tb is not None:
+      if "orbax" in tb.tb_frame.f_code.co_filename:
+        return True
+      tb = tb.tb_next
+    error = error.__cause__ or error.__context__
+  return False
 
 
 class _DropReadFailureTasks(logging_lib.Filter):
-  """asyncio's "Task exception was never retrieved" for orbax's own read tasks."""
+  """asyncio's "<Task | _GatheringFuture | Future> exception was never retrieved" for the reads
+  of a failed restore: an orbax coroutine or traceback, or a TensorStore error that names a
+  damaged directory."""
 
   def filter(self, record: logging_lib.LogRecord) -> bool:
     message = record.getMessage()
-    return not (message.startswith("Task exception was never retrieved")
-                and "orbax" in message)
+    if "exception was never retrieved" not in message.split("\n", 1)[0]:
+      return True
+    error = record.exc_info[1] if record.exc_info else None
+    return not (_mentions_failed_read(message) or _orbax_in_traceback(error)
+                or _is_read_failure_echo(error))
 
 
 def _filter_restore_noise() -> None:
   """A failed orbax restore (a damaged checkpoint) leaves its other reads running; each
   later reports its error on its own (one traceback per array, hundreds of lines, after our
-  one-line warning has said what failed). Drop exactly those echoes."""
+  one-line warning has said what failed): through asyncio's logger, sys.unraisablehook, or a
+  "coroutine … was never awaited" warning. Drop exactly those echoes."""
   global _restore_noise_filtered
   if _restore_noise_filtered:
     return
@@ -237,6 +267,8 @@ def _filter_restore_noise() -> None:
       previous(unraisable)
   sys.unraisablehook = hook
   logging_lib.getLogger("asyncio").addFilter(_DropReadFailureTasks())
+  warnings.filterwarnings("ignore", category=RuntimeWarning,
+                          message=rf"coroutine '({'|'.join(_ORBAX_READS)})' was never awaited")
   _restore_noise_filtered = True
 
 
