@@ -27,7 +27,8 @@ from flamingo_jax.tools import lm_import
 from flamingo_jax.training import sharding
 
 FIXTURES = os.path.join(REPO, "tests", "data", "hf_lms")
-FAMILIES = {"llama": "llama", "mistral": "llama", "gpt_neox": "gpt_neox", "gemma": "gemma"}
+FAMILIES = {"llama": "llama", "mistral": "llama", "gpt_neox": "gpt_neox", "gemma": "gemma",
+            "mpt": "mpt", "mpt_options": "mpt", "mosaic_gpt": "mosaic_gpt"}
 
 
 def model_for(source: str, xattn_every: int = 1, **overrides):
@@ -72,6 +73,37 @@ def test_options_are_what_make_the_logits_equal():
   same weights give other logits."""
   assert compare_with_reference(os.path.join(FIXTURES, "mistral"), sliding_window=0)[0] > 1e-3
   assert compare_with_reference(os.path.join(FIXTURES, "gpt_neox"), rotary_fraction=1.0)[0] > 1e-3
+
+
+def test_mpt_options_are_what_make_the_logits_equal():
+  """MPT: ALiBi (6 heads: interleaved slopes), clip_qkv, its softmax scale; MosaicML's
+  options: alibi_bias_max 4, the logit scale, QK LayerNorm (mosaic_gpt with it left out: its
+  q_ln / k_ln tensors have no place)."""
+  mpt = os.path.join(FIXTURES, "mpt")
+  for option, value in (("alibi_bias_max", 0.0), ("clip_qkv", 0.0), ("attention_scale", 0.0)):
+    assert compare_with_reference(mpt, **{option: value})[0] > 1e-3, option
+  options = os.path.join(FIXTURES, "mpt_options")
+  assert compare_with_reference(options, alibi_bias_max=8.0)[0] > 1e-3
+  assert compare_with_reference(options, logit_scale=1.0)[0] > 1e-3
+  kind, fields = weights.lm_config_from_hf(options)
+  assert kind == "mpt" and fields["qk_norm"] and fields["norm_bias"] and fields["ffw_size"] == 96
+  assert not fields["tied_embeddings"] and fields["logit_scale"] == pytest.approx(32 ** -0.5)
+  kind, fields = weights.lm_config_from_hf(os.path.join(FIXTURES, "mosaic_gpt"))
+  assert (kind, fields["qk_norm"], fields["tied_embeddings"], fields["rotary_fraction"],
+          fields["alibi_bias_max"], fields["activation"]) == ("mosaic_gpt", True, True, 0.0,
+                                                              8.0, "gelu_exact")
+  with pytest.raises(weights.CheckpointError, match=r"self_attention/(query|key)_norm.*qk_norm"):
+    compare_with_reference(os.path.join(FIXTURES, "mosaic_gpt"), qk_norm=False)
+
+
+def test_alibi_slopes_are_mpts():
+  from flamingo_jax.models import attention  # pylint: disable=g-import-not-at-top
+  np.testing.assert_allclose(attention.alibi_slopes(8, 8), 2.0 ** -np.arange(1, 9))
+  # 6 heads: the 8-head slopes of bias_max 8, odd ones then even ones, the first 6.
+  eight = 2.0 ** -np.arange(1, 9)
+  np.testing.assert_allclose(attention.alibi_slopes(6, 8),
+                             np.concatenate([eight[1::2], eight[::2]])[:6])
+  np.testing.assert_allclose(attention.alibi_slopes(4, 4), 2.0 ** -np.arange(1, 5))
 
 
 def test_lm_config_from_hf_reads_each_family():
@@ -234,6 +266,20 @@ def test_bad_input_is_a_one_line_error_and_writes_nothing(tmp_path):
   extra = copy_fixture(tmp_path, "mistral")
   edit_config(extra, num_hidden_layers=1)
   assert "source layer 1 but config.model.lm.num_layers=1" in import_error(tmp_path, extra, "llama")
+  # MPT features we cannot represent: one line naming the option.
+  for option in ("prefix_lm", "attn_uses_sequence_id"):
+    mpt = copy_fixture(tmp_path, "mpt")
+    with open(os.path.join(mpt, "config.json")) as f:
+      attn = json.load(f)["attn_config"]
+    edit_config(mpt, attn_config=dict(attn, **{option: True}))
+    assert f"mpt checkpoint option attn_config.{option}=True is not supported" in \
+        import_error(tmp_path, mpt, "mpt")
+  mpt = copy_fixture(tmp_path, "mpt")
+  edit_config(mpt, attn_config={"attn_type": "grouped_query_attention", "kv_n_heads": 2})
+  assert "attn_config.attn_type='grouped_query_attention'" in import_error(tmp_path, mpt, "mpt")
+  mosaic = copy_fixture(tmp_path, "mosaic_gpt")
+  edit_config(mosaic, alibi=False)
+  assert "learned absolute positions" in import_error(tmp_path, mosaic, "mosaic_gpt")
 
 
 def run_tool(*args):

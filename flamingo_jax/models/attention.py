@@ -155,6 +155,25 @@ def apply_rotary(x: jax.Array, positions: jax.Array, max_wavelength: float, *,
   return jnp.concatenate([rotated, x_pass], axis=-1).astype(x.dtype)
 
 
+def alibi_slopes(num_heads: int, bias_max: float) -> np.ndarray:
+  """ALiBi slopes [H] as MPT computes them: 2^(-m * bias_max / H') for m = 1..H', H' the
+  next power of two; for other head counts the odd then the even ones, the first H."""
+  padded = 2 ** int(np.ceil(np.log2(num_heads)))
+  slopes = 1.0 / np.power(2.0, np.arange(1, padded + 1, dtype=np.float32) * (bias_max / padded))
+  if padded != num_heads:
+    slopes = np.concatenate([slopes[1::2], slopes[::2]])[:num_heads]
+  return slopes.astype(np.float32)
+
+
+class QKNorm(NamedTuple):
+  """A norm on the queries and keys before the logits: over each head's K dims
+  (`per_head`: IDEFICS, QK-norm) or over all heads' H*K (MPT's qk_ln)."""
+  kind: str = "layer"                  # layer | rms
+  eps: float = 1e-5
+  bias: bool = True                    # layer norm with an offset
+  per_head: bool = True
+
+
 class Rotary(NamedTuple):
   """Rotary settings of a self-attention layer (see `apply_rotary`)."""
   max_wavelength: float
@@ -170,7 +189,13 @@ class MultiHeadAttention(hk.Module):
   def __init__(self, *, num_heads: int, key_size: int, model_size: int,
                num_kv_heads: Optional[int] = None, qkv_bias: bool = False,
                output_bias: bool = False, w_init_scale: float = 1.0,
-               impl: str = "einsum", name: Optional[str] = None):
+               impl: str = "einsum", clip: float = 0.0, qk_norm: Optional[QKNorm] = None,
+               scale: float = 0.0, alibi: Optional[np.ndarray] = None,
+               name: Optional[str] = None):
+    """clip: clamp queries, keys and values to [-clip, clip] after their projection (MPT's
+    clip_qkv; 0: no clamp). qk_norm: a norm on queries and keys (`query_norm`, `key_norm`).
+    scale: of the logits (0: 1/sqrt(key_size)). alibi: ALiBi slopes [H]; the logit of query
+    position p for key position s gets slope * (s - p) (causal: minus the distance)."""
     super().__init__(name=name)
     if impl not in ATTENTION_IMPLS:
       raise ValueError(f"attention impl={impl!r}; expected one of {ATTENTION_IMPLS}")
@@ -184,7 +209,14 @@ class MultiHeadAttention(hk.Module):
     self.qkv_bias = qkv_bias
     self.output_bias = output_bias
     self.w_init_scale = w_init_scale
+    self.clip = clip
+    self.qk_norm = qk_norm
+    self.scale = scale or 1.0 / np.sqrt(key_size)
+    self.alibi = None if alibi is None else np.asarray(alibi, np.float32)
+    if self.alibi is not None and self.alibi.shape != (num_heads,):
+      raise ValueError(f"alibi slopes {self.alibi.shape} for {num_heads} heads")
     self._linears = {}
+    self._norms = {}
 
   @hk.name_like("__call__")           # submodule paths: self_attention/query, not ~_linear/query
   def _linear(self, name: str, size: int, with_bias: bool) -> Linear:
@@ -195,9 +227,29 @@ class MultiHeadAttention(hk.Module):
           name=name)
     return self._linears[name]
 
+  @hk.name_like("__call__")           # paths: self_attention/query_norm
+  def _norm(self, name: str) -> hk.Module:
+    if name not in self._norms:
+      n = self.qk_norm
+      self._norms[name] = make_norm(n.kind, eps=n.eps, bias=n.bias, name=name)
+    return self._norms[name]
+
   def _project(self, x: jax.Array, heads: int, name: str) -> jax.Array:
-    y = self._linear(name, heads * self.key_size, self.qkv_bias)(x)
-    return y.reshape(*x.shape[:-1], heads, self.key_size)                 # [B, L, H, K]
+    y = self._linear(name, heads * self.key_size, self.qkv_bias)(x)          # [B, L, H*K]
+    if self.clip:
+      y = jnp.clip(y, -self.clip, self.clip)
+    norm = self.qk_norm is not None and name in ("query", "key")
+    if norm and not self.qk_norm.per_head:
+      y = self._norm(f"{name}_norm")(y)
+    y = y.reshape(*x.shape[:-1], heads, self.key_size)                       # [B, L, H, K]
+    if norm and self.qk_norm.per_head:
+      y = self._norm(f"{name}_norm")(y)
+    return y
+
+  def _alibi_bias(self, q_positions: jax.Array, k_positions: jax.Array) -> jax.Array:
+    """float32 [B, H, Lq, Lk]: slope_h * (key position - query position)."""
+    distance = (k_positions[:, None, None, :] - q_positions[:, None, :, None]).astype(jnp.float32)
+    return jnp.asarray(self.alibi)[None, :, None, None] * distance
 
   @hk.name_like("__call__")
   def project_kv(self, key_value: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -240,9 +292,15 @@ class MultiHeadAttention(hk.Module):
       k, v = (jnp.swapaxes(jax.lax.dynamic_index_in_dim(cache[name], layer, 1, keepdims=False),
                            1, 2) for name in ("k", "v"))                   # [B, S, Hkv, K]
     b, lq = q.shape[:2]
+    bias = None
+    if self.alibi is not None:
+      k_positions = (jnp.broadcast_to(jnp.arange(k.shape[1]), (b, k.shape[1]))
+                     if cache is not None else positions)                  # cache: slot = position
+      bias = self._alibi_bias(positions, k_positions)                     # [B, H, Lq, Lk]
     if self.impl != "einsum":
       attn = jax.nn.dot_product_attention(
-          q, k.astype(q.dtype), v.astype(q.dtype), mask=mask,
+          q, k.astype(q.dtype), v.astype(q.dtype), mask=mask, scale=float(self.scale),
+          bias=None if bias is None else bias.astype(q.dtype),
           implementation=None if self.impl == "auto" else self.impl)        # [B, Lq, H, K]
       attn = attn.reshape(b, lq, self.num_heads * self.key_size)
       out = self._linear("output", self.model_size, self.output_bias)(attn)
@@ -254,7 +312,9 @@ class MultiHeadAttention(hk.Module):
       logits = logits.reshape(b, self.num_heads, lq, -1)                 # [B, H, Lq, Lk]
     else:
       logits = jnp.einsum("bqhk,bthk->bhqt", q, k, preferred_element_type=jnp.float32)
-    logits = logits / np.sqrt(self.key_size)
+    logits = logits * np.float32(self.scale)
+    if bias is not None:
+      logits = logits + bias
     if mask is not None:
       logits = jnp.where(mask, logits, MASK_VALUE)
     weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)            # [B, H, Lq, Lk]

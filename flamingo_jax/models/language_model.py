@@ -41,7 +41,9 @@ class DecoderOptions:
 
   Llama/Mistral: rms, gated silu, num_kv_heads; GPT-NeoX: layer norm with bias, exact GELU,
   biases, rotary_fraction 0.25, parallel_residual; Gemma: rms (scale stored as 1 + w),
-  gated tanh-GELU, tied embeddings, embed_multiplier sqrt(D) (flamingo_jax/weights/).
+  gated tanh-GELU, tied embeddings, embed_multiplier sqrt(D); MPT: layer norm (with or
+  without bias), ALiBi and no rotary, clip_qkv, qk_norm, exact GELU, tied embeddings
+  (flamingo_jax/weights/).
   """
   norm: str = "rms"                    # rms | layer
   norm_eps: float = 1e-6
@@ -57,6 +59,13 @@ class DecoderOptions:
   ffw_bias: bool = False
   parallel_residual: bool = False      # x + attn(norm1(x)) + ffw(norm2(x))  (GPT-NeoX)
   sliding_window: int = 0              # 0: full causal; W: attend to the last W positions
+  # MPT: ALiBi instead of rotary (rotary_fraction 0), the logits of q and k scaled by
+  # attention_scale, clip_qkv, a norm (the LM's kind) over all heads' queries and keys.
+  alibi_bias_max: float = 0.0          # 0: no ALiBi; else its slopes' maximum exponent
+  clip_qkv: float = 0.0                # 0: none; else q, k, v clamped to [-c, c]
+  qk_norm: bool = False                # MPT's qk_ln
+  attention_scale: float = 0.0         # 0: 1/sqrt(key_size)
+  logit_scale: float = 1.0             # the output logits times this (MPT)
 
   @classmethod
   def from_config(cls, lm: Any) -> "DecoderOptions":
@@ -85,13 +94,17 @@ class DecoderBlock(hk.Module):
     o = self.options
     norm = lambda name: attention.make_norm(o.norm, eps=o.norm_eps, bias=o.norm_bias, name=name)
     h = norm("attention_norm")(x)
+    rotary = (attention.Rotary(o.rotary_max_wavelength, o.rotary_fraction, o.rotary_layout)
+              if o.rotary_fraction else None)
     attn = attention.MultiHeadAttention(
         num_heads=self.num_heads, key_size=self.key_size, model_size=x.shape[-1],
         num_kv_heads=o.num_kv_heads or None, qkv_bias=o.qkv_bias, output_bias=o.output_bias,
-        impl=self.attention_impl, name="self_attention")(
-            h, h, mask=mask, positions=positions,
-            rotary=attention.Rotary(o.rotary_max_wavelength, o.rotary_fraction, o.rotary_layout),
-            cache=cache)
+        impl=self.attention_impl, clip=o.clip_qkv, scale=o.attention_scale,
+        qk_norm=(attention.QKNorm(o.norm, o.norm_eps, o.norm_bias, per_head=False)
+                 if o.qk_norm else None),
+        alibi=(attention.alibi_slopes(self.num_heads, o.alibi_bias_max)
+               if o.alibi_bias_max else None),
+        name="self_attention")(h, h, mask=mask, positions=positions, rotary=rotary, cache=cache)
     if cache is not None:
       attn, cache = attn
     ffw = attention.FeedForward(hidden_size=self.ffw_size, activation=o.activation,
@@ -299,6 +312,8 @@ class LanguageModel(hk.Module):
     new_logits = attention.Linear(len(self.new_token_ids), with_bias=False,
                                   name="new_token_unembed")(x)                   # [B, L, 2]
     logits, new_logits = logits.astype(jnp.float32), new_logits.astype(jnp.float32)
+    if o.logit_scale != 1.0:
+      logits, new_logits = logits * o.logit_scale, new_logits * o.logit_scale
     # Select over the vocabulary iota (not a scatter) to put the new tokens' columns in place.
     vocab = jnp.arange(self.vocab_size, dtype=jnp.int32)
     for row, token_id in enumerate(self.new_token_ids):

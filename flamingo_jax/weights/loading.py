@@ -14,6 +14,7 @@ host holds about one tensor at a time whatever the model size. Everything is che
 the first read: unmapped source tensors, parameters nothing fills, shape mismatches.
 """
 
+import collections
 import dataclasses
 import sys
 import time
@@ -27,6 +28,7 @@ import numpy as np
 from flamingo_jax import models
 from flamingo_jax.models import language_model
 from flamingo_jax.weights import families
+from flamingo_jax.weights import mapping
 from flamingo_jax.weights.safetensors_io import CheckpointError, SafetensorsCheckpoint
 
 LM_PREFIX = "flamingo/language_model"
@@ -109,7 +111,8 @@ def _context(model_config: Any) -> families.Context:
   lm = model_config.lm
   return families.Context(vocab_size=model_config.vocab_size, num_heads=lm.num_heads,
                           num_kv_heads=lm.get("num_kv_heads", 0) or lm.num_heads,
-                          key_size=lm.key_size)
+                          key_size=lm.key_size, tied=bool(lm.get("tied_embeddings", False)),
+                          new_tokens=len(model_config.get("new_token_ids", ()) or (0, 0)))
 
 
 def plan_tensors(ckpt: SafetensorsCheckpoint, family: families.Family,
@@ -137,7 +140,7 @@ def plan_tensors(ckpt: SafetensorsCheckpoint, family: families.Family,
       if (module, pname) not in targets:
         raise CheckpointError(
             f"source tensor {name} maps to {module}/{pname}, which this config does not have "
-            f"(check config.model.lm: norm_bias, qkv_bias, output_bias, ffw_bias, ffw, "
+            f"(check config.model.lm: norm_bias, qkv_bias, output_bias, ffw_bias, ffw, qk_norm, "
             f"tied_embeddings)")
       want = targets[(module, pname)].shape[len(index):]
       if tuple(shape.shape) != tuple(want):
@@ -315,6 +318,37 @@ def export_lm(params: hk.Params, model_config: Any, out_dir: str) -> None:
 
 
 # --- orbax: our import format ------------------------------------------------------------
+
+def stack_xattn_blocks(blocks: list[dict], num_layers: int, every: int, offset: int) -> dict:
+  """Our groups/xattn ([G, ...]) and tail_xattn parameters from gated blocks in layer order,
+  each {block-relative module: {leaf: array}} (language_model.layer_layout places them)."""
+  _, groups, _ = models.layer_layout(num_layers, every, offset)
+  params = collections.defaultdict(dict)
+  rows = collections.defaultdict(dict)
+  for j, block in enumerate(blocks):
+    for module, leaves in block.items():
+      for leaf, value in leaves.items():
+        if j < groups:
+          rows[(module, leaf)][j] = value
+        else:
+          params[f"{LM_PREFIX}/tail_xattn/{module}".rstrip("/")][leaf] = value
+  for (module, leaf), per_block in rows.items():
+    params[f"{LM_PREFIX}/groups/xattn/{module}".rstrip("/")][leaf] = mapping.stack_rows(
+        per_block, groups, f"gated blocks {module}/{leaf}")
+  return dict(params)
+
+
+def check_complete(params: dict, shapes: hk.Params) -> None:
+  """A whole-model import has every parameter of the model, of its shape, and nothing else
+  (CheckpointError naming the first that differs)."""
+  want = {(m, n): tuple(v.shape) for m, n, v in hk.data_structures.traverse(shapes)}
+  have = {(m, n): tuple(np.shape(v)) for m, leaves in params.items() for n, v in leaves.items()}
+  for key in sorted(set(want) | set(have)):
+    if want.get(key) != have.get(key):
+      raise CheckpointError(f"{key[0]}/{key[1]}: the checkpoints give "
+                            f"{have.get(key, 'nothing')}, the model needs "
+                            f"{want.get(key, 'no such parameter')}")
+
 
 def save_params(path: str, params: hk.Params) -> None:
   """Writes a Haiku params dict as an orbax StandardCheckpointer directory."""
