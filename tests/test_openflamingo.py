@@ -28,6 +28,7 @@ from flamingo_jax.weights import openflamingo
 
 FIXTURE = os.path.join(REPO, "tests", "data", "openflamingo")
 MODEL = os.path.join(FIXTURE, "model")
+MODEL_MPT = os.path.join(FIXTURE, "model_mpt")
 CLIP_FIXTURE = os.path.join(REPO, "tests", "data", "clip_vit", "weights.safetensors")
 
 
@@ -116,9 +117,12 @@ def test_openflamingo_gated_block_maps_every_tensor_and_names_a_missing_block():
 # --- the whole model ----------------------------------------------------------------------
 
 def _import(directory, out, source="", **kwargs):
-  options = dict(lm=os.path.join(directory, "lm"),
-                 vision=os.path.join(directory, "vit.safetensors"), vit_heads=2,
-                 progress=False) | kwargs
+  if directory == MODEL_MPT:        # its ViT: an open_clip folder (heads, GELU from its config)
+    vision = dict(vision=os.path.join(directory, "vit"))
+  else:                             # a bare OpenCLIP file: heads and activation given
+    vision = dict(vision=os.path.join(directory, "vit.safetensors"), vit_heads=2,
+                  vit_activation="quick_gelu")
+  options = dict(lm=os.path.join(directory, "lm"), progress=False) | vision | kwargs
   return openflamingo_import.run(source or os.path.join(directory, "checkpoint.safetensors"),
                                  str(out), **options)
 
@@ -163,6 +167,41 @@ def test_imported_openflamingo_gives_its_logits(imported):
   assert _check(MODEL, out, media=other)["max_abs_diff"] > 1e-2
 
 
+def test_imported_openflamingo_with_an_mpt_lm_gives_its_logits(tmp_path):
+  """OpenFlamingo-3B/9B's layout: its factory around an MPT (transformers' MptForCausalLM:
+  ALiBi, clip_qkv, tied embeddings, blocks at transformer.blocks), gated blocks every 3 layers
+  (before layers 2 and 5: a head, a group and a tail here), a GELU ViT whose activation comes
+  from its open_clip_config.json."""
+  report = _import(MODEL_MPT, tmp_path / "of_mpt")
+  assert report["lm_kind"] == "mpt" and report["xattn_every"] == 3 and not report["warnings"]
+  check = _check(MODEL_MPT, tmp_path / "of_mpt")
+  assert check["ok"] and check["max_abs_diff"] < 1e-4 and check["argmax_agreement"] == 1.0, check
+  with open(tmp_path / "of_mpt" / "model.json") as f:
+    fields = json.load(f)
+  assert fields["vision"]["vit"]["activation"] == "gelu" and fields["vision"]["vit"]["heads"] == 2
+  assert fields["lm"]["alibi_bias_max"] == 8.0 and fields["lm"]["tied_embeddings"]
+  # The activation its config names is what makes the logits equal.
+  _import(MODEL_MPT, tmp_path / "quick", vit_activation="quick_gelu")
+  assert _check(MODEL_MPT, tmp_path / "quick")["max_abs_diff"] > 1e-3
+
+
+def test_openclip_activation_comes_from_its_config_and_a_bare_file_needs_the_flag(tmp_path):
+  from flamingo_jax.weights import vision  # pylint: disable=g-import-not-at-top
+  folder = os.path.join(MODEL_MPT, "vit")
+  assert vision.load_clip_vit(folder)[1]["vision"]["vit"]["activation"] == "gelu"
+  quick = tmp_path / "quick"
+  quick.mkdir()
+  os.symlink(os.path.join(folder, "open_clip_model.safetensors"),
+             quick / "open_clip_model.safetensors")
+  (quick / "open_clip_config.json").write_text(json.dumps(
+      {"model_cfg": {"quick_gelu": True, "vision_cfg": {"width": 32, "head_width": 16}}}))
+  assert vision.load_clip_vit(str(quick))[1]["vision"]["vit"]["activation"] == "quick_gelu"
+  assert vision.load_clip_vit(str(quick), activation="gelu")[1]["vision"]["vit"][
+      "activation"] == "gelu"
+  with pytest.raises(weights.CheckpointError, match="pass --vit_activation=quick_gelu"):
+    vision.load_clip_vit(os.path.join(MODEL, "vit.safetensors"), heads=2)
+
+
 def test_openflamingo_trainable_set_is_ours(imported):
   """Its trainable tensors (resampler, gated blocks; the trained token table's new rows) are
   exactly our trainable parameters, and a fresh run starts from them."""
@@ -203,7 +242,8 @@ def test_openflamingo_import_and_check_command_lines(tmp_path):
   out = tmp_path / "of"
   result = run_tool("flamingo_jax.tools.import_weights", "--kind=openflamingo",
                     f"--source={MODEL}/checkpoint.safetensors", f"--lm={MODEL}/lm",
-                    f"--vision={MODEL}/vit.safetensors", "--vit_heads=2", f"--output={out}")
+                    f"--vision={MODEL}/vit.safetensors", "--vit_heads=2",
+                    "--vit_activation=quick_gelu", f"--output={out}")
   assert result.returncode == 0, result.stderr[-3000:]
   assert f"run it: --config=experiments/configs/openflamingo.py:{out}" in result.stdout
   assert sorted(os.listdir(out)) == ["model.json", "params", "special_tokens.json",
@@ -253,3 +293,7 @@ def test_openflamingo_fixture_regenerates_with_the_installed_library(tmp_path):
   directory = str(tmp_path / "model")
   _import(directory, tmp_path / "from_pt", source=os.path.join(directory, "checkpoint.pt"))
   assert _check(directory, tmp_path / "from_pt")["max_abs_diff"] < 1e-4
+  mpt = str(tmp_path / "model_mpt")
+  _import(MODEL_MPT, tmp_path / "mpt_pt", source=os.path.join(mpt, "checkpoint.pt"),
+          lm=os.path.join(mpt, "lm"), vision=os.path.join(mpt, "vit"))
+  assert _check(mpt, tmp_path / "mpt_pt")["max_abs_diff"] < 1e-4

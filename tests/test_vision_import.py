@@ -186,8 +186,11 @@ def test_imported_clip_vit_gives_openflamingos_vision_features():
       "kind": "vit", "pixel_stats": "clip",
       "vit": dict(width=64, layers=3, heads=2, patch_size=8, mlp_ratio=4.0,
                   activation="quick_gelu")}}
-  # Heads are not in the tensors: the default (width / 64 = 1 here) computes other tokens.
-  wrong_heads, _ = compare_with_open_clip(CLIP_FIXTURE, heads=0)
+  # Heads are not in the tensors: open_clip_config.json's head_width gives them (heads=0),
+  # and another count (CLIP's usual width / 64 = 1 here) computes other tokens.
+  from_config, fields = compare_with_open_clip(CLIP_FIXTURE, heads=0)
+  assert from_config < 1e-5 and fields["vision"]["vit"]["heads"] == 2
+  wrong_heads, _ = compare_with_open_clip(CLIP_FIXTURE, heads=1)
   assert wrong_heads > 1e-3, wrong_heads
 
 

@@ -46,7 +46,6 @@ come from the base. A full state dict (its decoder layers too) works the same wa
     ...ff.0 / ff.1 / ff.3                    ffw_norm, ffw/ffw_in, ffw/ffw_out
 """
 
-import collections
 import dataclasses
 import os
 import re
@@ -263,25 +262,6 @@ def xattn_every(layers: list[int], num_layers: int) -> int:
   return n
 
 
-def _xattn_stacks(blocks: list[dict], num_layers: int, every: int) -> dict:
-  """Our groups/xattn ([G, ...]) and tail_xattn parameters from the blocks in layer order."""
-  from flamingo_jax.models import language_model  # pylint: disable=g-import-not-at-top
-  _, groups, _ = language_model.layer_layout(num_layers, every, every - 1)
-  params = collections.defaultdict(dict)
-  rows = collections.defaultdict(dict)
-  for j, block in enumerate(blocks):
-    for module, leaves in block.items():
-      for leaf, value in leaves.items():
-        if j < groups:
-          rows[(module, leaf)][j] = value
-        else:
-          params[f"{LM}/tail_xattn/{module}".rstrip("/")][leaf] = value
-  for (module, leaf), per_block in rows.items():
-    params[f"{LM}/groups/xattn/{module}".rstrip("/")][leaf] = mapping.stack_rows(
-        per_block, groups, f"gated blocks {module}/{leaf}")
-  return dict(params)
-
-
 def base_vocab(lm_dir: str) -> int:
   """Ids of the base tokenizer (`len(tokenizer)` before OpenFlamingo's additions)."""
   path = os.path.join(lm_dir, "tokenizer.json")
@@ -342,7 +322,9 @@ def load_openflamingo(source: str, lm_dir: str, vision_source: str = "", *,
   base = SafetensorsCheckpoint(lm_dir)
   tied = lm_fields.get("tied_embeddings", False)
   output = family.output_embedding
-  if not tied and output not in parts.lm:
+  if tied:
+    parts.lm.pop(output, None)       # a tied LM's state dict repeats its table as lm_head
+  elif output not in parts.lm:
     if output not in base.tensors:
       raise CheckpointError(f"neither {source} nor {lm_dir} holds {output}")
     parts.lm[output] = _fit_rows(base.read(output), rows)
@@ -354,8 +336,8 @@ def load_openflamingo(source: str, lm_dir: str, vision_source: str = "", *,
 
   resampler, resampler_fields = resampler_params(parts.resampler, dim_head=dim_head)
   if vision_source:
-    vit_tensors, vit_source = {k: np.asarray(v) for k, v in
-                               SafetensorsCheckpoint(vision_source)}, vision_source
+    vit_tensors, vit_source = {k: np.asarray(v) for k, v in SafetensorsCheckpoint(
+        vision.openclip_weights(vision_source))}, vision_source
   elif parts.vision:
     vit_tensors, vit_source = parts.vision, source
   else:
@@ -369,7 +351,7 @@ def load_openflamingo(source: str, lm_dir: str, vision_source: str = "", *,
                           f"resampler reads {resampler_fields['dim']}-wide tokens (another "
                           "--vision?)")
   blocks = [xattn_block_params(parts.xattn, layer) for layer in layers]
-  xattn = _xattn_stacks(blocks, num_layers, every)
+  xattn = loading.stack_xattn_blocks(blocks, num_layers, every, every - 1)
   first = blocks[0]
   inner = first["cross_attention/query"]["w"].shape[1]
   if inner % dim_head:
@@ -407,21 +389,9 @@ def load_openflamingo(source: str, lm_dir: str, vision_source: str = "", *,
     shapes = models.param_shapes(model)
   except ValueError as e:
     raise CheckpointError(f"the imported modules do not fit together: {e}") from None
-  _check_complete(params, shapes)
+  loading.check_complete(params, shapes)
   count = sum(int(np.prod(v.shape)) for leaves in params.values() for v in leaves.values())
   report = {"lm_kind": kind, "checkpoint_tensors": len(parts.resampler) + len(parts.xattn) +
             len(parts.lm) + len(parts.vision), "parameters": count,
             "lm_seconds": stats["seconds"], "warnings": warnings}
   return params, fields, report
-
-
-def _check_complete(params: dict, shapes) -> None:
-  """Every parameter of the model, of its shape, and nothing else."""
-  import haiku as hk  # pylint: disable=g-import-not-at-top
-  want = {(m, n): tuple(v.shape) for m, n, v in hk.data_structures.traverse(shapes)}
-  have = {(m, n): tuple(np.shape(v)) for m, leaves in params.items() for n, v in leaves.items()}
-  for key in sorted(set(want) | set(have)):
-    if want.get(key) != have.get(key):
-      raise CheckpointError(f"{key[0]}/{key[1]}: the checkpoints give "
-                            f"{have.get(key, 'nothing')}, the model needs "
-                            f"{want.get(key, 'no such parameter')}")

@@ -258,9 +258,6 @@ def _hf_clip_as_openclip(tensors: dict, hf_config: dict) -> dict:
       raise CheckpointError(f"layer {layer}: q/k/v {leaf} incomplete ({sorted(parts)})")
     out[f"transformer.resblocks.{layer}.attn.in_proj_{leaf}"] = np.concatenate(
         [parts["q"], parts["k"], parts["v"]], axis=0)
-  eps = float(hf_config.get("layer_norm_eps", 1e-5))
-  if abs(eps - 1e-5) > 1e-12:
-    raise CheckpointError(f"layer_norm_eps {eps}: our ViT uses CLIP's 1e-5")
   return out
 
 
@@ -274,35 +271,92 @@ def _hf_vision_config(source: str) -> Optional[dict]:
   return config.get("vision_config", config)
 
 
+OPENCLIP_CONFIG = "open_clip_config.json"
+# An open_clip model folder (as open_clip's hub export writes it): its config and weights.
+OPENCLIP_WEIGHTS = ("open_clip_model.safetensors", "model.safetensors")
+
+
+def openclip_config(source: str) -> Optional[dict]:
+  """The open_clip model config of `source` (a folder holding open_clip_config.json, or a
+  weights file beside one): its `model_cfg` ({"embed_dim", "vision_cfg", "quick_gelu"...}),
+  or None when there is none."""
+  folder = source if os.path.isdir(source) else os.path.dirname(source)
+  path = os.path.join(folder, OPENCLIP_CONFIG)
+  if not os.path.exists(path):
+    return None
+  try:
+    with open(path) as f:
+      config = json.load(f)
+  except ValueError as e:
+    raise CheckpointError(f"{path}: not valid JSON ({e})") from None
+  return config.get("model_cfg", config)
+
+
+def openclip_weights(source: str) -> str:
+  """The weights file of an open_clip folder (or `source` itself when it is a file)."""
+  if not os.path.isdir(source):
+    return source
+  for name in OPENCLIP_WEIGHTS:
+    if os.path.exists(os.path.join(source, name)):
+      return os.path.join(source, name)
+  return source            # a Hugging Face folder: the safetensors reader finds its shards
+
+
+def openclip_activation(model_cfg: Optional[dict], source: str, override: str) -> str:
+  """QuickGELU when the open_clip config says `quick_gelu: true`, else GELU (open_clip's
+  default: the LAION towers, IDEFICS'); `override` wins; no config and no override is an
+  error (OpenAI's weights use QuickGELU, open_clip's own GELU: a guess would be 6e-3 off)."""
+  if override:
+    return override
+  if model_cfg is None:
+    raise CheckpointError(
+        f"{source}: no {OPENCLIP_CONFIG} beside it says which activation the tower uses; pass "
+        f"--vit_activation=quick_gelu (OpenAI's CLIP weights, OpenFlamingo's ViT-L/14) or "
+        f"--vit_activation=gelu (open_clip's default: the LAION towers)")
+  return "quick_gelu" if model_cfg.get("quick_gelu", False) else "gelu"
+
+
 def load_clip_vit(source: str, *, heads: int = 0, activation: str = "",
                   image_size: int = 0) -> tuple[dict, dict]:
   """(params under PREFIX as numpy arrays, model.json fields) of a CLIP ViT: an OpenCLIP /
-  OpenAI state dict (a whole CLIP model or its visual tower) or a Hugging Face
-  CLIPVisionModel / CLIPModel folder (its config.json gives heads and activation).
+  OpenAI state dict (a whole CLIP model or its visual tower; a file, or an open_clip folder
+  with open_clip_config.json) or a Hugging Face CLIPVisionModel / CLIPModel folder (its
+  config.json gives heads and activation).
 
-  OpenCLIP files do not hold the heads or the activation: `heads` (0: width / 64, every
-  CLIP ViT's head size) and `activation` ("quick_gelu": OpenAI's weights, OpenFlamingo's
-  ViT-L/14, the default; "gelu": LAION-trained OpenCLIP models). `image_size` (0: the
-  checkpoint's) resizes the positions to another resolution."""
-  tensors = {name: np.asarray(array) for name, array in SafetensorsCheckpoint(source)}
+  An OpenCLIP tower's activation comes from its open_clip_config.json (`quick_gelu: true`:
+  QuickGELU; absent: GELU, as open_clip builds it), its heads from `vision_cfg.head_width`
+  (default 64); `activation` and `heads` override them. `image_size` (0: the checkpoint's)
+  resizes the positions to another resolution."""
+  weights_file = openclip_weights(source)
+  tensors = {name: np.asarray(array) for name, array in SafetensorsCheckpoint(weights_file)}
   return clip_vit_params(tensors, source, heads=heads, activation=activation,
                          image_size=image_size)
 
 
 def clip_vit_params(tensors: dict[str, np.ndarray], source: str, *, heads: int = 0,
-                    activation: str = "", image_size: int = 0) -> tuple[dict, dict]:
-  """`load_clip_vit` of tensors in memory (`source` names them in errors)."""
+                    activation: str = "", image_size: int = 0, output: str = "patches",
+                    hf_config: Optional[dict] = None) -> tuple[dict, dict]:
+  """`load_clip_vit` of tensors in memory (`source` names them in errors). `output`: the
+  ViT's features ("tokens": IDEFICS', without ln_post, whose tensors are then left out).
+  `hf_config`: a Hugging Face vision config to use instead of source's config.json."""
+  ln_eps = 1e-5
   if "vision_model.embeddings.class_embedding" in tensors:
-    hf_config = _hf_vision_config(source) or {}
+    if hf_config is None:
+      hf_config = _hf_vision_config(source) or {}
     heads = heads or int(hf_config.get("num_attention_heads", 0))
     activation = activation or hf_config.get("hidden_act", "")
+    ln_eps = float(hf_config.get("layer_norm_eps", 1e-5))
     tensors, prefix = _hf_clip_as_openclip(tensors, hf_config), ""
   else:
     prefix, found = _visual_names(tensors)
     if not found:
       raise CheckpointError(f"{source}: not a CLIP ViT state dict (no class_embedding, "
                             f"visual.class_embedding or vision_model.embeddings)")
-  activation = activation or "quick_gelu"
+    model_cfg = openclip_config(source)
+    activation = openclip_activation(model_cfg, source, activation)
+    vision_cfg = (model_cfg or {}).get("vision_cfg", {})
+    if not heads and vision_cfg.get("width"):
+      heads = int(vision_cfg["width"]) // int(vision_cfg.get("head_width", 64))
   if activation not in vit.ACTIVATIONS:
     raise CheckpointError(f"activation {activation!r}; our ViT has {sorted(vit.ACTIVATIONS)}")
   shape = lambda name: tuple(tensors[prefix + name].shape)
@@ -321,11 +375,15 @@ def clip_vit_params(tensors: dict[str, np.ndarray], source: str, *, heads: int =
   mlp_ratio = shape("transformer.resblocks.0.mlp.c_fc.weight")[0] / width
   mine = ((name[len(prefix):], array) for name, array in tensors.items()
           if name.startswith(prefix))             # not the text tower of a whole CLIP model
+  if output == "tokens":             # features before ln_post: it is not part of the module
+    mine = ((name, array) for name, array in mine if not name.startswith("ln_post."))
   params = mapping.convert(mine, _vit_rules(image_size), what=f"ViT ({source})",
                            ignored=_VIT_IGNORED, rows=lambda module: layers,
                            ctx={"patch": patch}, prefix=prefix)
   vit_fields = dict(width=width, layers=layers, heads=heads, patch_size=patch,
                     mlp_ratio=mlp_ratio, activation=activation)
+  if output != "patches" or ln_eps != 1e-5:     # the defaults stay out of model.json
+    vit_fields.update(output=output, ln_eps=ln_eps)
   expected = expected_vit_shapes(vit_fields, image_size)
   _check_shapes(source, params, expected, f"ViT {vit_fields}")
   return dict(params), {"image_size": image_size,

@@ -15,6 +15,7 @@ by save_pretrained: config.json + model.safetensors) and hf_tokens.npy: the same
 its terms, post_layernorm(last_hidden_state)[:, 1:], for the same images.
 """
 
+import json
 import os
 import sys
 
@@ -60,6 +61,13 @@ def main(out_dir: str) -> None:
   grid = IMAGE // PATCH
   save_file({k: v.contiguous() for k, v in model.state_dict().items()},
             os.path.join(out_dir, "weights.safetensors"))
+  # As open_clip's own export keeps it beside the weights: the model config (its activation).
+  with open(os.path.join(out_dir, "open_clip_config.json"), "w") as f:
+    json.dump({"model_cfg": {"embed_dim": 16, "quick_gelu": True,
+                             "vision_cfg": dict(layers=LAYERS, width=WIDTH, head_width=HEAD_WIDTH,
+                                                patch_size=PATCH, image_size=IMAGE),
+                             "text_cfg": dict(context_length=8, vocab_size=50, width=32,
+                                              heads=2, layers=1)}}, f, indent=1)
   np.save(os.path.join(out_dir, "images.npy"), images.permute(0, 2, 3, 1).numpy())
   np.save(os.path.join(out_dir, "tokens.npy"), tokens.reshape(2, grid, grid, WIDTH).numpy())
   import transformers  # pylint: disable=g-import-not-at-top

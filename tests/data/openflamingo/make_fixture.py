@@ -85,42 +85,56 @@ def _bf16(module: torch.nn.Module, seed: int) -> None:
       p.copy_(p.to(torch.bfloat16).float())
 
 
-def _base_lm(path: str) -> None:
+def _base_lm(path: str, kind: str = "gpt_neox") -> None:
   import transformers  # pylint: disable=g-import-not-at-top
   sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                                   "hf_lms"))
   import make_fixtures  # pylint: disable=g-import-not-at-top  (its tokenizer)
   torch.manual_seed(SEED)
-  lm = transformers.GPTNeoXForCausalLM(transformers.GPTNeoXConfig(
-      vocab_size=make_fixtures.VOCAB, hidden_size=LM_DIM, intermediate_size=2 * LM_DIM,
-      num_hidden_layers=LM_LAYERS, num_attention_heads=4, rotary_pct=0.25,
-      use_parallel_residual=True, hidden_act="gelu", bos_token_id=0, eos_token_id=0))
+  if kind == "gpt_neox":
+    lm = transformers.GPTNeoXForCausalLM(transformers.GPTNeoXConfig(
+        vocab_size=make_fixtures.VOCAB, hidden_size=LM_DIM, intermediate_size=2 * LM_DIM,
+        num_hidden_layers=LM_LAYERS, num_attention_heads=4, rotary_pct=0.25,
+        use_parallel_residual=True, hidden_act="gelu", bos_token_id=0, eos_token_id=0))
+  else:   # MPT as transformers builds it (OpenFlamingo-3B/9B's family): ALiBi, clip_qkv, tied
+    lm = transformers.MptForCausalLM(transformers.MptConfig(
+        vocab_size=make_fixtures.VOCAB, d_model=LM_DIM, n_heads=4, n_layers=LM_LAYERS,
+        max_seq_len=64, no_bias=True, attn_config={"alibi": True, "clip_qkv": 0.5},
+        bos_token_id=0, eos_token_id=0))
   _bf16(lm, SEED + 10)
   lm.save_pretrained(path, safe_serialization=True)
   make_fixtures.tokenizer().save(os.path.join(path, "tokenizer.json"))
 
 
-def _vit_config(directory: str) -> str:
-  name = "fixture-vit"
+def _vit_config(directory: str, quick_gelu: bool = True) -> str:
+  name = "fixture-vit" if quick_gelu else "fixture-vit-gelu"
+  config = {"embed_dim": 16, "vision_cfg": VIT,
+            "text_cfg": {"context_length": 8, "vocab_size": 50, "width": 32, "heads": 2,
+                         "layers": 1}}
+  if quick_gelu:
+    config["quick_gelu"] = True
   with open(os.path.join(directory, f"{name}.json"), "w") as f:
-    json.dump({"embed_dim": 16, "quick_gelu": True, "vision_cfg": VIT,
-               "text_cfg": {"context_length": 8, "vocab_size": 50, "width": 32, "heads": 2,
-                            "layers": 1}}, f)
+    json.dump(config, f)
   open_clip.add_model_config(directory)
   return name
 
 
-def whole_model(out_dir: str) -> None:
-  """An OpenFlamingo built by its factory, and its logits on an interleaved batch."""
+def whole_model(out_dir: str, lm_kind: str = "gpt_neox") -> None:
+  """An OpenFlamingo built by its factory, and its logits on an interleaved batch. With
+  lm_kind="mpt" (model_mpt/): an MPT LM (transformers' MptForCausalLM, loaded by the factory
+  from its folder, blocks found as `transformer.blocks`), gated blocks every 3 layers, and a
+  GELU ViT (no quick_gelu: open_clip's default) written as an open_clip folder (vit/:
+  open_clip_config.json + open_clip_model.safetensors)."""
   from open_flamingo.src import factory  # pylint: disable=g-import-not-at-top
   sys.modules.setdefault("wandb", types.ModuleType("wandb"))     # imported, never used
   from open_flamingo.train.train_utils import filter_state_dict_to_trainable  # pylint: disable=g-import-not-at-top
   os.makedirs(out_dir, exist_ok=True)
   lm_dir = os.path.join(out_dir, "lm")
-  _base_lm(lm_dir)
+  _base_lm(lm_dir, lm_kind)
+  mpt = lm_kind == "mpt"
   scratch = tempfile.mkdtemp()
   try:
-    vit_name = _vit_config(scratch)
+    vit_name = _vit_config(scratch, quick_gelu=not mpt)
     # Its factory with open_clip's own model: only the image transforms are left out (they
     # need torchvision, which the registries do not have for this torch).
     original = open_clip.create_model_and_transforms
@@ -128,7 +142,7 @@ def whole_model(out_dir: str) -> None:
         lambda name, pretrained=None: (open_clip.create_model(name, pretrained=pretrained),
                                        None, None))
     model, _, tokenizer = factory.create_model_and_transforms(
-        vit_name, None, lm_dir, lm_dir, cross_attn_every_n_layers=EVERY)
+        vit_name, None, lm_dir, lm_dir, cross_attn_every_n_layers=3 if mpt else EVERY)
     factory.open_clip.create_model_and_transforms = original
   finally:
     shutil.rmtree(scratch)
@@ -144,9 +158,15 @@ def whole_model(out_dir: str) -> None:
   save_file({k: v.to(torch.bfloat16) for k, v in trainable.items()},
             os.path.join(out_dir, "checkpoint.safetensors"))
   torch.save(trainable, os.path.join(out_dir, "checkpoint.pt"))
-  save_file({f"visual.{k[len('vision_encoder.'):]}": v.to(torch.bfloat16)
-             for k, v in state.items() if k.startswith("vision_encoder.")},
-            os.path.join(out_dir, "vit.safetensors"))
+  visual = {f"visual.{k[len('vision_encoder.'):]}": v.to(torch.bfloat16)
+            for k, v in state.items() if k.startswith("vision_encoder.")}
+  if mpt:            # an open_clip folder: its config says the activation
+    os.makedirs(os.path.join(out_dir, "vit"), exist_ok=True)
+    save_file(visual, os.path.join(out_dir, "vit", "open_clip_model.safetensors"))
+    with open(os.path.join(out_dir, "vit", "open_clip_config.json"), "w") as f:
+      json.dump({"model_cfg": {"embed_dim": 16, "vision_cfg": VIT}}, f, indent=1)
+  else:
+    save_file(visual, os.path.join(out_dir, "vit.safetensors"))
 
   tokenizer.padding_side = "right"
   batch = tokenizer(list(PROMPTS), padding="longest", return_tensors="pt")
@@ -195,6 +215,7 @@ def main(out_dir: str) -> None:
                       ("xattn_locations", locations), ("xattn_out", xattn_out)):
     np.save(os.path.join(out_dir, f"{name}.npy"), value.numpy())
   whole_model(os.path.join(out_dir, "model"))
+  whole_model(os.path.join(out_dir, "model_mpt"), lm_kind="mpt")
   print(f"wrote {out_dir}: resampler out {tuple(out.shape)}, xattn out {tuple(xattn_out.shape)}")
 
 
