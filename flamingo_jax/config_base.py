@@ -3,6 +3,7 @@
 Every number that comes from the paper cites PAPER.md; the rest are our defaults.
 """
 
+import json
 import os
 from typing import Optional
 
@@ -17,7 +18,24 @@ PAPER_RESAMPLER = dict(num_layers=6, dim=1536, num_heads=16, key_size=128, ffw_m
 # Resampler variants (models/perceiver.py), the paper's by default; OpenFlamingo's: no input
 # projection (its ViT's width is the resampler's), exact-GELU feed-forward, no time
 # embeddings (num_time_embeddings=0).
-RESAMPLER_OPTIONS = dict(input_projection=True, ffw_activation="squared_relu")
+# IDEFICS' resampler: a LayerNorm per head on its queries and keys (qk_norm="layer"),
+# ReLU feed-forward; kind="none": no resampler, the encoder's tokens go to xattn as they are.
+RESAMPLER_OPTIONS = dict(input_projection=True, ffw_activation="squared_relu",
+                         kind="perceiver", qk_norm="")
+
+# Gated xattn variants (models/gated_xattn.py), the paper's by default. OpenFlamingo's:
+# media_norm=False, ffw_activation="gelu_exact". IDEFICS': RMSNorms (norm="rms", norm_eps),
+# a SwiGLU feed-forward of ffw_size (ffw="gated", ffw_activation="silu"), gates of one value
+# per channel (gate="vector"), an RMSNorm per head on queries and keys (qk_norm="rms"), and
+# tokens after an end-of-document token attend to no image until the next <image>
+# (no_media_after_id: the EOS id; -1: never).
+XATTN_OPTIONS = dict(media_norm=True, ffw_activation="squared_relu", norm="layer",
+                     norm_eps=1e-5, ffw="mlp", ffw_size=0, gate="scalar", qk_norm="",
+                     no_media_after_id=-1)
+
+# The ViT's features for the resampler: "patches" (OpenFlamingo: the patch grid after
+# ln_post) or "tokens" (IDEFICS: every token, the class token first, before ln_post).
+VIT_OPTIONS = dict(output="patches", ln_eps=1e-5)
 
 # The SentencePiece model of the tiny configs (synthetic captions; tools/train_tokenizer.py).
 SYNTHETIC_TOKENIZER = os.path.join(os.path.dirname(__file__), "data", "assets", "synthetic_sp.model")
@@ -57,6 +75,10 @@ LM_OPTIONS = dict(
     parallel_residual=False, sliding_window=0,
     tied_embeddings=False, embed_multiplier=1.0,
     valid_vocab_size=0,                                 # 0: all ids; else ids past it are padding
+    # MPT (rotary_fraction 0 turns rotary off): ALiBi slopes' maximum (0: none), q/k/v
+    # clamp (0: none), a norm over all heads' queries and keys, the logits' scale (0:
+    # 1/sqrt(key_size)), the output logits' scale.
+    alibi_bias_max=0.0, clip_qkv=0.0, qk_norm=False, attention_scale=0.0, logit_scale=1.0,
 )
 
 
@@ -67,7 +89,7 @@ def vision_config(variant: str) -> dict:
               numerics="deepmind",  # | "timm": weights imported from timm (nfnet.py)
               # kind="vit": its shape (default ViT-L/14, OpenFlamingo's encoder)
               vit=dict(width=1024, layers=24, heads=16, patch_size=14, mlp_ratio=4.0,
-                       activation="quick_gelu"),
+                       activation="quick_gelu") | VIT_OPTIONS,
               # The encoder's input normalisation: "imagenet" | "clip" (CLIP weights;
               # the import sets it). models/flamingo.py PIXEL_STATS.
               pixel_stats="imagenet",
@@ -97,9 +119,27 @@ def model_config(*, vocab_size: int, image_size: int, vision_variant: str, lm: d
                  offset=0,            # xattn before LM blocks offset, offset + every, ...
                                       #   (OpenFlamingo: every - 1; language_model.py)
                  only_attend_immediate_media=True,  # False: attend to all earlier media
-                 # OpenFlamingo's blocks: media_norm=False, ffw_activation="gelu_exact"
-                 media_norm=True, ffw_activation="squared_relu"),
+                 ) | XATTN_OPTIONS,
+      # Ids with trainable embedding rows and logit columns (IDEFICS: its decoupled extra
+      # vocabulary); empty: <image> and <EOC>.
+      new_token_ids=(),
   ))
+
+
+# Option tables by config section: a run's config.json written before an option existed
+# implies its default (trainer.check_config; tools that rebuild a run's config).
+OPTION_DEFAULTS = {"model.lm": LM_OPTIONS, "model.xattn": XATTN_OPTIONS,
+                   "model.resampler": RESAMPLER_OPTIONS, "model.vision.vit": VIT_OPTIONS,
+                   "model": {"new_token_ids": ()}}
+ABSENT = "<absent>"
+
+
+def implied_default(key: str):
+  """The value a config that lacks dotted `key` implies: the option's default for keys of the
+  option tables, else ABSENT."""
+  section, _, leaf = key.rpartition(".")
+  value = OPTION_DEFAULTS.get(section, {}).get(leaf, ABSENT)
+  return list(value) if isinstance(value, tuple) else value
 
 
 def with_imported_lm(model: ml_collections.ConfigDict, fields: dict,
@@ -109,6 +149,8 @@ def with_imported_lm(model: ml_collections.ConfigDict, fields: dict,
   model = model.copy_and_resolve_references()
   for key in ("vocab_size", "image_token_id", "eoc_token_id"):
     model[key] = fields[key]
+  if "new_token_ids" in fields:
+    model.new_token_ids = tuple(fields["new_token_ids"])
   model.lm.update(fields["lm"])
   model.xattn.update(fields.get("xattn", {}))
   if init_checkpoint:
@@ -139,6 +181,42 @@ def with_imported_flamingo(model: ml_collections.ConfigDict, fields: dict,
   model = with_imported_vision(model, fields, init_checkpoint=params_dir)
   model.resampler.update(fields["resampler"])
   return model
+
+
+def imported_flamingo_config(arg: Optional[str], kind: str) -> ml_collections.ConfigDict:
+  """The recipe around a whole-model import (`import_weights --kind=openflamingo | idefics`):
+  IMPORT_DIR/model.json fixes the model, IMPORT_DIR/params holds every parameter (the frozen
+  towers are read from it and a fresh run starts its trainable ones from it),
+  IMPORT_DIR/tokenizer.json tokenises the data; the rest is sized for a CPU run (synthetic
+  streams at the ViT's resolution, float32): override any of it on the command line."""
+  if not arg:
+    raise ValueError(f"{kind}.py needs the import folder: "
+                     f"--config=experiments/configs/{kind}.py:IMPORT_DIR")
+  directory = os.path.abspath(arg)
+  model_json = os.path.join(directory, "model.json")
+  if not os.path.exists(model_json):
+    raise ValueError(f"{model_json} not found: is {directory} an import_weights "
+                     f"--kind={kind} output folder?")
+  with open(model_json) as f:
+    fields = json.load(f)
+  if kind not in fields:
+    raise ValueError(f"{directory} is not an {kind} import (its model.json has no {kind!r} "
+                     "entry); LM imports use experiments/configs/pretrained.py")
+  size = fields["image_size"]
+  model = model_config(
+      vocab_size=fields["vocab_size"], image_size=size, vision_variant="tiny",
+      lm=paper_lm(num_layers=1, dim=1, num_heads=1, ffw_size=1),       # from the import
+      xattn_every=1, xattn_num_heads=1)
+  model = with_imported_flamingo(model, fields, os.path.join(directory, "params"))
+  streams = {
+      "m3w": dict(source="interleaved", manual_dir="synthetic", batch_size=8, weight=1.0,
+                  max_tokens=48, max_media=3, frames=1),
+      "align": dict(source="image_text", manual_dir="synthetic", batch_size=8, weight=0.2,
+                    max_tokens=24, max_media=1, frames=1),
+  }
+  config = base_config(model, streams=streams, image_size=size, steps=300)
+  config.data.tokenizer_path = os.path.join(directory, "tokenizer.json")
+  return cpu_run(config)
 
 
 def base_config(model: ml_collections.ConfigDict, *, streams: dict, image_size: int,

@@ -135,8 +135,9 @@ def interleaved_tokens(texts: Sequence[str], image_index: Sequence[int],
     if chunk:
       seq += encode(" ".join(chunk)) + [special.eoc]
       chunk = []
-    seq.append(special.image)
-  return seq[:-1] + [special.eos]
+    end = len(seq)                            # (the final _IMAGE's tokens are cut off)
+    seq += tok.image_tokens(special, seq[-1])
+  return seq[:end] + [special.eos]
 
 
 def window(seq: Sequence[int], length: int, max_media: int, rng: np.random.Generator,
@@ -161,8 +162,8 @@ def pair_tokens(text: str, encode: Callable[[str], list[int]], leading_space: bo
   """<BOS> <image> caption <EOC> <EOS>, cut to `max_tokens` + 1 tokens when longer: a long
   caption is truncated (its end markers go with it, so that the model never learns an end
   that is not there), not dropped, which would bias the data towards short captions."""
-  seq = ([special.bos, special.image] + encode((" " if leading_space else "") + text)
-         + [special.eoc, special.eos])
+  seq = ([special.bos, *tok.image_tokens(special, special.bos)]
+         + encode((" " if leading_space else "") + text) + [special.eoc, special.eos])
   return seq if max_tokens is None else seq[:max_tokens + 1]
 
 

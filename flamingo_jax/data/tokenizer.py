@@ -43,6 +43,18 @@ class SpecialIds(NamedTuple):
   eos: int
   image: int
   eoc: int
+  # IDEFICS: <fake_token_around_image> on both sides of each <image>, one shared between
+  # consecutive images (its processor's layout); -1: none.
+  image_around: int = -1
+
+
+def image_tokens(special: SpecialIds, previous: int) -> list[int]:
+  """The ids one image marker becomes after the token `previous`."""
+  if special.image_around < 0:
+    return [special.image]
+  if previous == special.image_around:          # right after an image: share its token
+    return [special.image, special.image_around]
+  return [special.image_around, special.image, special.image_around]
 
 
 SENTENCEPIECE_IDS = SpecialIds(PAD_ID, BOS_ID, EOS_ID, IMAGE_ID, EOC_ID)
@@ -113,21 +125,27 @@ class HFTokenizer:
     with open(ids_path) as f:
       ids = json.load(f)
     try:
-      self.special = SpecialIds(**{k: int(ids[k]) for k in SpecialIds._fields})
+      self.special = SpecialIds(**{k: int(ids[k]) for k in SpecialIds._fields[:5]},
+                                image_around=int(ids.get("image_around", -1)))
     except (KeyError, TypeError, ValueError) as e:
-      raise ValueError(f"{ids_path} must map {SpecialIds._fields} to integer ids ({e})") from None
+      raise ValueError(f"{ids_path} must map {SpecialIds._fields[:5]} to integer ids ({e})"
+                       ) from None
     self.path = path
     self._tok = tokenizers.Tokenizer.from_file(path)
     size = self._tok.get_vocab_size(with_added_tokens=True)
+    # "tokenizer_ids": ours that are the tokenizer's own tokens (IDEFICS' <image>, its EOS as
+    # <EOC>); the others are past its vocabulary, so that text never produces them.
+    own = set(int(i) for i in ids.get("tokenizer_ids", []))
     ours = (self.special.image, self.special.eoc)
-    if len(set(ours)) != 2 or any(i < size for i in ours):
+    if len(set(ours)) != 2 or any(i < size and i not in own for i in ours):
       raise ValueError(f"{ids_path}: <image>/<EOC> ids {ours} must be distinct and past the "
-                       f"tokenizer's {size} ids")
-    self._pieces = {self.special.image: IMAGE_PIECE, self.special.eoc: EOC_PIECE}
+                       f"tokenizer's {size} ids (or listed in its 'tokenizer_ids')")
+    self._pieces = {i: p for i, p in ((self.special.image, IMAGE_PIECE),
+                                      (self.special.eoc, EOC_PIECE)) if i not in own}
 
   @property
   def vocab_size(self) -> int:
-    return max(self._tok.get_vocab_size(with_added_tokens=True), *self._pieces) + 1
+    return max([self._tok.get_vocab_size(with_added_tokens=True) - 1, *self._pieces]) + 1
 
   def piece_to_id(self, piece: str) -> int:
     for i, p in self._pieces.items():
@@ -171,7 +189,7 @@ def encode_with_markers(text: str, tokenizer) -> list[int]:
   ids = [special.bos]
   for piece in split_markers(text):
     if piece == IMAGE_PIECE:
-      ids.append(special.image)
+      ids.extend(image_tokens(special, ids[-1]))
     elif piece == EOC_PIECE:
       ids.append(special.eoc)
     elif piece:

@@ -117,6 +117,7 @@ def generate(engine: engine_lib.Engine, prompts: Sequence[Sequence[int]],
   ids, lengths, media, count = prepare(engine, prompts, media, max_new_tokens)
   prompt = engine.prefill(ids, lengths, engine.encode(media))
   logits, cache, positions, phi = prompt.logits, prompt.cache, prompt.positions, prompt.phi
+  previous = prompt.last_token
   rows = ids.shape[0]
   done = np.zeros(rows, bool)
   tokens_out = np.zeros((rows, max_new_tokens), np.int32)
@@ -133,7 +134,8 @@ def generate(engine: engine_lib.Engine, prompts: Sequence[Sequence[int]],
     done |= np.isin(token_np, list(stop_ids))
     if done[:count].all() or t == max_new_tokens - 1:
       break
-    phi = phi + (token == engine.image_id).astype(jnp.int32)
+    phi = engine.next_phi(phi, previous, token)
+    previous = token
     logits, cache = engine.step(token, positions, phi, cache)
     positions = positions + 1
   results = []
@@ -202,6 +204,7 @@ def _beam_search(engine, prompts, media, max_new_tokens, width, penalty, stop_id
   logits = jnp.take(prompt.logits, beam_rows, axis=0)
   positions = jnp.take(prompt.positions, beam_rows)
   phi = jnp.take(prompt.phi, beam_rows)
+  previous = jnp.take(prompt.last_token, beam_rows)
   # Host (numpy) inputs: every process passes the same values (multi-process runs).
   state = {
       "alive_tokens": np.zeros((b, width, max_new_tokens), np.int32),
@@ -221,9 +224,10 @@ def _beam_search(engine, prompts, media, max_new_tokens, width, penalty, stop_id
     if bool(engine.to_host(done)[:count].all()) or t == max_new_tokens - 1:
       break
     cache = engine.reorder(cache, rows)
-    phi = jnp.take(phi, rows)
+    phi, previous = jnp.take(phi, rows), jnp.take(previous, rows)
     tokens = next_tokens.reshape(-1)
-    phi = phi + (tokens == engine.image_id).astype(jnp.int32)
+    phi = engine.next_phi(phi, previous, tokens)
+    previous = tokens
     logits, cache = engine.step(tokens, positions, phi, cache)
     positions = positions + 1
   state = engine.to_host(state)

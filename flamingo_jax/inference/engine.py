@@ -42,7 +42,8 @@ class Prompt:
   logits: jax.Array      # float32 [B, V]
   cache: dict
   positions: jax.Array   # int32 [B]: = prompt lengths
-  phi: jax.Array         # int32 [B]: <image> tokens in the prompt
+  phi: jax.Array         # int32 [B]: φ of each row's last prompt token (models.media_positions)
+  last_token: jax.Array  # int32 [B]: each row's last prompt token
 
 
 class Engine:
@@ -60,6 +61,7 @@ class Engine:
     self.params = None if params is None else jax.tree.map(
         lambda x: x.astype(self.dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, params)
     self.image_id = int(model_config.image_token_id)
+    self.no_media_after_id = models.no_media_after_id(model_config)
     stages = models.make_flamingo_stages(model_config, compute_dtype=self.dtype)
     self._apply = stages.apply
     self._encode = jax.jit(self._encode_fn)
@@ -67,7 +69,7 @@ class Engine:
         lambda params, images: self._apply.vision_features(params, None, images))
     self._prefill = jax.jit(self._prefill_fn, static_argnums=(4,))
     self._step = jax.jit(self._step_fn, donate_argnums=(4,))
-    self._extend = jax.jit(self._extend_fn, donate_argnums=(4,))
+    self._extend = jax.jit(self._extend_fn, donate_argnums=(5,))
     self._reorder = jax.jit(_reorder_rows, static_argnums=(2,), donate_argnums=(0,))
     self._tile = jax.jit(_reorder_rows, static_argnums=(2,))
 
@@ -121,23 +123,30 @@ class Engine:
   def _prefill_fn(self, params, ids, lengths, visual, slots):
     b, length = ids.shape
     cache = self._constrain_cache(models.init_cache(self.config, b, slots, self.dtype))
-    phi = models.media_positions(ids, self.image_id)
+    phi = models.media_positions(ids, self.image_id, self.no_media_after_id)
     positions = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (b, length))
     logits, cache = self._apply.decode_cached(params, None, ids, positions, phi, cache, visual)
     last = lengths - 1
     rows = jnp.arange(b)
-    return logits[rows, last], self._constrain_cache(cache), phi[rows, last]
+    return logits[rows, last], self._constrain_cache(cache), phi[rows, last], ids[rows, last]
 
   def _step_fn(self, params, tokens, positions, phi, cache):
     logits, cache = self._apply.decode_cached(params, None, tokens[:, None], positions[:, None],
                                               phi[:, None], cache)
     return logits[:, 0], self._constrain_cache(cache)
 
-  def _extend_fn(self, params, ids, start, phi, cache):
-    """ids [B, T] written at start + arange(T) (no new media): logits [B, T, V]."""
+  def next_phi(self, phi: jax.Array, previous: jax.Array, tokens: jax.Array) -> jax.Array:
+    """φ [B] of new tokens [B] after tokens `previous` [B] whose φ was `phi`."""
+    return models.media_positions(tokens[:, None], self.image_id, self.no_media_after_id,
+                                  start=phi, previous=previous)[:, 0]
+
+  def _extend_fn(self, params, ids, start, phi, previous, cache):
+    """ids [B, T] written at start + arange(T) (no new media), after tokens `previous` [B]
+    of φ `phi`: logits [B, T, V]."""
     b, length = ids.shape
     positions = start[:, None] + jnp.arange(length, dtype=jnp.int32)[None]
-    phi = phi[:, None] + jnp.cumsum(ids == self.image_id, axis=1, dtype=jnp.int32)
+    phi = models.media_positions(ids, self.image_id, self.no_media_after_id, start=phi,
+                                 previous=previous)
     logits, cache = self._apply.decode_cached(params, None, ids, positions, phi, cache)
     return logits, self._constrain_cache(cache)
 
@@ -162,16 +171,17 @@ class Engine:
     if ids.shape[1] > slots:
       raise ValueError(f"prompt of {ids.shape[1]} tokens does not fit {slots} cache slots")
     lengths = np.asarray(lengths, np.int32)
-    logits, cache, phi = self._prefill(self.params, self.put_batch(np.asarray(ids, np.int32)),
-                                       self.put_batch(lengths), visual, slots)
-    return Prompt(logits, cache, self.put_batch(lengths), phi)
+    logits, cache, phi, last = self._prefill(
+        self.params, self.put_batch(np.asarray(ids, np.int32)), self.put_batch(lengths), visual,
+        slots)
+    return Prompt(logits, cache, self.put_batch(lengths), phi, last)
 
   def step(self, tokens, positions, phi, cache):
     """One new token per row: tokens/positions/phi int32 [B] -> (logits [B, V], cache)."""
     return self._step(self.params, tokens, positions, phi, cache)
 
-  def extend(self, ids, start, phi, cache):
-    return self._extend(self.params, ids, start, phi, cache)
+  def extend(self, ids, start, phi, previous, cache):
+    return self._extend(self.params, ids, start, phi, previous, cache)
 
   def reorder(self, cache: dict, rows: jax.Array, *, self_only: bool = True) -> dict:
     """Cache rows -> cache[rows] along each leaf's batch axis (beam search: parents)."""

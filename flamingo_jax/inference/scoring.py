@@ -59,7 +59,8 @@ def score(engine: engine_lib.Engine, prompts: Sequence[Sequence[int]],
     cache = engine.tile(prompt.cache, rows_dev)
     logits, _ = engine.extend(engine.put_batch(targets[:, :width]),
                               jnp.take(prompt.positions, rows_dev),
-                              jnp.take(prompt.phi, rows_dev), cache)
+                              jnp.take(prompt.phi, rows_dev),
+                              jnp.take(prompt.last_token, rows_dev), cache)
     chunk_sums = _candidate_log_probs(jnp.take(prompt.logits, rows_dev, axis=0), logits,
                                       targets, mask)
     n = min(batch, len(flat) - start)

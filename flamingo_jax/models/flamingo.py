@@ -65,6 +65,17 @@ def nfnet_encoder(vision: Any) -> nfnet.NFNet:
                      remat=vision.get("remat", False), name="vision_encoder")
 
 
+# config.model.xattn options that GatedCrossAttentionDense takes, and their defaults (the
+# paper's; config_base.XATTN_OPTIONS documents them).
+XATTN_BLOCK_OPTIONS = dict(media_norm=True, ffw_activation="squared_relu", norm="layer",
+                           norm_eps=1e-5, ffw="mlp", ffw_size=0, gate="scalar", qk_norm="")
+
+
+def no_media_after_id(model_config: Any) -> int:
+  """The token after which text sees no image until the next <image> (-1: none)."""
+  return int(model_config.xattn.get("no_media_after_id", -1))
+
+
 class Flamingo(hk.Module):
   """The whole model. Submodules are built inside methods: paths are `flamingo/<child>/...`."""
 
@@ -125,6 +136,11 @@ class Flamingo(hk.Module):
     if not vision_trainable:
       grid = jax.lax.stop_gradient(grid)  # frozen tower: no backward pass through it
     features = grid.reshape(b, n, t, -1, grid.shape[-1])                         # [B, N, T, S, C]
+    kind = r.get("kind", "perceiver")
+    if kind == "none":                  # IDEFICS without a resampler: every encoder token
+      return features.reshape(b, n, t * features.shape[3], features.shape[4])    # [B, N, T*S, C]
+    if kind != "perceiver":
+      raise ValueError(f"config.model.resampler.kind={kind!r}; expected 'perceiver' or 'none'")
     return perceiver.PerceiverResampler(
         num_layers=r.num_layers, dim=r.dim, num_heads=r.num_heads, key_size=r.key_size,
         ffw_mult=r.ffw_mult, num_latents=r.num_latents,
@@ -132,7 +148,7 @@ class Flamingo(hk.Module):
         attention_impl=self.config.get("attention_impl", "einsum"),
         input_projection=r.get("input_projection", True),
         ffw_activation=r.get("ffw_activation", "squared_relu"),
-        name="perceiver_resampler")(features)
+        qk_norm=r.get("qk_norm", ""), name="perceiver_resampler")(features)
 
   def _encoder_input(self, pixels: jax.Array, dtype: Any) -> jax.Array:
     """uint8 pixels normalised with the encoder's statistics (vision.pixel_stats)."""
@@ -147,7 +163,8 @@ class Flamingo(hk.Module):
       return vit.VisionTransformer(width=v.width, layers=v.layers, heads=v.heads,
                                    patch_size=v.patch_size, image_size=self.config.image_size,
                                    mlp_ratio=v.mlp_ratio, activation=v.activation,
-                                   name="vision_encoder")
+                                   ln_eps=v.get("ln_eps", 1e-5),
+                                   output=v.get("output", "patches"), name="vision_encoder")
     if kind != "nfnet":
       raise ValueError(f"config.model.vision.kind={kind!r}; expected 'nfnet' or 'vit'")
     return nfnet_encoder(cfg)
@@ -159,7 +176,7 @@ class Flamingo(hk.Module):
     if images.ndim != 4 or images.shape[-1] != 3:
       raise ValueError(f"images must be [N, H, W, 3] uint8, got shape {images.shape}")
     grid = self.encoder_grid(self._encoder_input(images, self.compute_dtype))  # [N, h, w, C]
-    return jnp.mean(grid.astype(jnp.float32), axis=(1, 2))
+    return jnp.mean(grid.astype(jnp.float32), axis=tuple(range(1, grid.ndim - 1)))
 
   @hk.name_like("__call__")
   def encoder_grid(self, normalised: jax.Array) -> jax.Array:
@@ -177,14 +194,14 @@ class Flamingo(hk.Module):
         xattn_every=x.every, xattn_num_heads=x.num_heads, xattn_key_size=x.key_size,
         xattn_ffw_mult=x.ffw_mult,
         only_attend_immediate_media=x.only_attend_immediate_media,
-        new_token_ids=(cfg.image_token_id, cfg.eoc_token_id),
+        new_token_ids=tuple(cfg.get("new_token_ids", ()) or (cfg.image_token_id,
+                                                             cfg.eoc_token_id)),
         options=language_model.DecoderOptions.from_config(lm),
         tied_embeddings=lm.get("tied_embeddings", False),
         embed_multiplier=lm.get("embed_multiplier", 1.0),
         valid_vocab_size=lm.get("valid_vocab_size", 0), remat=cfg.remat,
         attention_impl=cfg.get("attention_impl", "einsum"),
-        xattn_options=dict(media_norm=x.get("media_norm", True),
-                           ffw_activation=x.get("ffw_activation", "squared_relu")),
+        xattn_options={k: x.get(k, default) for k, default in XATTN_BLOCK_OPTIONS.items()},
         xattn_offset=x.get("offset", 0), name="language_model")
 
   @hk.name_like("__call__")
@@ -197,7 +214,8 @@ class Flamingo(hk.Module):
       if visual.ndim != 4 or visual.shape[0] != input_ids.shape[0]:
         raise ValueError(f"visual tokens {visual.shape} do not match input_ids {input_ids.shape}")
       self._check_image_tokens(input_ids, visual.shape[1])
-      phi = gated_xattn.media_positions(input_ids, self.config.image_token_id)
+      phi = gated_xattn.media_positions(input_ids, self.config.image_token_id,
+                                        no_media_after_id(self.config))
     return self._language_model()(input_ids, visual, phi)
 
   @hk.name_like("__call__")

@@ -8,9 +8,11 @@
     return LN(x)                                 # [R, D]
 
 Options for other checkpoints (config.model.resampler; the paper's by default):
-`input_projection=False` (features already D wide: OpenFlamingo), `ffw_activation`
-("gelu_exact": OpenFlamingo), `num_time_embeddings=0` (no time embedding: OpenFlamingo's
-resampler as its factory builds it; frames are then only concatenated).
+`input_projection=False` (features already D wide: OpenFlamingo, IDEFICS), `ffw_activation`
+("gelu_exact": OpenFlamingo; "relu": IDEFICS), `num_time_embeddings=0` (no time embedding:
+OpenFlamingo's resampler as its factory builds it; frames are then only concatenated),
+`qk_norm="layer"` (a LayerNorm per head on queries and keys: IDEFICS'
+qk_layer_norms_perceiver).
 """
 
 from typing import Optional
@@ -49,8 +51,11 @@ class PerceiverResampler(hk.Module):
                ffw_mult: int, num_latents: int, num_time_embeddings: int,
                max_frames: int, attention_impl: str = "einsum",
                input_projection: bool = True, ffw_activation: str = "squared_relu",
-               name: Optional[str] = "perceiver_resampler"):
+               qk_norm: str = "", name: Optional[str] = "perceiver_resampler"):
     super().__init__(name=name)
+    if qk_norm not in ("", "layer"):
+      raise ValueError(f"resampler qk_norm {qk_norm!r}; expected '' or 'layer'")
+    self.qk_norm = qk_norm
     self.attention_impl = attention_impl
     self.num_layers = num_layers
     self.dim = dim
@@ -95,7 +100,9 @@ class PerceiverResampler(hk.Module):
       kv = jnp.concatenate([media_normed, latents_normed], axis=1)                # [BN, T*S+R, D]
       x = x + attention.MultiHeadAttention(
           num_heads=self.num_heads, key_size=self.key_size, model_size=self.dim,
-          impl=self.attention_impl, name="attention")(latents_normed, kv)
+          impl=self.attention_impl, name="attention",
+          qk_norm=attention.QKNorm("layer", 1e-5, bias=True) if self.qk_norm else None)(
+              latents_normed, kv)
       h = attention.LayerNorm(name="ffw_norm")(x)
       return x + attention.FeedForward(hidden_size=self.ffw_mult * self.dim,
                                        activation=self.ffw_activation, name="ffw")(h)

@@ -12,13 +12,16 @@ or `experiments/configs/pretrained.py:lm=DIR`. Everything is written to a tempor
 and renamed at the end: a failed import leaves no DIR.
 
 Kinds: llama (Llama 2/3, Mistral, TinyLlama), gpt_neox (Pythia, RedPajama-INCITE), gemma
-(Gemma 1), chinchilla (our own layout, from weights.export_lm); vision towers
+(Gemma 1), mpt (MPT-7B, -30B), mosaic_gpt (MPT-1B-RedPajama-200b), chinchilla (our own layout,
+from weights.export_lm); vision towers
 (tools/vision_import.py; --source is the .safetensors file or its folder): nfnet (timm's
 `dm_nfnet_f0` ... `f6`), clip_vit (OpenCLIP / OpenAI CLIP state dicts, or a Hugging Face
 CLIPVisionModel / CLIPModel folder; --vit_heads, --vit_activation, --image_size); a whole
 OpenFlamingo 2.0.1 (tools/openflamingo_import.py): openflamingo, with --source=its
-checkpoint.pt or a safetensors export, --lm=its base LM's folder, --vision=its OpenCLIP ViT;
-our own contrastive pretraining: contrastive, with --source=the run's workdir (its NFNet).
+checkpoint.pt or a safetensors export, --lm=its base LM's folder, --vision=its OpenCLIP ViT
+(an open_clip folder, or its safetensors with --vit_activation); a whole IDEFICS
+(tools/idefics_import.py): idefics, with --source=its Hugging Face folder; our own
+contrastive pretraining: contrastive, with --source=the run's workdir (its NFNet).
 """
 
 import json
@@ -28,12 +31,14 @@ from absl import flags
 from absl import logging
 
 from flamingo_jax.tools import cli
+from flamingo_jax.tools import idefics_import
 from flamingo_jax.tools import lm_import
 from flamingo_jax.tools import openflamingo_import
 from flamingo_jax.tools import vision_import
 
-_KIND = flags.DEFINE_enum("kind", None, ["llama", "gpt_neox", "gemma", "chinchilla", "nfnet",
-                                          "clip_vit", "openflamingo", "contrastive"],
+_KIND = flags.DEFINE_enum("kind", None, ["llama", "gpt_neox", "gemma", "mpt", "mosaic_gpt",
+                                          "chinchilla", "nfnet", "clip_vit", "openflamingo",
+                                          "idefics", "contrastive"],
                             "Checkpoint family.")
 _SOURCE = flags.DEFINE_string("source", None, "Hugging Face model folder (config.json + "
                               "*.safetensors) or our exported folder.")
@@ -52,9 +57,11 @@ _VIT_HEADS = flags.DEFINE_integer("vit_heads", 0, "clip_vit: attention heads (0:
                                   "Face folder's config.json, else width / 64, every CLIP "
                                   "ViT's head size).")
 _VIT_ACTIVATION = flags.DEFINE_enum("vit_activation", "auto", ["auto", "quick_gelu", "gelu"],
-                                    "clip_vit: auto (a Hugging Face folder's config.json, else "
-                                    "quick_gelu), quick_gelu (OpenAI weights, OpenFlamingo's "
-                                    "ViT-L/14) or gelu (LAION-trained OpenCLIP models).")
+                                    "clip_vit, openflamingo, idefics: auto (a Hugging Face "
+                                    "config.json's, or open_clip_config.json's quick_gelu: "
+                                    "QuickGELU when true, GELU when absent), quick_gelu (OpenAI "
+                                    "weights, OpenFlamingo's ViT-L/14) or gelu (LAION-trained "
+                                    "OpenCLIP models, IDEFICS').")
 _LM = flags.DEFINE_string("lm", "", "openflamingo: its base LM's Hugging Face folder.")
 _VISION = flags.DEFINE_string("vision", "", "openflamingo: its CLIP ViT (OpenCLIP safetensors; "
                               "not needed when the checkpoint holds vision_encoder.*).")
@@ -78,6 +85,11 @@ def main(argv):
                                  vit_activation=("" if _VIT_ACTIVATION.value == "auto"
                                                  else _VIT_ACTIVATION.value),
                                  image_size=_IMAGE_SIZE.value)
+    elif _KIND.value == "idefics":
+      report = idefics_import.run(
+          _SOURCE.value, _OUTPUT.value, dtype=_DTYPE.value,
+          vit_activation="" if _VIT_ACTIVATION.value == "auto" else _VIT_ACTIVATION.value,
+          pad_vocab_multiple=_PAD_VOCAB.value, progress=not _JSON.value)
     elif _KIND.value == "openflamingo":
       report = openflamingo_import.run(
           _SOURCE.value, _OUTPUT.value, lm=_LM.value, vision=_VISION.value, dtype=_DTYPE.value,
@@ -105,6 +117,14 @@ def main(argv):
           f" model.json" + (", tokenizer.json, special_tokens.json" if report["tokenizer"]
                             else "") + f"\nrun it: --config=experiments/configs/"
           f"openflamingo.py:{report['output']}")
+    return
+  if _KIND.value == "idefics":
+    print(f"imported idefics from {_SOURCE.value}: {report['parameters']:,} parameters in "
+          f"{report['seconds']:.1f}s; <image> {report['image_token_id']}, <EOC> "
+          f"{report['eoc_token_id']}, a gated block every {report['xattn_every']} layers, "
+          f"resampler: {report['resampler']}\nwrote {report['output']}/params, model.json, "
+          f"tokenizer.json, special_tokens.json\nrun it: --config=experiments/configs/"
+          f"idefics.py:{report['output']}")
     return
   if _KIND.value in vision_import.KINDS:
     print(f"imported {_KIND.value} from {_SOURCE.value}: {report['tensors']} tensors, "

@@ -36,6 +36,7 @@ from jax.experimental import multihost_utils
 import numpy as np
 from orbax.checkpoint import multihost as ocp_multihost
 
+from flamingo_jax import config_base
 from flamingo_jax import lease as lease_lib
 from flamingo_jax import models
 from flamingo_jax import weights
@@ -96,7 +97,10 @@ def check_config(config: Any, workdir: str, allow_change: bool) -> None:
   if not path.exists():
     return
   a, b = _flatten(json.loads(path.read_text())), _flatten(json.loads(config.to_json()))
-  differing = sorted(k for k in set(a) | set(b) if a.get(k, "<absent>") != b.get(k, "<absent>"))
+  # An option added after the run started is absent from its config.json: its default is
+  # what the run computed with.
+  value = lambda flat, k: flat.get(k, config_base.implied_default(k))
+  differing = sorted(k for k in set(a) | set(b) if value(a, k) != value(b, k))
   changed = [k for k in differing if k not in RUN_CONTROL_KEYS]
   if changed and not allow_change:
     details = ", ".join(f"{k}: {a.get(k, '<absent>')!r} -> {b.get(k, '<absent>')!r}"

@@ -3,11 +3,15 @@
     patches (conv, stride = kernel = patch, no bias) -> [class token; patches] + positions
     -> ln_pre -> `layers` pre-LN blocks (x + attn(ln_1(x)); x + mlp(ln_2(x))) -> ln_post
 
-What the resampler gets (`__call__`): the patch tokens after ln_post, without the class
-token, as a grid [B, H/p, W/p, width] — OpenFlamingo's `vision_x` features, i.e. open_clip's
-`VisionTransformer(output_tokens=True)(x)[1]` (open_clip 3.x; `final_ln_after_pool=False`,
-the default of its ViT configs). The projection to CLIP's joint space (`proj`) is not used
-by Flamingo and is not part of the module.
+What the resampler gets (`__call__`), by `output`:
+  "patches"  the patch tokens after ln_post, without the class token, as a grid
+             [B, H/p, W/p, width] — OpenFlamingo's `vision_x` features, i.e. open_clip's
+             `VisionTransformer(output_tokens=True)(x)[1]` (open_clip 3.x;
+             `final_ln_after_pool=False`, the default of its ViT configs);
+  "tokens"   every token, the class token first, before ln_post: [B, 1 + (H/p)(W/p), width]
+             — IDEFICS' `vision_model(...).last_hidden_state` (ln_post is then not built).
+The projection to CLIP's joint space (`proj`) is not used by Flamingo and is not part of the
+module.
 
 Blocks are one scanned body (`hk.layer_stack`, like the LM's), so parameters are stacked
 [layers, ...]. Attention keeps the reference's arithmetic: q·k / sqrt(head size), softmax in
@@ -24,6 +28,7 @@ import numpy as np
 
 from flamingo_jax.models import attention
 
+OUTPUTS = ("patches", "tokens")
 ACTIVATIONS = {
     "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),
     "gelu": lambda x: jax.nn.gelu(x, approximate=False),
@@ -63,8 +68,11 @@ class VisionTransformer(hk.Module):
 
   def __init__(self, *, width: int, layers: int, heads: int, patch_size: int,
                image_size: int, mlp_ratio: float = 4.0, activation: str = "quick_gelu",
-               ln_eps: float = 1e-5, name: Optional[str] = "vit"):
+               ln_eps: float = 1e-5, output: str = "patches", name: Optional[str] = "vit"):
     super().__init__(name=name)
+    if output not in OUTPUTS:
+      raise ValueError(f"ViT output {output!r}; expected one of {OUTPUTS}")
+    self.output = output
     if width % heads:
       raise ValueError(f"ViT width {width} is not divisible by {heads} heads")
     if image_size % patch_size:
@@ -82,7 +90,8 @@ class VisionTransformer(hk.Module):
     return self.width
 
   def __call__(self, images: jax.Array, *, is_training: bool = False) -> jax.Array:
-    """images [B, H, W, 3] (normalised) -> patch tokens [B, H/p, W/p, width]."""
+    """images [B, H, W, 3] (normalised) -> patch tokens [B, H/p, W/p, width] ("patches") or
+    all tokens [B, 1 + (H/p)(W/p), width] ("tokens")."""
     del is_training                     # no dropout: the reference's eval-mode forward
     b, height, width_px, _ = images.shape
     if (height, width_px) != (self.grid * self.patch_size,) * 2:
@@ -101,5 +110,7 @@ class VisionTransformer(hk.Module):
     block = lambda y: ResidualBlock(self.heads, self.mlp_width, self.act, self.ln_eps,
                                     name="block")(y)
     x = hk.layer_stack(self.layers, name="blocks")(block)(x)
+    if self.output == "tokens":
+      return x                                                                     # [B, 1+g*g, D]
     x = _layer_norm("ln_post", self.ln_eps)(x)
     return x[:, 1:].reshape(b, self.grid, self.grid, self.width)                  # [B, g, g, D]
