@@ -1,4 +1,4 @@
-"""flamingo_jax: pinned install (DESIGN.md §3). `pip install -e .[dev,tpu]`."""
+"""flamingo_jax: pinned install (docs/design.md §3). `pip install -e .[dev,tpu]`."""
 
 import setuptools
 

@@ -1,6 +1,6 @@
-r"""Few-shot evaluation (PAPER.md §6; DESIGN.md §7).
+r"""Few-shot evaluation (docs/paper.md §6; docs/design.md §7).
 
-  python -m flamingo_jax.evaluate --config=FILE (--workdir=RUN | --params=DIR) --task=NAME \
+  python -m flamingo_jax.evaluate (--workdir=RUN | --params=DIR) [--config=FILE] --task=NAME \
       --data_dir=DIR --shots=0,4,32 [--rices] [--ensemble=6] [--limit=N] [--seed=S] \
       --output=OUT [--mesh=data=D,model=M]
 
@@ -29,13 +29,21 @@ import sys
 
 from absl import flags
 from absl import logging
-from ml_collections import config_flags
+import jax
 
-from flamingo_jax.tools import cli
+from flamingo_jax import cli
+from flamingo_jax import inference
+from flamingo_jax import weights
+from flamingo_jax.data import pipeline
+from flamingo_jax.evaluation import harness as harness_lib
+from flamingo_jax.evaluation import metrics
+from flamingo_jax.evaluation import tasks
+from flamingo_jax.training import param_sources
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file.", lock_config=False)
-_WORKDIR = flags.DEFINE_string("workdir", "", "A training run's workdir.")
-_PARAMS = flags.DEFINE_string("params", "", "An import_weights folder or a params dir.")
+# --list_tasks needs no config: main checks it.
+_CONFIG = cli.define_config(run_flags=("workdir", "params"), required=False)
+_WORKDIR = cli.define_workdir("A training run's workdir (its config is the default).")
+_PARAMS = cli.define_params()
 _TASK = flags.DEFINE_string("task", "", "Task name (--list_tasks).")
 _DATA_DIR = flags.DEFINE_string("data_dir", "", "The task's official files.")
 _SHOTS = flags.DEFINE_list("shots", ["0", "4", "8", "16", "32"], "Shot counts.")
@@ -56,18 +64,15 @@ _LENGTH_NORMALIZE = flags.DEFINE_bool("length_normalize", False, "Close-ended ta
 _BATCH_SIZE = flags.DEFINE_integer("batch_size", 8, "Queries per batch.")
 _OUTPUT = flags.DEFINE_string("output", "", "Output directory (results, predictions).")
 _LIST_TASKS = flags.DEFINE_bool("list_tasks", False, "Print the tasks and exit.")
-_MESH = flags.DEFINE_string("mesh", "", "data=D,model=M over all devices; default: one device.")
-_COORDINATOR = flags.DEFINE_string("coordinator_address", "", "HOST:PORT of process 0 "
-                                   "(several processes without a TPU; needs --mesh).")
-_NUM_PROCESSES = flags.DEFINE_integer("num_processes", 1, "Processes in the run.")
-_PROCESS_ID = flags.DEFINE_integer("process_id", 0, "This process's index.")
+_MESH = cli.define_mesh()
+cli.define_start()
 
 
 class UsageError(ValueError):
   """A command line that cannot run; the message says why."""
 
 
-def _settings(harness_lib):
+def _settings():
   return harness_lib.Settings(
       task=_TASK.value, seed=_SEED.value, rices=_RICES.value, ensemble=_ENSEMBLE.value,
       limit=_LIMIT.value, support_size=_SUPPORT_SIZE.value, beam=_BEAM.value,
@@ -105,12 +110,16 @@ def _pin_settings(output: str, settings, source: str, writer: bool) -> None:
     os.replace(path + ".tmp", path)
 
 
-def _write_results(output: str, results: list[dict], harness_lib) -> str:
+def _write_results(output: str, results: list[dict]) -> str:
   path = os.path.join(output, "results.json")
   by_shots = {}
   if os.path.exists(path):
     with open(path) as f:
       by_shots = {(r["task"], r["shots"]): r for r in json.load(f)}
+  for r in results:              # a resumed setting keeps the throughput its queries ran at
+    before = by_shots.get((r["task"], r["shots"]), {}).get("settings", {})
+    if "queries_per_second" in before and "queries_per_second" not in r["settings"]:
+      r["settings"]["queries_per_second"] = before["queries_per_second"]
   by_shots.update({(r["task"], r["shots"]): r for r in results})
   merged = sorted(by_shots.values(), key=lambda r: (r["task"], r["shots"]))
   # JSON has no NaN: a setting whose queries were all skipped has value null.
@@ -126,14 +135,7 @@ def _write_results(output: str, results: list[dict], harness_lib) -> str:
 
 def main(argv):
   del argv
-  cli.init_processes(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
-  import jax  # pylint: disable=g-import-not-at-top
-  from flamingo_jax import inference, weights  # pylint: disable=g-import-not-at-top
-  from flamingo_jax.data import pipeline  # pylint: disable=g-import-not-at-top
-  from flamingo_jax.evaluation import harness as harness_lib  # pylint: disable=g-import-not-at-top
-  from flamingo_jax.evaluation import metrics  # pylint: disable=g-import-not-at-top
-  from flamingo_jax.evaluation import tasks  # pylint: disable=g-import-not-at-top
-  from flamingo_jax.tools import model_params  # pylint: disable=g-import-not-at-top
+  cli.start()
   if _LIST_TASKS.value:
     for name in tasks.names():
       task = tasks.get(name)
@@ -145,7 +147,8 @@ def main(argv):
   writer = jax.process_index() == 0
   try:
     if config is None:
-      raise UsageError("--config is required")
+      raise UsageError("--config=FILE is required (or --workdir=RUN, or --params=DIR of an "
+                       "OpenFlamingo or IDEFICS import)")
     if bool(_WORKDIR.value) == bool(_PARAMS.value):
       raise UsageError("give exactly one of --workdir and --params")
     for flag in (_TASK, _DATA_DIR, _OUTPUT):
@@ -155,12 +158,12 @@ def main(argv):
     if task.metric == "cider":
       metrics.check_ptb_tokenizer()       # Java and the jar, before the model is loaded
     counts = _shot_counts()
-    settings = _settings(harness_lib)
+    settings = _settings()
     source = os.path.abspath(_WORKDIR.value or _PARAMS.value)
     split = task.load(_DATA_DIR.value)
     tokenizer = pipeline.load_tokenizer(config)
-    params, _ = model_params.load(config, source)
-    params, mesh = model_params.place(config, params, _MESH.value)
+    params, _ = param_sources.load(config, source)
+    params, mesh = param_sources.place(config, params, _MESH.value)
     os.makedirs(_OUTPUT.value, exist_ok=True)
     store = harness_lib.Store(os.path.join(_OUTPUT.value, "predictions.jsonl"), writer=writer)
     harness = harness_lib.Harness(
@@ -184,7 +187,7 @@ def main(argv):
     harness.run(shots, progress.update)
     results.append(harness.result(shots))
   if writer:
-    print(_write_results(_OUTPUT.value, results, harness_lib), end="")
+    print(_write_results(_OUTPUT.value, results), end="")
     skipped = sum(sum(r["skipped"].values()) for r in results)
     if skipped:
       print(f"skipped: {skipped} (by reason, per shot count, in results.json)", file=sys.stderr)

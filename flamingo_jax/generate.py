@@ -1,6 +1,6 @@
-r"""Generate text with a Flamingo model (DESIGN.md §7).
+r"""Generate text with a Flamingo model (docs/design.md §7).
 
-  python -m flamingo_jax.generate --config=FILE (--workdir=RUN | --params=DIR) \
+  python -m flamingo_jax.generate (--workdir=RUN | --params=DIR) [--config=FILE] \
       --prompt='<image>Output:' --image=a.jpg [--image=b.jpg] [--video=DIR_OR_NPY] \
       [--beam=3 | --temperature=T --top_p=P --top_k=K --seed=S] [--max_new_tokens=32]
   python -m flamingo_jax.generate ... --batch_file=prompts.jsonl [--batch_size=8]
@@ -28,14 +28,21 @@ import sys
 
 from absl import flags
 from absl import logging
-from ml_collections import config_flags
+import jax
 import numpy as np
 
-from flamingo_jax.tools import cli
+from flamingo_jax import cli
+from flamingo_jax import inference
+from flamingo_jax import weights
+from flamingo_jax.data import pipeline
+from flamingo_jax.data import preprocessing
+from flamingo_jax.data import sources
+from flamingo_jax.data import tokenizer as tok
+from flamingo_jax.training import param_sources
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file.", lock_config=False)
-_WORKDIR = flags.DEFINE_string("workdir", "", "A training run's workdir.")
-_PARAMS = flags.DEFINE_string("params", "", "An import_weights folder or a params dir.")
+_CONFIG = cli.define_config(run_flags=("workdir", "params"))
+_WORKDIR = cli.define_workdir("A training run's workdir (its config is the default).")
+_PARAMS = cli.define_params()
 _PROMPT = flags.DEFINE_string("prompt", "", "Prompt text; <image> marks each media item.")
 _IMAGE = flags.DEFINE_multi_string("image", [], "Image file(s), in <image> order.")
 _VIDEO = flags.DEFINE_string("video", "", "A video: .npy [T, H, W, 3] uint8 or a frames folder.")
@@ -49,12 +56,11 @@ _TOP_P = flags.DEFINE_float("top_p", 1.0, "Nucleus sampling mass.")
 _TOP_K = flags.DEFINE_integer("top_k", 0, "Sample among the k most likely (0: all).")
 _SEED = flags.DEFINE_integer("seed", 0, "Sampling seed.")
 _MAX_NEW = flags.DEFINE_integer("max_new_tokens", 32, "New tokens at most.")
-_MESH = flags.DEFINE_string("mesh", "", "data=D,model=M over all devices (training's "
-                            "partition rules); default: one device.")
-_COORDINATOR = flags.DEFINE_string("coordinator_address", "", "HOST:PORT of process 0 "
-                                   "(several processes without a TPU; needs --mesh).")
-_NUM_PROCESSES = flags.DEFINE_integer("num_processes", 1, "Processes in the run.")
-_PROCESS_ID = flags.DEFINE_integer("process_id", 0, "This process's index.")
+_STREAM = flags.DEFINE_integer("stream_every", 0, "With --prompt (greedy or sampling): print "
+                               "the continuation as it grows, every this many tokens (0: at "
+                               "the end).")
+_MESH = cli.define_mesh()
+cli.define_start()
 
 class BadRow(ValueError):
   """A prompt row that cannot run; the message says why."""
@@ -62,7 +68,6 @@ class BadRow(ValueError):
 
 def load_media(images, video, size: int, frames: int) -> list[np.ndarray]:
   """Media items as uint8 [T, size, size, 3] (T = 1 for images), preprocessed as in training."""
-  from flamingo_jax.data import preprocessing, sources  # pylint: disable=g-import-not-at-top
   items = []
   try:
     for path in images:
@@ -121,12 +126,7 @@ def read_rows(path: str) -> list[dict]:
 
 def main(argv):
   del argv
-  cli.init_processes(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
-  import jax  # pylint: disable=g-import-not-at-top
-  from flamingo_jax import inference, weights  # pylint: disable=g-import-not-at-top
-  from flamingo_jax.data import pipeline  # pylint: disable=g-import-not-at-top
-  from flamingo_jax.data import tokenizer as tok  # pylint: disable=g-import-not-at-top
-  from flamingo_jax.tools import model_params  # pylint: disable=g-import-not-at-top
+  cli.start()
   if not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)
   config = _CONFIG.value
@@ -143,8 +143,8 @@ def main(argv):
       rows = read_rows(_BATCH_FILE.value)
     else:
       rows = [{"prompt": _PROMPT.value, "images": list(_IMAGE.value), "video": _VIDEO.value}]
-    params, _ = model_params.load(config, _WORKDIR.value or _PARAMS.value)
-    params, mesh = model_params.place(config, params, _MESH.value)
+    params, _ = param_sources.load(config, _WORKDIR.value or _PARAMS.value)
+    params, mesh = param_sources.place(config, params, _MESH.value)
   except (BadRow, ValueError, FileNotFoundError, weights.CheckpointError) as e:
     sys.exit(f"error: {e}")
   size = config.model.image_size
@@ -175,6 +175,9 @@ def main(argv):
   by_frames = {}
   for p in good:
     by_frames.setdefault(p[2][0].shape[0] if p[2] else 0, []).append(p)
+  if _STREAM.value and good and not _BATCH_FILE.value and "beam_width" not in options:
+    stream_one(engine, good[0], stop, options, tokenizer, main_process)
+    return
   for group in by_frames.values():
     for start in range(0, len(group), _BATCH_SIZE.value):
       batch = group[start:start + _BATCH_SIZE.value]
@@ -200,6 +203,19 @@ def main(argv):
       sys.exit(1)
 
 
+def stream_one(engine, prepared, stop, options, tokenizer, printing: bool) -> None:
+  """One prompt's continuation printed as it grows (inference.stream), then its newline."""
+  _, ids, items = prepared
+  shown = ""
+  for partial in inference.stream(engine, [ids], stack_media([items]), every=_STREAM.value,
+                                  max_new_tokens=_MAX_NEW.value, stop_ids=stop, **options):
+    text = tok.decode_until_stop(partial[0], tokenizer)
+    if printing and text.startswith(shown):     # (a partial character may decode otherwise)
+      print(text[len(shown):], end="", flush=True)
+      shown = text
+  if printing:
+    print(text[len(shown):] if text.startswith(shown) else "\n" + text, flush=True)
+
+
 if __name__ == "__main__":
-  flags.mark_flags_as_required(["config"])
   cli.run(main)

@@ -19,9 +19,9 @@ TASK="$WORKDIR/attributes_task"
 [ -f "$TASK/attributes.json" ] || "$PYTHON" -m flamingo_jax.tools.fewshot_demo --make_task="$TASK"
 EVALS=()
 for seed in 0 1 2; do
-  "$PYTHON" -m flamingo_jax.evaluate --config="$CONFIG" --workdir="$WORKDIR" --task=attributes \
+  "$PYTHON" -m flamingo_jax.evaluate --workdir="$WORKDIR" --task=attributes \
       --data_dir="$TASK" --shots=0,1,2,4,8 --seed="$seed" --output="$WORKDIR/eval/seed$seed" \
-      --batch_size=16 "$@" > /dev/null
+      --batch_size=16 > /dev/null
   EVALS+=("$WORKDIR/eval/seed$seed")
 done
 t2=$(date +%s)

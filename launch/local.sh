@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The README's main command: installs into .venv if needed, then the paper's two stages in
 # miniature on synthetic data on CPU: (1) contrastive pretraining of the vision encoder
-# (PAPER.md §5) and its zero-shot retrieval, (2) the tiny Flamingo on that frozen encoder,
+# (docs/paper.md §5) and its zero-shot retrieval, (2) the tiny Flamingo on that frozen encoder,
 # then checks that it learned to look: caption loss on held-out pairs with their own images vs
 # shuffled images, and captions it generates.
 #   Usage: bash launch/local.sh [WORKDIR] [--config=FILE[:ARG]] [--config.train.steps=N ...]
@@ -31,7 +31,7 @@ if [[ -z "$CONFIG" ]]; then
   CONTRASTIVE=experiments/configs/contrastive_tiny.py
   echo "== stage 1: contrastive pretraining of the vision encoder ($CONTRASTIVE) =="
   "$PYTHON" -m flamingo_jax.train --config="$CONTRASTIVE" --workdir="$WORKDIR/contrastive"
-  "$PYTHON" -m flamingo_jax.tools.retrieval --config="$CONTRASTIVE" --workdir="$WORKDIR/contrastive"
+  "$PYTHON" -m flamingo_jax.tools.retrieval --workdir="$WORKDIR/contrastive"
   # The import (written whole or not at all) is made once; every resume reads the same one.
   if [[ ! -d "$WORKDIR/contrastive_nfnet" ]]; then
     "$PYTHON" -m flamingo_jax.tools.import_weights --kind=contrastive \
@@ -44,11 +44,12 @@ t2=$(date +%s)
 "$PYTHON" -m flamingo_jax.train --config="$CONFIG" --workdir="$WORKDIR" "$@"
 t3=$(date +%s)
 "$PYTHON" -m flamingo_jax.tools.summarize_run --workdir="$WORKDIR"
-"$PYTHON" -m flamingo_jax.tools.image_text_probe --config="$CONFIG" --workdir="$WORKDIR" "$@"
+# The run's own config.json (with the overrides it trained with) is the config from here on.
+"$PYTHON" -m flamingo_jax.tools.image_text_probe --workdir="$WORKDIR"
 # One held-out image (written by the probe), captioned by the generate command.
-echo "generate --prompt='<image>' --image=$WORKDIR/example.png:"
-"$PYTHON" -m flamingo_jax.generate --config="$CONFIG" --workdir="$WORKDIR" --prompt='<image>' \
-    --image="$WORKDIR/example.png" --max_new_tokens=16 "$@"
+echo "generate --workdir=$WORKDIR --prompt='<image>' --image=$WORKDIR/example.png:"
+"$PYTHON" -m flamingo_jax.generate --workdir="$WORKDIR" --prompt='<image>' \
+    --image="$WORKDIR/example.png" --max_new_tokens=16
 t4=$(date +%s)
 echo "install: $((t1 - t0)) s   vision pretraining: $((t2 - t1)) s   training: $((t3 - t2)) s" \
      "  probe: $((t4 - t3)) s"

@@ -1,4 +1,4 @@
-"""Test set-up: CPU only, 8 fake devices (DESIGN.md §3), before anything imports jax."""
+"""Test set-up: CPU only, 8 fake devices (docs/design.md §3), before anything imports jax."""
 
 import os
 import sys

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The README's test command: installs into .venv if needed, then runs the whole suite.
 # Fails on any failing test and when no test ran (pytest exit 5). Extra args go to pytest
-# (e.g. a file, -k NAME, -m "not slow"); TEST_WORKERS=1 runs in one process.
+# (e.g. a file, -k NAME); `--fast` first: only the tests not marked slow; TEST_WORKERS=1 runs
+# in one process.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source launch/install.sh dev,tpu
@@ -14,6 +15,11 @@ if ! command -v java >/dev/null 2>&1; then
   fi
 fi
 export JAX_PLATFORMS=cpu
+# --fast: the inner-loop tier, every test not marked slow (< 3 minutes on 2 cores).
+if [[ "${1:-}" == "--fast" ]]; then
+  shift
+  set -- -m "not slow" tests "$@"
+fi
 # One file per worker (module fixtures computed once); the heaviest files first, longest
 # first, so that the quick ones fill the gaps at the end instead of a long one starting last.
 if [[ $# -eq 0 ]]; then

@@ -1,4 +1,4 @@
-"""Contrastive vision pretraining (PAPER.md §5): the loss, global negatives over the mesh,
+"""Contrastive vision pretraining (docs/paper.md §5): the loss, global negatives over the mesh,
 AGC, the schedule, a tiny run that resumes bit-exactly and retrieves, and the NFNet's
 hand-off to a Flamingo run."""
 
@@ -15,13 +15,13 @@ import pytest
 
 from conftest import REPO, config_path
 from flamingo_jax import config_base
-from flamingo_jax import weights
 from flamingo_jax.evaluation import retrieval
-from flamingo_jax.training import contrastive
 from flamingo_jax.training import optimizer
+from flamingo_jax.training import param_sources
 from flamingo_jax.training import sharding
-from flamingo_jax.training import train_step
-from flamingo_jax.training import trainer
+from flamingo_jax.training import tasks
+from flamingo_jax.training.tasks import contrastive
+from flamingo_jax import weights
 from train_helpers import env, losses, run, train, train_command
 from train_helpers import stream_subset_config_file, train_until_sigterm
 
@@ -58,6 +58,7 @@ def test_contrastive_loss_equals_a_hand_computed_value():
   np.testing.assert_allclose(float(plain), want, rtol=1e-6)
 
 
+@pytest.mark.slow
 def test_eight_devices_with_global_negatives_equal_one_device(contrastive_config):
   """Mesh 4x2: the text tower split over 'model', the pairs over 'data'; the loss uses the
   whole batch's negatives, so losses and parameters equal the 1-device run's. (Negatives of
@@ -118,11 +119,11 @@ def test_a_contrastive_config_checks_its_streams_and_its_start(contrastive_confi
   config = contrastive_config.copy_and_resolve_references()
   config.data.streams.align.max_media = 2
   with pytest.raises(ValueError, match="align.*one image|image_text pairs with max_media=1"):
-    train_step.make_train_setup(config)
+    tasks.make_train_setup(config)
   config = contrastive_config.copy_and_resolve_references()
   config.model.vision.init_checkpoint = "/somewhere/params"
   with pytest.raises(ValueError, match="from scratch"):
-    train_step.make_train_setup(config)
+    tasks.make_train_setup(config)
 
 
 # -- a whole tiny run: bit-exact resume, retrieval, hand-off ---------------------------------
@@ -159,8 +160,8 @@ def test_a_contrastive_run_resumes_bit_exactly_after_sigterm(contrastive_run):
 
 def _retrieval(run, *flags):
   result = subprocess.run(
-      [sys.executable, "-m", "flamingo_jax.tools.retrieval",
-       f"--config={config_path('contrastive_tiny')}", f"--workdir={run}", "--json", *flags],
+      [sys.executable, "-m", "flamingo_jax.tools.retrieval", f"--workdir={run}", "--json",
+       *flags],
       env=env(1), cwd=REPO, capture_output=True, text=True)
   assert result.returncode == 0, result.stderr[-3000:]
   return json.loads(result.stdout.strip().splitlines()[-1])
@@ -217,12 +218,12 @@ def test_the_trained_nfnet_loads_into_a_flamingo_run(contrastive_run, tiny_confi
     assert json.load(f)["vision"]["variant"] == "tiny"
   run_config = config_base.load_config(config_path("contrastive_tiny"))
   run_config.data.data_dir = os.path.join(os.path.dirname(contrastive_run["straight"]), "data")
-  trained = trainer.restore_workdir_params(run_config, contrastive_run["straight"])
+  trained = param_sources.restore_run(run_config, contrastive_run["straight"])[0]
   config = tiny_config.copy_and_resolve_references()
   config.model.vision.init_checkpoint = os.path.join(out, "params")
-  setup = train_step.make_train_setup(config, sharding.make_mesh(1, 1, jax.devices()[:1]))
+  setup = tasks.make_train_setup(config, sharding.make_mesh(1, 1, jax.devices()[:1]))
   _, frozen = setup.init(jax.random.key(0))
-  loaded = trainer.load_init_checkpoints(config.model, frozen, setup)
+  loaded = param_sources.init_checkpoints(config.model, frozen)
   vision = [(m, n, v) for m, n, v in hk.data_structures.traverse(loaded)
             if m.startswith("flamingo/vision_encoder")]
   assert len(vision) == sum(1 for m in trained if m.startswith("contrastive/vision_encoder")
@@ -232,18 +233,18 @@ def test_the_trained_nfnet_loads_into_a_flamingo_run(contrastive_run, tiny_confi
     np.testing.assert_array_equal(value, source, err_msg=f"{module}/{name}")
   config.model.vision.variant = "F0"
   with pytest.raises(weights.CheckpointError, match=r"an NFNet tiny but config.model.vision builds an NFNet F0"):
-    trainer.load_init_checkpoints(config.model, frozen, setup)
+    param_sources.init_checkpoints(config.model, frozen)
 
   # The second stage as launch/local.sh runs it: a Flamingo run on the import (no frozen/ of
-  # its own), then the caption probe, which must find the towers through the init checkpoint.
+  # its own), then the caption probe given the run alone: its config.json (with the override
+  # naming the import) finds the towers through the init checkpoint.
   flamingo_run, vision_flag = str(tmp_path / "flamingo"), f"--config.model.vision.init_checkpoint={out}/params"
   subset = stream_subset_config_file(tmp_path, keep=("align",))
   train(train_command(flamingo_run, str(tmp_path / "data"), 2, vision_flag, config=subset), devices=1)
   assert not os.path.exists(os.path.join(flamingo_run, "frozen"))
   result = subprocess.run(
-      [sys.executable, "-m", "flamingo_jax.tools.image_text_probe", f"--config={subset}",
-       f"--workdir={flamingo_run}", "--examples=8", "--captions=4", "--json", vision_flag,
-       f"--config.data.data_dir={tmp_path / 'data'}"],
+      [sys.executable, "-m", "flamingo_jax.tools.image_text_probe",
+       f"--workdir={flamingo_run}", "--examples=8", "--captions=4", "--json"],
       env=env(1), cwd=REPO, capture_output=True, text=True)
   assert result.returncode == 0, result.stderr[-3000:]
   report = json.loads(result.stdout.strip().splitlines()[-1])

@@ -1,4 +1,4 @@
-"""The input pipeline end to end: hand-written raw files -> TFDS -> batches (DESIGN.md §4)."""
+"""The input pipeline end to end: hand-written raw files -> TFDS -> batches (docs/design.md §4)."""
 
 import copy
 import os
@@ -150,6 +150,7 @@ def test_subsampled_frames_by_hand():
   assert builders.subsampled_frames(1, 30.0, 1.0) == [0]
 
 
+@pytest.mark.slow
 def test_p_next_and_leading_space_rates(tiny_config, tmp_path):
   write_doc(tmp_path / "docs")
   raw = tmp_path / "pairs"
@@ -218,6 +219,7 @@ def test_data_shards_read_disjoint_examples_and_any_process_split_gives_one_batc
     pipe.close()
 
 
+@pytest.mark.slow
 def test_restored_iterator_repeats_the_next_100_batches(tiny_config, tmp_path):
   # 40 examples, 8 per batch: an epoch every 5 batches, so the 100 cross 20 epochs.
   config = synthetic_config(tiny_config, tmp_path, examples=40, batch=8)
@@ -237,6 +239,7 @@ def test_restored_iterator_repeats_the_next_100_batches(tiny_config, tmp_path):
   restored.close()
 
 
+@pytest.mark.slow
 def test_worker_processes_give_the_batches_of_threads_and_resume_alike(tiny_config, tmp_path):
   """grain worker processes make the same batches as threads of this process, including
   across an epoch boundary and after a restore into a pipeline with other workers."""

@@ -47,7 +47,7 @@ def test_interleaved_layout_p_next_moves_each_marker_before_the_text_it_follows(
                     IMG, "two", "▁red", "▁circles", "▁one", "▁blue", "▁square", EOC, EOS)
 
 
-# PAPER.md §2's M3W example, with each chunk split into two texts (two MMC4 sentences, two
+# docs/paper.md §2's M3W example, with each chunk split into two texts (two MMC4 sentences, two
 # paragraphs): the texts between two images are one chunk, joined by a space, with one <EOC>
 # before the next <image> and one after the final text.
 PAPER_TEXTS = ["one blue", "square", "two red", "circles", "a green", "triangle"]
@@ -117,7 +117,7 @@ EDGE_IMAGES = [1, 2, 3]
     (False, 9, 8, 5, ["▁red", "▁circles", EOC, IMG, "one", "▁blue", "▁square", EOC, IMG],
      [1, 2], [0, 0, 0, 1, 1, 1, 1, 1]),
     # More markers than slots: the later marker goes, its text stays (it sees the last kept
-    # image, PAPER.md §9.4 leaves this open).
+    # image, docs/paper.md §9.4 leaves this open).
     (False, 9, 12, 1, ["▁red", "▁circles", EOC, IMG, "one", "▁blue", "▁square", EOC,
                        "a", "▁green", "▁triangle", EOC], [1], [0, 0, 0] + [1] * 9),
     # p_next, starting inside the first chunk: its image (moved before it) is outside.

@@ -1,4 +1,4 @@
-"""Few-shot prompts (PAPER.md §6) and shot selection (random, RICES), by hand."""
+"""Few-shot prompts (docs/paper.md §6) and shot selection (random, RICES), by hand."""
 
 import numpy as np
 import pytest

@@ -13,12 +13,12 @@ import pytest
 from PIL import Image
 
 from conftest import REPO, config_path
-from flamingo_jax import inference, models
 from flamingo_jax.data import synthetic
 from flamingo_jax.data import tokenizer as tok
 from flamingo_jax.evaluation import harness as harness_lib
 from flamingo_jax.evaluation import tasks
-from flamingo_jax.tools import model_params
+from flamingo_jax import inference, models
+from flamingo_jax.training import param_sources
 from model_helpers import set_gates
 
 
@@ -33,7 +33,7 @@ def tiny(tiny_config):
 
 def make_harness(tiny, task_name, data_dir, store_path, mesh="", **settings):
   config, params, tokenizer = tiny
-  placed, mesh = model_params.place(config, params, mesh)
+  placed, mesh = param_sources.place(config, params, mesh)
   task = tasks.get(task_name)
   return harness_lib.Harness(
       task, task.load(data_dir), harness_lib.Settings(task=task_name, **settings), tokenizer,
@@ -59,6 +59,7 @@ def write_captions(root, train=4, test=5):
   return root
 
 
+@pytest.mark.slow
 def test_score_task_is_mesh_independent_and_ensembles_average_shot_orders(tiny, tmp_path):
   synthetic.write_naming_task(str(tmp_path / "naming"), seed=1, support=8, queries=6, size=64)
   one = make_harness(tiny, "naming", str(tmp_path / "naming"), str(tmp_path / "one.jsonl"),
@@ -106,6 +107,7 @@ def test_score_task_is_mesh_independent_and_ensembles_average_shot_orders(tiny, 
   assert [len(t) for t in one.candidate_tokens("<image>this is a")] == [1, 1, 1]
 
 
+@pytest.mark.slow
 def test_generation_resumes_from_a_torn_store_without_redoing_queries(tiny, tmp_path):
   root = write_captions(str(tmp_path / "coco"))
   path = str(tmp_path / "predictions.jsonl")
@@ -143,6 +145,7 @@ def test_generation_resumes_from_a_torn_store_without_redoing_queries(tiny, tmp_
   assert prompt.text.count("<EOC>") == 2 and len(prompt.media) == 1
 
 
+@pytest.mark.slow
 def test_a_query_whose_image_does_not_open_is_a_counted_skip(tiny, tmp_path):
   synthetic.write_attribute_task(str(tmp_path / "t"), seed=0, attribute="shape", support=4,
                                  queries=3, size=64)
@@ -155,6 +158,7 @@ def test_a_query_whose_image_does_not_open_is_a_counted_skip(tiny, tmp_path):
   assert result["complete"] and not harness.pending(1)         # the skip is not retried
 
 
+@pytest.mark.slow
 def test_video_questions_generate_from_clips_on_a_mesh_as_on_one_device(tiny, tmp_path):
   root = tmp_path / "msvd"
   (root / "videos").mkdir(parents=True)
@@ -205,6 +209,7 @@ def run_module(module, *args):
                         capture_output=True, text=True)
 
 
+@pytest.mark.slow
 def test_evaluate_command_writes_results_resumes_and_refuses_other_settings(tiny, tmp_path):
   from flamingo_jax import weights  # pylint: disable=g-import-not-at-top
   config, params, _ = tiny
@@ -219,6 +224,7 @@ def test_evaluate_command_writes_results_resumes_and_refuses_other_settings(tiny
     results = json.load(f)
   assert [(r["task"], r["shots"], r["metric"], r["queries"]) for r in results] == \
       [("naming", 0, "top1", 5), ("naming", 2, "top1", 5)]
+  assert all(r["settings"]["queries_per_second"] > 0 for r in results)
   assert first.stdout.splitlines()[0] == "| task | shots | metric | value | queries | skipped |"
   with open(tmp_path / "out" / "predictions.jsonl") as f:
     assert len(f.readlines()) == 10

@@ -14,7 +14,7 @@ from conftest import REPO, config_path
 from flamingo_jax.data import pipeline
 from flamingo_jax.training import checkpointing
 from flamingo_jax.training import sharding
-from flamingo_jax.training import train_step
+from flamingo_jax.training import tasks
 from flamingo_jax.training import trainer
 from train_helpers import env, losses, poison, small_config
 
@@ -42,6 +42,7 @@ def base(tiny_config, tmp_path_factory):
   return root, expected
 
 
+@pytest.mark.slow
 def test_profile_steps_write_a_trace_of_that_window(base):
   root, _ = base
   traces = glob.glob(str(root / "reference" / "profile" / "**" / "*.xplane.pb"), recursive=True)
@@ -89,6 +90,7 @@ DAMAGE = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fault", sorted(DAMAGE))
 def test_a_damaged_newest_checkpoint_is_moved_aside_and_training_goes_on(
     fault, base, tiny_config, caplog):
@@ -108,6 +110,7 @@ def test_a_damaged_newest_checkpoint_is_moved_aside_and_training_goes_on(
   ckpt.close()
 
 
+@pytest.mark.slow
 def test_a_damaged_frozen_tower_checkpoint_is_made_again_from_the_seed(base, tiny_config, caplog):
   root, expected = base
   workdir = copy_of_base(root, "frozen")
@@ -121,6 +124,7 @@ def test_a_damaged_frozen_tower_checkpoint_is_made_again_from_the_seed(base, tin
   assert os.path.exists(workdir / "frozen" / "commit_success.txt")
 
 
+@pytest.mark.slow
 def test_a_diverging_run_stops_at_a_good_checkpoint_and_the_rerun_resumes_from_it(
     base, tiny_config):
   root, expected = base
@@ -149,6 +153,7 @@ def test_a_diverging_run_stops_at_a_good_checkpoint_and_the_rerun_resumes_from_i
   assert moved_aside(workdir) == ["checkpoint-5-diverged", "metrics-after-step-4"]
 
 
+@pytest.mark.slow
 def test_a_learning_rate_that_overflows_stops_naming_the_checkpoint_it_came_from(
     base, tiny_config):
   root, _ = base
@@ -163,6 +168,7 @@ def test_a_learning_rate_that_overflows_stops_naming_the_checkpoint_it_came_from
   assert [(r["step"], r["finite_loss"], r["skipped"]) for r in rows[4:]] == [(5, 1, 1)]
 
 
+@pytest.mark.slow
 def test_rollback_recovers_inside_one_run(base, tiny_config, monkeypatch, capsys):
   root, _ = base
   workdir = copy_of_base(root, "rollback")
@@ -187,6 +193,7 @@ def test_rollback_recovers_inside_one_run(base, tiny_config, monkeypatch, capsys
   ckpt.close()
 
 
+@pytest.mark.slow
 def test_a_failing_first_command_writes_nothing_and_the_corrected_one_runs(base, tiny_config):
   root, _ = base
   fresh = root / "fresh"
@@ -221,6 +228,7 @@ def error_lines(result):
           if line.strip() and "oneDNN" not in line and "absl::InitializeLog" not in line]
 
 
+@pytest.mark.slow
 def test_command_line_misuse_is_one_line(tmp_path):
   tiny = f"--config={config_path('tiny')}"
   result = run_cli("--config=no/such/config.py", f"--workdir={tmp_path / 'w'}")
@@ -229,15 +237,15 @@ def test_command_line_misuse_is_one_line(tmp_path):
                                  "directory: 'no/such/config.py'"]
   result = run_cli(tiny, "--config.train.stepz=3", f"--workdir={tmp_path / 'w'}")
   assert result.returncode == 2
-  assert error_lines(result) == ["error: --config.train.stepz=3: the config has no key 'stepz' "
-                                 "(Did you mean \"steps\" instead of \"stepz\"?)"]
+  assert error_lines(result) == ["error: --config.train.stepz=3: train has no key 'stepz'; "
+                                 "did you mean 'steps'?"]
   result = run_cli(tiny, "--config.train.steps=abc", f"--workdir={tmp_path / 'w'}")
-  assert error_lines(result) == ["error: flag --config.train.steps=abc: invalid literal for "
-                                 "int() with base 10: 'abc'"]
+  assert error_lines(result) == ["error: --config.train.steps=abc: not a valid int (invalid "
+                                 "literal for int() with base 10: 'abc')"]
   result = run_cli(f"{tiny[:-3]}.py:bogus", f"--workdir={tmp_path / 'w'}")
   assert result.returncode == 2
-  assert error_lines(result) == [f"error: flag {tiny}:bogus: unknown config variant 'bogus'; "
-                                 f"known: 'runlocal'"]
+  assert error_lines(result) == [f"error: {tiny}:bogus: unexpected 'bogus'; tiny.py takes "
+                                 f"runlocal"]
   # A stream whose raw folder is missing: named before any dataset is built.
   result = run_cli(tiny, f"--workdir={tmp_path / 'w'}",
                    f"--config.data.streams.vtp.manual_dir={tmp_path / 'no_videos'}")
@@ -252,6 +260,7 @@ def test_command_line_misuse_is_one_line(tmp_path):
   assert not os.path.exists(tmp_path / "w")
 
 
+@pytest.mark.slow
 def test_skip_batches_drops_data_once_per_resume_point(base, tiny_config, capsys):
   root, _ = base
   skipping = copy_of_base(root, "skipping")
@@ -260,7 +269,7 @@ def test_skip_batches_drops_data_once_per_resume_point(base, tiny_config, capsys
 
   def data_state(workdir, step):
     ckpt = checkpointing.Checkpointer(str(workdir), keep=100)
-    setup = train_step.make_train_setup(fault_config(tiny_config, root),
+    setup = tasks.make_train_setup(fault_config(tiny_config, root),
                                         sharding.make_mesh(-1, 1))
     _, data = ckpt.restore_step(step, setup)
     data["pipeline"] = ckpt.input_state(step)
@@ -275,6 +284,7 @@ def test_skip_batches_drops_data_once_per_resume_point(base, tiny_config, capsys
   assert "dropping" not in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_a_failed_restore_prints_no_tracebacks(base):
   """orbax's echoes of a failed TensorStore read ("Event loop is closed" through
   sys.unraisablehook, asyncio's unretrieved task errors) stay off the console: after a damaged
@@ -295,11 +305,11 @@ def test_a_failed_restore_prints_no_tracebacks(base):
       f"sys.path.insert(0, {tests!r})",
       "import conftest",
       "from flamingo_jax import config_base",
-      "from flamingo_jax.training import checkpointing, sharding, train_step",
+      "from flamingo_jax.training import checkpointing, sharding, tasks",
       "from train_helpers import small_config",
       "config = small_config(config_base.load_config(conftest.config_path('tiny')), "
       f"pathlib.Path({str(root)!r}))",
-      "setup = train_step.make_train_setup(config, sharding.make_mesh(-1, 1))",
+      "setup = tasks.make_train_setup(config, sharding.make_mesh(-1, 1))",
       f"ckpt = checkpointing.Checkpointer({str(workdir)!r}, keep=100, heal=True)",
       "state, _ = ckpt.restore(setup)",
       "print('restored', int(state.step))",

@@ -1,4 +1,4 @@
-"""Fine-tuning (PAPER.md §8): starting from a Flamingo run (`config.init_from`) with the
+"""Fine-tuning (docs/paper.md §8): starting from a Flamingo run (`config.init_from`) with the
 vision encoder unfrozen at a larger resolution, the paper's grid as a sweep, task data from
 a benchmark's training split."""
 
@@ -14,14 +14,15 @@ import pytest
 
 from conftest import REPO, config_path
 from flamingo_jax import config_base
-from flamingo_jax import models
-from flamingo_jax import weights
 from flamingo_jax.data import sources
 from flamingo_jax.data import synthetic
+from flamingo_jax import models
 from flamingo_jax.tools import task_pairs
+from flamingo_jax.training import param_sources
 from flamingo_jax.training import sharding
-from flamingo_jax.training import train_step
+from flamingo_jax.training import tasks
 from flamingo_jax.training import trainer
+from flamingo_jax import weights
 from train_helpers import small_config
 
 
@@ -36,19 +37,20 @@ def _finetune_config(tmp_path, source):
   return config
 
 
+@pytest.mark.slow
 def test_fine_tuning_trains_the_vision_encoder_and_leaves_the_lm_bit_identical(
     tiny_config, tmp_path):
   source_config = small_config(tiny_config, tmp_path, steps=2)
   source = str(tmp_path / "source")
   trainer.train(source_config, source)
-  before = trainer.restore_workdir_params(source_config, source)
+  before = param_sources.restore_run(source_config, source)[0]
 
   config = _finetune_config(tmp_path, source)
   assert config.model.image_size == 96 != tiny_config.model.image_size
   assert config.model.vision.trainable
   # The start: every parameter is the source run's, now split the fine-tuning way.
-  setup = train_step.make_train_setup(config, sharding.make_mesh(-1, 1))
-  trainable, frozen = trainer.load_init_from(source, setup)
+  setup = tasks.make_train_setup(config, sharding.make_mesh(-1, 1))
+  trainable, frozen = param_sources.init_from(source, setup)
   assert any(models.component_of(m) == "vision" for m in trainable)
   assert all(models.component_of(m) == "lm" for m in frozen)
   for module, name, value in hk.data_structures.traverse(hk.data_structures.merge(trainable,
@@ -58,7 +60,7 @@ def test_fine_tuning_trains_the_vision_encoder_and_leaves_the_lm_bit_identical(
   workdir = str(tmp_path / "finetuned")
   summary = trainer.train(config, workdir)
   assert summary["last_step"] == 2 and summary["skipped_updates"] == 0
-  after = trainer.restore_workdir_params(config, workdir)
+  after = param_sources.restore_run(config, workdir)[0]
   changed = collections.Counter()
   for module, name, value in hk.data_structures.traverse(after):
     component = models.component_of(module)
@@ -73,15 +75,15 @@ def test_fine_tuning_trains_the_vision_encoder_and_leaves_the_lm_bit_identical(
 
 def test_init_from_names_what_does_not_fit(tiny_config, tmp_path):
   config = _finetune_config(tmp_path, str(tmp_path / "nowhere"))
-  setup = train_step.make_train_setup(config, sharding.make_mesh(-1, 1))
+  setup = tasks.make_train_setup(config, sharding.make_mesh(-1, 1))
   with pytest.raises(ValueError, match="neither a run's workdir"):
-    trainer.load_init_from(config.init_from, setup)
+    param_sources.init_from(config.init_from, setup)
   # A parameter folder of another model: the first parameter it lacks, by name.
   part = {"flamingo/vision_encoder/stem_conv0": {
       "w": np.zeros((3, 3, 3, 16), np.float32)}}
   weights.save_params(str(tmp_path / "partial" / "params"), part)
   with pytest.raises(weights.CheckpointError, match=r"has no flamingo/"):
-    trainer.load_init_from(str(tmp_path / "partial"), setup)
+    param_sources.init_from(str(tmp_path / "partial"), setup)
 
 
 def test_the_sweep_expands_to_the_paper_grid():

@@ -1,5 +1,5 @@
 """Compiled-FLOPs counting (hlo_flops), the spreading of the frozen encoder's batch, and the
-per-part reading of a profiled step (tools/profile_parts)."""
+per-part reading of a profiled step (training/profile_parts)."""
 
 import jax
 import jax.numpy as jnp
@@ -76,10 +76,10 @@ ENTRY %main (x: f32[1,4,4,2,8], w: f32[3,3,8,2,16]) -> f32[1,4,4,2,16] {
   assert hlo_flops.count(hlo) == 2 * outputs * taps
 
 
-# -- tools/profile_parts: where a profiled step's time goes ---------------------------------
+# -- training/profile_parts: where a profiled step's time goes ---------------------------------
 
 def test_profile_parts_names_each_op_by_model_part_and_direction():
-  from flamingo_jax.tools import profile_parts  # pylint: disable=g-import-not-at-top
+  from flamingo_jax.training import profile_parts  # pylint: disable=g-import-not-at-top
   step = "jit(step_fn)/"
   assert profile_parts.part_of(
       step + "jvp(flamingo)/encode_media/flamingo/vision_encoder/stem/conv") == \
@@ -97,7 +97,7 @@ def test_profile_parts_names_each_op_by_model_part_and_direction():
 
 
 def test_profile_parts_sums_trace_events_per_part_and_step():
-  from flamingo_jax.tools import profile_parts  # pylint: disable=g-import-not-at-top
+  from flamingo_jax.training import profile_parts  # pylint: disable=g-import-not-at-top
   hlo = ('  %fusion.1 = f32[2]{0} fusion(%p), metadata={op_name="jit(f)/jvp(m)/vision_encoder/conv"}\n'
          '  ROOT %dot.7 = f32[2]{0} dot(%a, %b), metadata={op_name="jit(f)/transpose(jvp(m))/vision_encoder/dot"}\n'
          '  %add.3 = f32[2]{0} add(%a, %b), metadata={op_name="jit(f)/adam/add"}\n')
@@ -116,7 +116,7 @@ def test_profile_parts_reads_a_real_cpu_trace(tmp_path):
   """A profiled jitted gradient on this backend: its ops are found and named by part."""
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  from flamingo_jax.tools import profile_parts  # pylint: disable=g-import-not-at-top
+  from flamingo_jax.training import profile_parts  # pylint: disable=g-import-not-at-top
 
   def loss(w, x):
     with jax.named_scope("perceiver_resampler"):
@@ -135,10 +135,10 @@ def test_profile_parts_reads_a_real_cpu_trace(tmp_path):
     profile_parts.trace_file(str(tmp_path / "empty"))
 
 
-# -- tools/host: which machine a benchmark ran on ---------------------------------------------
+# -- flamingo_jax/host: which machine a benchmark ran on ---------------------------------------------
 
 def test_host_reads_the_first_processor_of_cpuinfo():
-  from flamingo_jax.tools import host  # pylint: disable=g-import-not-at-top
+  from flamingo_jax import host  # pylint: disable=g-import-not-at-top
   x86 = ("processor\t: 0\nvendor_id\t: AuthenticAMD\ncpu family\t: 26\nmodel\t\t: 2\n"
          "model name\t: AMD EPYC 9B45\nflags\t\t: fpu sse2 avx2 fma avx512f avx512_bf16 vaes\n\n"
          "processor\t: 1\ncpu family\t: 25\nmodel name\t: other\nflags\t\t: amx_tile\n")

@@ -9,20 +9,19 @@ import json
 import os
 
 import haiku as hk
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from conftest import REPO, config_path, needs_reference, regenerate_fixture
 from flamingo_jax import config_base
+from flamingo_jax.data import tokenizer as tok
 from flamingo_jax import inference
 from flamingo_jax import models
+from flamingo_jax.training import param_sources
 from flamingo_jax import weights
-from flamingo_jax.data import tokenizer as tok
-from flamingo_jax.tools import idefics_import
-from flamingo_jax.tools import model_params
-from flamingo_jax.tools import parity
+from flamingo_jax.weights import imports
+from flamingo_jax.weights import parity
 
 FIXTURES = os.path.join(REPO, "tests", "data", "idefics")
 VARIANTS = ("options", "plain")
@@ -31,7 +30,7 @@ VARIANTS = ("options", "plain")
 @pytest.fixture(scope="module")
 def imported(tmp_path_factory):
   root = tmp_path_factory.mktemp("idefics")
-  return {name: (idefics_import.run(os.path.join(FIXTURES, name), str(root / name),
+  return {name: (imports.run_idefics(os.path.join(FIXTURES, name), str(root / name),
                                     progress=False), str(root / name)) for name in VARIANTS}
 
 
@@ -48,9 +47,11 @@ def _check(name: str, out: str, **overrides):
   config.model.xattn.update(overrides)
   ref = _reference(name)
   logits = np.where(ref["attention_mask"][..., None], ref["logits"], np.nan)   # padding: NaN
-  return parity.check(config, out, ref["input_ids"], ref["media"], logits)[0]
+  params, _ = param_sources.load(config, out)
+  return parity.check_logits(config.model, params, ref["input_ids"], ref["media"], logits)[0]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", VARIANTS)
 def test_imported_idefics_gives_its_logits(imported, name):
   """Rows with text before the first image, two images in a row, an EOS between images
@@ -90,11 +91,12 @@ def test_our_media_index_is_the_idefics_processors_image_mask():
   np.testing.assert_array_equal(ours, ref["image_attention_mask"])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", VARIANTS)
 def test_greedy_tokens_equal_transformers_generate(imported, name):
   _, out = imported[name]
   config = _config(out)
-  params, _ = model_params.load(config, out)
+  params, _ = param_sources.load(config, out)
   ref = _reference(name)
   n = int(ref["attention_mask"][0].sum())
   engine = inference.Engine(config.model, params, max_slots=64)
@@ -117,7 +119,7 @@ def test_the_trainable_set_is_what_idefics_trains(imported):
   and lm_head); its LM, vision tower and base tables stay frozen: so do ours."""
   _, out = imported["options"]
   config = _config(out)
-  params, from_seed = model_params.load(config, out)
+  params, from_seed = param_sources.load(config, out)
   assert not from_seed
   trainable, frozen = hk.data_structures.partition(
       lambda module, name, value: models.is_trainable(module), params)
@@ -141,7 +143,7 @@ def test_bad_input_is_one_line_and_writes_nothing(tmp_path):
 
   def error(source) -> str:
     with pytest.raises(weights.CheckpointError) as info:
-      idefics_import.run(str(source), str(out), progress=False)
+      imports.run_idefics(str(source), str(out), progress=False)
     assert not out.exists() and not list(tmp_path.glob("out.tmp-*"))
     assert "\n" not in str(info.value)
     return str(info.value)
@@ -175,8 +177,8 @@ def test_fine_tuning_an_import_trains_what_idefics_trains(imported, tmp_path):
   config.data.synthetic_image_size = 64
   workdir = str(tmp_path / "run")
   trainer.train(config, workdir)
-  before, _ = model_params.load(config, out)
-  after = trainer.restore_workdir_params(trainer.run_config(workdir), workdir)
+  before, _ = param_sources.load(config, out)
+  after = param_sources.restore_run(param_sources.run_config(workdir), workdir)[0]
   moved = {m for m, n, v in hk.data_structures.traverse(after)
            if not np.array_equal(np.asarray(v), np.asarray(before[m][n]))}
   assert {models.component_of(m) for m in moved} == {"resampler", "xattn", "lm"}

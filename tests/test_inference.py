@@ -19,14 +19,15 @@ NEW_TOKENS = 24
 @pytest.fixture(scope="module")
 def setup(tiny_config):
   cfg = tiny_config.model
-  media = np.asarray(random_media(0, (3, 3, 1, cfg.image_size, cfg.image_size, 3)))
+  media = np.asarray(random_media(0, (4, 3, 1, cfg.image_size, cfg.image_size, 3)))
   rs = np.random.RandomState(1)
   image = cfg.image_token_id
   words = lambda n: list(rs.randint(6, cfg.vocab_size, n))
-  # Ragged prompts with 3, 1 and 0 images; row 1 has text before its first image.
+  # Ragged prompts with 3, 1, 0 and 2 images; row 1 has text before its first image.
   prompts = [[2, image] + words(5) + [image] + words(3) + [image] + words(2),
              words(4) + [image] + words(9),
-             words(3)]
+             words(3),
+             [2, image, image] + words(6)]
   model = models.make_flamingo(cfg)
   params = jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, 8), jnp.int32),
                                jnp.asarray(media[:1]))
@@ -42,6 +43,7 @@ def full_log_likelihood(full, prompt, tokens, media_row):
   return sum(float(log_probs[len(prompt) - 1 + j, t]) for j, t in enumerate(tokens))
 
 
+@pytest.mark.slow
 def test_cached_greedy_equals_the_uncached_loop(setup):
   cfg, engine, full, prompts, media = setup
   results = inference.generate(engine, prompts, media, max_new_tokens=NEW_TOKENS)
@@ -56,6 +58,7 @@ def test_cached_greedy_equals_the_uncached_loop(setup):
     assert results[i][0].tokens == seq[len(prompt):].tolist(), i
 
 
+@pytest.mark.slow
 def test_cached_step_logits_equal_the_full_forward(setup):
   cfg, engine, full, prompts, media = setup
   ids, lengths, media_p, _ = inference.decoding.prepare(engine, prompts, media, 8)
@@ -90,6 +93,7 @@ def test_the_decode_step_writes_the_cache_in_place(setup):
   assert memory.temp_size_in_bytes < cache_bytes / 2, (memory.temp_size_in_bytes, cache_bytes)
 
 
+@pytest.mark.slow
 def test_beam_search(setup):
   cfg, engine, full, prompts, media = setup
   stop = (cfg.eoc_token_id,)
@@ -116,6 +120,7 @@ def test_beam_search(setup):
     assert [h.tokens[0] for h in one[i]] == np.argsort(-np.asarray(logits))[:3].tolist()
 
 
+@pytest.mark.slow
 def test_an_xattn_offset_generates_what_its_full_forward_gives(tiny_config):
   """xattn.offset=1 with every=2 (OpenFlamingo's placement: before LM blocks 1 and 3 of 5):
   one head block with no xattn before it, whose cache is carried and reordered by beam
@@ -153,6 +158,7 @@ def test_rows_stop_at_their_own_stop_token(setup):
   assert stopped[1][0].tokens == free[1][0].tokens                 # the others go on
 
 
+@pytest.mark.slow
 def test_sampling_is_seeded_and_respects_top_k(setup):
   cfg, engine, full, prompts, media = setup
   run = lambda seed, **kw: [r[0].tokens for r in inference.generate(
@@ -164,9 +170,73 @@ def test_sampling_is_seeded_and_respects_top_k(setup):
   assert run(6, top_p=1e-6) == run(7, top_p=1e-6)                     # only the top token left
 
 
+@pytest.mark.slow
+def test_sampling_is_independent_of_the_batch_composition(setup):
+  """A prompt's sample depends on the seed and the prompt, not on its neighbours or its
+  row; explicit row_seeds override."""
+  cfg, engine, full, prompts, media = setup
+  sample = lambda rows, **kw: [r[0].tokens for r in inference.generate(
+      engine, [prompts[i] for i in rows], media[list(rows)], max_new_tokens=10,
+      method="sample", temperature=2.0, seed=11, **kw)]
+  together = sample((0, 1, 2, 3))
+  assert sample((3, 0)) == [together[3], together[0]]
+  assert sample((1,)) == [together[1]]
+  assert sample((0, 1), row_seeds=(5, 5)) != sample((0, 1), row_seeds=(6, 6))
+
+
+@pytest.mark.slow
+def test_decoding_is_one_device_loop_that_returns_once(setup, monkeypatch):
+  """No per-token round trip: generate reads the device once (the finished tokens and
+  scores), and never calls the per-token step."""
+  cfg, engine, full, prompts, media = setup
+  reads = []
+  original = engine.to_host
+  monkeypatch.setattr(engine, "to_host", lambda x: reads.append(1) or original(x))
+  monkeypatch.setattr(engine, "step", lambda *a: pytest.fail("a per-token step was called"))
+  for method in ("greedy", "sample", "beam"):
+    reads.clear()
+    inference.generate(engine, prompts, media, max_new_tokens=9, method=method)
+    assert len(reads) == 1, method
+
+
+def test_streaming_yields_every_k_tokens_what_generate_gives(setup):
+  cfg, engine, full, prompts, media = setup
+  final = [r[0].tokens for r in inference.generate(engine, prompts, media, max_new_tokens=10)]
+  chunks = list(inference.stream(engine, prompts, media, every=3, max_new_tokens=10))
+  assert [len(c[0]) for c in chunks] == [3, 6, 9, 10]
+  for earlier, later in zip(chunks, chunks[1:]):
+    assert all(later[i][:len(earlier[i])] == earlier[i] for i in range(len(prompts)))
+  assert chunks[-1] == final
+  sampled = list(inference.stream(engine, prompts, media, every=4, max_new_tokens=10,
+                                  method="sample", seed=3))[-1]
+  assert sampled == [r[0].tokens for r in inference.generate(
+      engine, prompts, media, max_new_tokens=10, method="sample", seed=3)]
+
+
+def test_the_decode_loop_writes_the_cache_in_place(setup):
+  """The whole loop's working memory is a fraction of the KV cache it carries: the cache is
+  donated to it and written in place token after token."""
+  cfg, engine, full, prompts, media = setup
+  big = inference.Engine(cfg, engine.params, max_slots=1024)
+  ids, lengths, media_p, count = inference.decoding.prepare(big, prompts, media, 8)
+  prompt = big.prefill(ids, lengths, big.encode(media_p))
+  start, loop = inference.decoding._sampler(big, "greedy", 0, 8)  # pylint: disable=protected-access
+  keys = inference.decoding._row_keys(big, prompts, count, ids.shape[0], 0, None)  # pylint: disable=protected-access
+  stop = np.asarray([-1], np.int32)
+  state = start(prompt._replace(cache=None), prompt.cache, keys, np.float32(1), np.float32(1),
+                stop, 8)
+  compiled = loop.lower(big.params, state, np.float32(1), np.float32(1), stop,
+                        np.int32(8)).compile()
+  memory = compiled.memory_analysis()
+  cache_bytes = sum(leaf.nbytes for leaf in jax.tree.leaves(state["cache"]))
+  assert memory.alias_size_in_bytes >= cache_bytes
+  assert memory.temp_size_in_bytes < cache_bytes / 2, (memory.temp_size_in_bytes, cache_bytes)
+
+
 def test_scoring_equals_full_forward_log_likelihoods(setup):
   cfg, engine, full, prompts, media = setup
-  candidates = [[[7, 8, 9], [10]], [[11, 12], [13, 14, 15, 16, 17], [18]], [[19, 20, 21, 22]]]
+  candidates = [[[7, 8, 9], [10]], [[11, 12], [13, 14, 15, 16, 17], [18]], [[19, 20, 21, 22]],
+                [[23], [24, 25]]]
   scores = inference.score(engine, prompts, media, candidates, batch=4)
   for i, cands in enumerate(candidates):
     for c, (total, mean) in zip(cands, scores[i]):
@@ -175,6 +245,7 @@ def test_scoring_equals_full_forward_log_likelihoods(setup):
       assert mean == pytest.approx(expected / len(c), abs=1e-4)
 
 
+@pytest.mark.slow
 def test_thirty_frame_video_on_a_model_built_for_eight(tiny_config):
   cfg = copy.deepcopy(tiny_config.model)
   cfg.resampler.num_time_embeddings, cfg.resampler.max_frames = 8, 32
@@ -192,6 +263,7 @@ def test_thirty_frame_video_on_a_model_built_for_eight(tiny_config):
   assert out == seq[len(prompt):]
 
 
+@pytest.mark.slow
 def test_sharded_generation_equals_one_device(setup):
   cfg, engine, full, prompts, media = setup
   mesh = sharding.make_mesh(4, 2)
@@ -228,14 +300,15 @@ def run_generate(*args):
                         cwd=REPO, capture_output=True, text=True)
 
 
+@pytest.mark.slow
 def test_generate_command_line(tmp_path):
   import json, os  # pylint: disable=g-import-not-at-top,multiple-imports
   from PIL import Image  # pylint: disable=g-import-not-at-top
   from conftest import REPO, config_path  # pylint: disable=g-import-not-at-top
   from flamingo_jax.data import synthetic  # pylint: disable=g-import-not-at-top
-  from flamingo_jax.tools import lm_import  # pylint: disable=g-import-not-at-top
+  from flamingo_jax.weights import imports  # pylint: disable=g-import-not-at-top
   lm = str(tmp_path / "lm")
-  lm_import.run("gpt_neox", os.path.join(REPO, "tests", "data", "hf_lms", "gpt_neox"), lm,
+  imports.run_lm("gpt_neox", os.path.join(REPO, "tests", "data", "hf_lms", "gpt_neox"), lm,
                      progress=False)
   image = synthetic.scene(np.random.default_rng(0), 80)[0]
   Image.fromarray(image).save(tmp_path / "a.png")
@@ -251,6 +324,9 @@ def test_generate_command_line(tmp_path):
                          "--mesh=data=4,model=2")                 # 8 fake devices (conftest)
   assert sharded.returncode == 0, sharded.stderr[-3000:]
   assert sharded.stdout == one.stdout
+  streamed = run_generate(*common, "--prompt=<image>Output:", f"--image={tmp_path / 'a.png'}",
+                          "--stream_every=2")            # printed as it grows: the same line
+  assert streamed.returncode == 0 and streamed.stdout == one.stdout, streamed.stderr[-3000:]
   rows = [{"prompt": "<image>Output:", "images": ["a.png"]},
           {"prompt": "<image>Output:", "images": ["missing.png"]},
           {"prompt": "<image><image>two", "images": ["a.png"]},
@@ -281,6 +357,7 @@ def test_aot_compile_of_generation_reports_memory(tiny_config):
   assert report["decode_step"]["alias_bytes"] > 0          # the cache is donated, updated in place
 
 
+@pytest.mark.slow
 def test_two_processes_generate_what_one_process_does(tmp_path):
   """2 processes x 2 devices (gloo) vs 1 process x 4 devices, both on a 2 x 2 mesh: the same
   greedy and beam tokens and the same candidate scores."""

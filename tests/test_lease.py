@@ -17,9 +17,9 @@ import time
 import pytest
 
 from conftest import REPO, config_path
-from flamingo_jax import lease as lease_lib
 from flamingo_jax.data import builders
-from flamingo_jax.data import pipeline
+from flamingo_jax.data import prepare
+from flamingo_jax import lease as lease_lib
 from train_helpers import env, losses, stream_subset_config_file, train_command
 
 
@@ -185,11 +185,11 @@ def test_trainers_on_one_workdir_start_refuse_expire_and_resume(tmp_path):
 _BUILD = """
 import sys
 from flamingo_jax import config_base
-from flamingo_jax.data import pipeline
+from flamingo_jax.data import prepare
 config = config_base.load_config(sys.argv[1])
 config.data.data_dir = sys.argv[2]
 config.data.synthetic_examples = 16
-builder = pipeline.prepare_stream(config, "align")
+builder = prepare.prepare_stream(config, "align")
 print("examples", len(builder.as_data_source(split="train")), flush=True)
 """
 
@@ -207,12 +207,12 @@ def test_a_second_builder_waits_for_the_first_and_uses_its_dataset(tmp_path, tin
                             env=env(1), cwd=REPO, stdout=subprocess.PIPE, text=True)
   first_line = waiter.stdout.readline()
   assert first_line.startswith("waiting for the dataset of stream align: ") and \
-      f"held by another dataset build: host" in first_line and f"pid {os.getpid()}," in first_line
+      "held by another dataset build: host" in first_line and f"pid {os.getpid()}," in first_line
   out = io.StringIO()
   try:
     with contextlib.redirect_stdout(out):         # the first builder's work, while it holds
-      raw = pipeline.synthetic_raw_dir(config, "align")
-      pipeline._write_synthetic("image_text", raw, 16, seed=1,  # pylint: disable=protected-access
+      raw = prepare.synthetic_raw_dir(config, "align")
+      prepare.write_synthetic("image_text", raw, 16, seed=1,
                                 spec=config.data.streams.align, data=config.data)
       builders.prepare("image_text", raw, os.path.join(data, "align"))
   finally:

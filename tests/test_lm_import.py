@@ -19,12 +19,13 @@ import pytest
 
 from conftest import REPO, config_path, needs_reference, regenerate_fixture
 from flamingo_jax import config_base
-from flamingo_jax import models
-from flamingo_jax import weights
 from flamingo_jax.data import preprocessing
 from flamingo_jax.data import tokenizer as tok
-from flamingo_jax.tools import lm_import
+from flamingo_jax import models
+from flamingo_jax.training import param_sources
 from flamingo_jax.training import sharding
+from flamingo_jax import weights
+from flamingo_jax.weights import imports
 
 FIXTURES = os.path.join(REPO, "tests", "data", "hf_lms")
 FAMILIES = {"llama": "llama", "mistral": "llama", "gpt_neox": "gpt_neox", "gemma": "gemma",
@@ -75,6 +76,7 @@ def test_options_are_what_make_the_logits_equal():
   assert compare_with_reference(os.path.join(FIXTURES, "gpt_neox"), rotary_fraction=1.0)[0] > 1e-3
 
 
+@pytest.mark.slow
 def test_mpt_options_are_what_make_the_logits_equal():
   """MPT: ALiBi (6 heads: interleaved slopes), clip_qkv, its softmax scale; MosaicML's
   options: alibi_bias_max 4, the logit scale, QK LayerNorm (mosaic_gpt with it left out: its
@@ -158,6 +160,7 @@ def test_sharded_load_equals_one_device_load(model_axis):
                              atol=1e-5)
 
 
+@pytest.mark.slow
 def test_chinchilla_export_reimports_under_another_grouping(tmp_path):
   """Our own layout round-trips, and re-imports regrouped (xattn every 1 -> every 2, and
   every 2 with offset 1)."""
@@ -222,7 +225,7 @@ def test_interleaved_rotary_is_the_half_layout_on_permuted_dims():
 def import_error(tmp_path, source, kind, **kwargs) -> str:
   out = tmp_path / "out"
   with pytest.raises(weights.CheckpointError) as info:
-    lm_import.run(kind, str(source), str(out), progress=False, **kwargs)
+    imports.run_lm(kind, str(source), str(out), progress=False, **kwargs)
   assert not out.exists() and not list(tmp_path.glob("out.tmp-*"))    # nothing written
   message = str(info.value)
   assert "\n" not in message
@@ -288,6 +291,7 @@ def run_tool(*args):
                         text=True)
 
 
+@pytest.mark.slow
 def test_import_and_check_logits_command_lines(tmp_path):
   source = os.path.join(FIXTURES, "gpt_neox")
   out = str(tmp_path / "neox")
@@ -321,7 +325,7 @@ def test_hf_tokenizer_places_our_special_ids(tmp_path):
   source = os.path.join(FIXTURES, "llama")
   _, fields = weights.import_plan(source)
   shutil.copy(os.path.join(source, "tokenizer.json"), tmp_path / "tokenizer.json")
-  lm_import.write_tokenizer(source, str(tmp_path), fields)
+  imports.write_tokenizer(source, str(tmp_path), fields)
   tk = tok.load(str(tmp_path / "tokenizer.json"))
   assert tk.special == tok.SpecialIds(pad=1, bos=0, eos=0, image=320, eoc=321)
   ids = preprocessing.pair_tokens("a red circle", tk.encode, False, tk.special)
@@ -338,10 +342,11 @@ def test_hf_tokenizer_places_our_special_ids(tmp_path):
 
 # --- training on top of an import ---------------------------------------------------------
 
+@pytest.mark.slow
 def test_tiny_flamingo_trains_on_an_imported_lm(tmp_path):
   from flamingo_jax.training import trainer  # pylint: disable=g-import-not-at-top
   out = str(tmp_path / "neox")
-  lm_import.run("gpt_neox", os.path.join(FIXTURES, "gpt_neox"), out, progress=False)
+  imports.run_lm("gpt_neox", os.path.join(FIXTURES, "gpt_neox"), out, progress=False)
   config = config_base.load_config(f"{config_path('pretrained')}:lm={out}")
   del config.data.streams["vtp"]
   config.train.steps = 12
@@ -353,7 +358,7 @@ def test_tiny_flamingo_trains_on_an_imported_lm(tmp_path):
   summary = trainer.train(config, workdir)
   losses = [summary["losses"][step] for step in sorted(summary["losses"])]
   assert np.mean(losses[-3:]) < np.mean(losses[:3]), losses
-  trained = trainer.restore_workdir_params(config, workdir)
+  trained = param_sources.restore_run(config, workdir)[0]
   kind, model = model_for(os.path.join(FIXTURES, "gpt_neox"))
   imported, _ = weights.load_lm(os.path.join(FIXTURES, "gpt_neox"), model, kind)
   for module, name, value in hk.data_structures.traverse(imported):

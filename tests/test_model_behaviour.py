@@ -1,4 +1,4 @@
-"""Flamingo's defining properties (PAPER.md §1.4, §2, §10.2) on the tiny config."""
+"""Flamingo's defining properties (docs/paper.md §1.4, §2, §10.2) on the tiny config."""
 
 import copy
 
@@ -29,6 +29,7 @@ def setup(tiny_config):
   return cfg, model, params, ids, media
 
 
+@pytest.mark.slow
 def test_at_init_media_change_nothing_and_model_equals_lm(setup):
   cfg, model, params, ids, media = setup
   apply = jax.jit(model.apply)
@@ -153,6 +154,7 @@ def test_temporal_embeddings_interpolate_linearly():
     perceiver.temporal_embeddings(table, 33, 32)
 
 
+@pytest.mark.slow
 def test_model_built_for_8_frames_runs_on_30(tiny_config):
   cfg = copy.deepcopy(tiny_config.model)
   cfg.resampler.num_time_embeddings, cfg.resampler.max_frames = 8, 32
@@ -217,6 +219,7 @@ def test_trainable_predicate_and_new_token_rows(setup):
   np.testing.assert_array_equal(apply(poked, None, ids, media), apply(params, None, ids, media))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("impl", ["xla"])
 def test_attention_kernels_equal_the_einsum_reference(setup, impl):
   """config.model.attention_impl: jax.nn.dot_product_attention on XLA gives
@@ -283,6 +286,7 @@ def test_layer_layout_places_xattn_blocks_by_every_and_offset():
       language_model.layer_layout(*bad)
 
 
+@pytest.mark.slow
 def test_nfnet_block_remat_keeps_the_parameters_and_the_outputs(monkeypatch):
   """vision.remat (a trained tower at high resolution) wraps each block in a checkpoint
   (JAX then recomputes its insides in the backward pass): the same parameter tree and the

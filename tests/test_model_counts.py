@@ -1,4 +1,4 @@
-"""Parameter counts against the paper (Table 1, PAPER.md §1.6, §11), from shapes only."""
+"""Parameter counts against the paper (Table 1, docs/paper.md §1.6, §11), from shapes only."""
 
 import time
 
@@ -32,7 +32,7 @@ def test_paper_configs_match_table_1(name):
   assert counts["frozen"] > counts["lm"] * 0.99  # LM (minus 2 token rows) + NFNet frozen
 
 
-# Published NFNet sizes with the 1000-class head (Brock et al. 2021; PAPER.md §11).
+# Published NFNet sizes with the 1000-class head (Brock et al. 2021; docs/paper.md §11).
 NFNET_COUNTS = {"F0": 71.5e6, "F1": 132.6e6, "F2": 193.8e6, "F3": 254.9e6,
                 "F4": 316.1e6, "F5": 377.2e6, "F6": 438.4e6}
 

@@ -1,5 +1,5 @@
 """Several processes (gloo on CPU) train like one: model groups spanning processes, the
-input placement from the mesh, preemption of every process and the resume (DESIGN.md §3, §7).
+input placement from the mesh, preemption of every process and the resume (docs/design.md §3, §7).
 
 In a file of their own so that the test runner gives them a worker while the other files
 run: each 4-process launch saturates both cores for a few minutes."""

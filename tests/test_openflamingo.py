@@ -17,14 +17,13 @@ import pytest
 from conftest import REPO, config_path, needs_reference, regenerate_fixture
 from flamingo_jax import config_base
 from flamingo_jax import models
-from flamingo_jax import weights
 from flamingo_jax.models import gated_xattn
 from flamingo_jax.models import perceiver
-from flamingo_jax.tools import model_params
-from flamingo_jax.tools import openflamingo_import
-from flamingo_jax.tools import parity
-from flamingo_jax.training import trainer
+from flamingo_jax.training import param_sources
+from flamingo_jax import weights
+from flamingo_jax.weights import imports
 from flamingo_jax.weights import openflamingo
+from flamingo_jax.weights import parity
 
 FIXTURE = os.path.join(REPO, "tests", "data", "openflamingo")
 MODEL = os.path.join(FIXTURE, "model")
@@ -123,14 +122,15 @@ def _import(directory, out, source="", **kwargs):
     vision = dict(vision=os.path.join(directory, "vit.safetensors"), vit_heads=2,
                   vit_activation="quick_gelu")
   options = dict(lm=os.path.join(directory, "lm"), progress=False) | vision | kwargs
-  return openflamingo_import.run(source or os.path.join(directory, "checkpoint.safetensors"),
+  return imports.run_openflamingo(source or os.path.join(directory, "checkpoint.safetensors"),
                                  str(out), **options)
 
 
 def _check(directory, out, media=None):
   config = config_base.load_config(f"{config_path('openflamingo')}:{out}")
   load = lambda name: np.load(os.path.join(directory, f"{name}.npy"))
-  report, _ = parity.check(config, str(out), load("input_ids"),
+  params, _ = param_sources.load(config, str(out))
+  report, _ = parity.check_logits(config.model, params, load("input_ids"),
                                  load("media") if media is None else media, load("logits"))
   return report
 
@@ -141,6 +141,7 @@ def imported(tmp_path_factory):
   return _import(MODEL, out), out
 
 
+@pytest.mark.slow
 def test_imported_openflamingo_gives_its_logits(imported):
   """Its own model (create_model_and_transforms, GPT-NeoX + open_clip ViT, gated blocks before
   layers 1, 3, 5): ragged rows, 2-3 images each, text before the first image, an unused
@@ -167,6 +168,7 @@ def test_imported_openflamingo_gives_its_logits(imported):
   assert _check(MODEL, out, media=other)["max_abs_diff"] > 1e-2
 
 
+@pytest.mark.slow
 def test_imported_openflamingo_with_an_mpt_lm_gives_its_logits(tmp_path):
   """OpenFlamingo-3B/9B's layout: its factory around an MPT (transformers' MptForCausalLM:
   ALiBi, clip_qkv, tied embeddings, blocks at transformer.blocks), gated blocks every 3 layers
@@ -207,7 +209,7 @@ def test_openflamingo_trainable_set_is_ours(imported):
   exactly our trainable parameters, and a fresh run starts from them."""
   _, out = imported
   config = config_base.load_config(f"{config_path('openflamingo')}:{out}")
-  params, from_seed = model_params.load(config, str(out))
+  params, from_seed = param_sources.load(config, str(out))
   assert not from_seed
   trainable, frozen = hk.data_structures.partition(
       lambda module, name, value: models.is_trainable(module), params)
@@ -228,7 +230,7 @@ def test_openflamingo_trainable_set_is_ours(imported):
                                 unembed[[301, 300]].T)
   assert {models.component_of(m) for m in frozen} == {"lm", "vision"}
   fresh = jax.tree.map(np.zeros_like, trainable)
-  started = trainer.load_init_trainable(config.model, fresh)
+  started = param_sources.init_trainable(config.model, fresh)
   jax.tree.map(np.testing.assert_array_equal, started, trainable)
 
 
@@ -238,6 +240,7 @@ def run_tool(*args):
                         text=True)
 
 
+@pytest.mark.slow
 def test_openflamingo_import_and_check_command_lines(tmp_path):
   out = tmp_path / "of"
   result = run_tool("flamingo_jax.tools.import_weights", "--kind=openflamingo",

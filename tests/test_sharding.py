@@ -1,4 +1,4 @@
-"""Partition rules and mesh checks (DESIGN.md §8): the path -> spec table is a contract."""
+"""Partition rules and mesh checks (docs/design.md §8): the path -> spec table is a contract."""
 
 import json
 import os
@@ -102,6 +102,7 @@ def test_paper_configs_feed_every_data_shard_of_their_slice(name, topology, proc
     assert plan["rows_per_shard"][stream] * mesh.shape["data"] == batch
 
 
+@pytest.mark.slow
 def test_train_dry_run_on_the_80b_slice_from_the_command_line():
   import subprocess  # pylint: disable=g-import-not-at-top
   import sys  # pylint: disable=g-import-not-at-top

@@ -1,4 +1,4 @@
-"""The distributed train step (DESIGN.md §8): mesh equivalence, accumulation, freezing, ZeRO-1."""
+"""The distributed train step (docs/design.md §8): mesh equivalence, accumulation, freezing, ZeRO-1."""
 
 import jax
 import jax.numpy as jnp
@@ -8,6 +8,8 @@ import pytest
 
 from flamingo_jax.data import schema
 from flamingo_jax.training import sharding
+from flamingo_jax.training import tasks
+from flamingo_jax.training.tasks import flamingo as flamingo_task
 from flamingo_jax.training import train_step
 from train_helpers import global_relative_error, leaves_by_path, max_leaf_relative_error, relative_error, run, two_stream, with_overrides
 
@@ -18,6 +20,7 @@ def reference(tiny_config):
   return run(two_stream(tiny_config), 1, 1)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("data,model", [(4, 2), (2, 4)])
 def test_sharded_runs_match_one_device_float32(tiny_config, reference, data, model):
   ref_metrics, ref_state, *_ = reference
@@ -37,6 +40,7 @@ def test_sharded_runs_match_one_device_float32(tiny_config, reference, data, mod
   assert "data" in mu.spec and "model" in mu.spec
 
 
+@pytest.mark.slow
 def test_sharded_bfloat16_run_tracks_one_device_float32(tiny_config, reference):
   """bf16 activations and frozen towers on a 4x2 mesh against the float32 one-device run:
   loss and gradient norm within 2e-2 (measured: loss 1e-4, gradient norm 1.3e-3)."""
@@ -71,11 +75,12 @@ def test_frozen_parameters_stay_bit_identical_and_trainable_ones_move(tiny_confi
 
 
 
+@pytest.mark.slow
 def test_update_is_sum_of_weighted_stream_gradients(tiny_config):
   # No warm-up: the learning rate at step 0 is then not 0, so the update is not trivially 0.
   config = with_overrides(two_stream(tiny_config), **{"optim.warmup_steps": 0})
   mesh = sharding.make_mesh(1, 1, jax.devices()[:1])
-  setup = train_step.make_train_setup(config, mesh)
+  setup = tasks.make_train_setup(config, mesh)
   state, frozen = setup.init(jax.random.key(0))
   params0, opt0 = jax.device_get(state.params), jax.device_get(state.opt_state)
   batches = schema.random_batches(config, seed=7)
@@ -83,7 +88,7 @@ def test_update_is_sum_of_weighted_stream_gradients(tiny_config):
   rng = jax.random.fold_in(state.rng, 0)       # the step's rng at step 0
 
   # Reference: each stream alone, its own jit, weighted and summed here.
-  loss_and_grads = jax.jit(train_step.make_loss_and_grads(config, setup.model), static_argnums=4)
+  loss_and_grads = jax.jit(flamingo_task.make_loss_and_grads(config, setup.model), static_argnums=4)
   stream_grads = {}
   for index, name in enumerate(config.data.streams):
     _, _, stream_grads[name] = loss_and_grads(params0, frozen, batches[name],
@@ -104,7 +109,7 @@ def test_update_is_sum_of_weighted_stream_gradients(tiny_config):
   # The accumulated gradients, split into microbatches (2 for m3w, 4 for vtp) on a 2-way data
   # mesh, are the weighted sum: microbatching and the mesh change nothing.
   micro = with_overrides(config, **{"train.microbatches.m3w": 2, "train.microbatches.vtp": 4})
-  micro_setup = train_step.make_train_setup(micro, sharding.make_mesh(2, 1, jax.devices()[:2]))
+  micro_setup = tasks.make_train_setup(micro, sharding.make_mesh(2, 1, jax.devices()[:2]))
   micro_loss, _, micro_counts, micro_grads = micro_setup.gradients(
       params0, jax.device_get(frozen), train_step.put_batches(micro_setup, batches), rng, 0)
   assert relative_error(micro_loss, metrics["loss"]) < 1e-5
@@ -113,7 +118,7 @@ def test_update_is_sum_of_weighted_stream_gradients(tiny_config):
 
   # Round-robin: step s trains on stream s mod M alone, unweighted.
   rr = with_overrides(config, **{"train.mixing": "round_robin"})
-  rr_setup = train_step.make_train_setup(rr, mesh)
+  rr_setup = tasks.make_train_setup(rr, mesh)
   names = list(config.data.streams)
   for step in (0, 1, 2):
     name = names[step % len(names)]
@@ -124,6 +129,7 @@ def test_update_is_sum_of_weighted_stream_gradients(tiny_config):
     assert all((float(counts[n]) > 0) == (n == name) for n in names), (step, counts)
 
 
+@pytest.mark.slow
 def test_accumulating_in_place_gives_the_same_gradients(tiny_config):
   """train.accumulate_in_place (one running sum, each microbatch's gradient scaled by
   λ / tokens as it arrives) computes the per-stream sums' losses, counts and gradients."""
@@ -132,7 +138,7 @@ def test_accumulating_in_place_gives_the_same_gradients(tiny_config):
   results = []
   for in_place in (False, True):
     mode = with_overrides(config, **{"train.accumulate_in_place": in_place})
-    setup = train_step.make_train_setup(mode, sharding.make_mesh(1, 1, jax.devices()[:1]))
+    setup = tasks.make_train_setup(mode, sharding.make_mesh(1, 1, jax.devices()[:1]))
     state, frozen = setup.init(jax.random.key(0))
     results.append(jax.device_get(setup.gradients(
         state.params, frozen, train_step.put_batches(setup, batches), jax.random.key(5), 0)))
@@ -144,11 +150,12 @@ def test_accumulating_in_place_gives_the_same_gradients(tiny_config):
   assert global_relative_error(grads2, grads) < 1e-6
 
 
+@pytest.mark.slow
 def test_zero1_shards_optimizer_state_eightfold(tiny_config):
   """Compiled argument bytes with and without ZeRO-1 on 8 devices (data=8)."""
   def argument_bytes(zero1):
     config = with_overrides(two_stream(tiny_config), **{"train.zero1": zero1})
-    setup = train_step.make_train_setup(config, sharding.make_mesh(8, 1))
+    setup = tasks.make_train_setup(config, sharding.make_mesh(8, 1))
     compiled = setup.step.lower(setup.abstract_state, setup.abstract_frozen,
                                 setup.abstract_batches).compile()
     return compiled.memory_analysis().argument_size_in_bytes, setup

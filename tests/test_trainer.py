@@ -1,5 +1,5 @@
 """The training loop: bit-exact resume after SIGTERM, NaN handling, corrupt checkpoints and
-config changes (DESIGN.md §7, §9); several processes: test_multiprocess.py."""
+config changes (docs/design.md §7, §9); several processes: test_multiprocess.py."""
 
 import copy
 import dataclasses
@@ -11,9 +11,12 @@ import numpy as np
 import pytest
 
 from flamingo_jax.training import checkpointing
+from flamingo_jax.training import input_state
+from flamingo_jax.training import param_sources
 from flamingo_jax.training import sharding
-from flamingo_jax.training import train_step
+from flamingo_jax.training import tasks
 from flamingo_jax.training import trainer
+from flamingo_jax.training import workdir as workdir_lib
 from train_helpers import losses, poison, small_config, stream_subset_config_file
 from train_helpers import train, train_command, train_until_sigterm
 
@@ -37,6 +40,7 @@ def test_sigterm_and_resume_log_exactly_the_same_losses(tmp_path):
   assert got == expected                                 # float equality, data order included
 
 
+@pytest.mark.slow
 def test_nonfinite_steps_are_skipped_counted_and_stop_the_run(tiny_config, tmp_path, monkeypatch):
   workdir = str(tmp_path / "run")
   config = small_config(tiny_config, tmp_path, steps=8, max_consecutive_nonfinite=3)
@@ -59,9 +63,10 @@ def test_nonfinite_steps_are_skipped_counted_and_stop_the_run(tiny_config, tmp_p
       == ["checkpoint-4"]
 
 
+@pytest.mark.slow
 def test_nonfinite_state_is_never_saved(tiny_config, tmp_path, monkeypatch):
   """Parameters turned NaN after step 2 (as a diverging update would): step 2 is not saved."""
-  make_setup = train_step.make_train_setup
+  make_setup = tasks.make_train_setup
 
   def diverging_setup(*args, **kwargs):
     setup = make_setup(*args, **kwargs)
@@ -73,7 +78,7 @@ def test_nonfinite_state_is_never_saved(tiny_config, tmp_path, monkeypatch):
       return state, metrics
     return dataclasses.replace(setup, step=step)
 
-  monkeypatch.setattr(train_step, "make_train_setup", diverging_setup)
+  monkeypatch.setattr(tasks, "make_train_setup", diverging_setup)
   workdir = str(tmp_path / "run")
   config = small_config(tiny_config, tmp_path, steps=8, max_consecutive_nonfinite=2)
   with pytest.raises(trainer.NonFiniteError, match="last good checkpoint is step 1 "):
@@ -85,7 +90,7 @@ def test_nonfinite_state_is_never_saved(tiny_config, tmp_path, monkeypatch):
 
 def test_corrupt_latest_checkpoint_falls_back_to_the_previous_one(tiny_config, tmp_path, caplog):
   config = small_config(tiny_config, tmp_path)
-  setup = train_step.make_train_setup(config, sharding.make_mesh(-1, 1))
+  setup = tasks.make_train_setup(config, sharding.make_mesh(-1, 1))
   state, _ = setup.init(jax.random.key(0))
   workdir = str(tmp_path / "run")
   ckpt = checkpointing.Checkpointer(workdir, keep=5)
@@ -118,13 +123,14 @@ def test_corrupt_latest_checkpoint_falls_back_to_the_previous_one(tiny_config, t
   ckpt.close()
 
 
+@pytest.mark.slow
 def test_input_state_is_one_file_per_data_shard_read_by_the_shards_a_process_feeds(
     tiny_config, tmp_path):
   """Each process writes the shards it owns and reads the ones it feeds: here one process
   writes shards 0 and 2 and another (a second save of the same step's item, as a second
   process would) 1 and 3; a reader of shard 2 gets exactly its state."""
   config = small_config(tiny_config, tmp_path)
-  setup = train_step.make_train_setup(config, sharding.make_mesh(-1, 1))
+  setup = tasks.make_train_setup(config, sharding.make_mesh(-1, 1))
   state, _ = setup.init(jax.random.key(0))
   streams = {"m3w": {str(d): {"cursor": 10 + d, "skipped": {"no_image": d}} for d in range(4)},
              "vtp": {str(d): {"cursor": 20 + d, "skipped": {}} for d in range(4)}}
@@ -134,8 +140,8 @@ def test_input_state_is_one_file_per_data_shard_read_by_the_shards_a_process_fee
   input_dir = tmp_path / "run" / "checkpoints" / "3" / "input"
   written = sorted(n for n in os.listdir(input_dir) if n.startswith("shard-"))
   assert written == ["shard-0-of-4.json", "shard-2-of-4.json"]
-  checkpointing.InputStateHandler().save(
-      input_dir, checkpointing.InputStateSave(pipeline_state, (1, 3)))
+  input_state.InputStateHandler().save(
+      input_dir, input_state.InputStateSave(pipeline_state, (1, 3)))
   assert ckpt.input_state(3) == pipeline_state
   assert ckpt.input_state(3, (2,), 4) == {
       "num_shards": 4, "streams": {"m3w": {"2": streams["m3w"]["2"]},
@@ -155,10 +161,10 @@ def test_input_state_is_one_file_per_data_shard_read_by_the_shards_a_process_fee
 
 def test_config_change_in_the_same_workdir_is_an_error_naming_the_keys(tiny_config, tmp_path):
   workdir = str(tmp_path / "run")
-  trainer.check_config(tiny_config, workdir, allow_change=False)        # nothing there yet
+  workdir_lib.check_config(tiny_config, workdir, allow_change=False)        # nothing there yet
   assert not os.path.exists(workdir)                                     # and nothing written
-  trainer.write_config(tiny_config, workdir)
-  trainer.check_config(tiny_config, workdir, allow_change=False)        # same config: fine
+  workdir_lib.write_config(tiny_config, workdir)
+  workdir_lib.check_config(tiny_config, workdir, allow_change=False)        # same config: fine
   changed = copy.deepcopy(tiny_config)
   changed.optim.learning_rate = 3e-4
   changed.optim.b1 = 0.8
@@ -166,11 +172,11 @@ def test_config_change_in_the_same_workdir_is_an_error_naming_the_keys(tiny_conf
   changed.train.on_nonfinite = "rollback"
   with pytest.raises(ValueError, match=r"\(optim.b1: 0.9 -> 0.8, optim.learning_rate: 0.001 -> "
                                        r"0.0003\); use another --workdir or pass --allow_config"):
-    trainer.check_config(changed, workdir, allow_change=False)
-  trainer.check_config(changed, workdir, allow_change=True)
+    workdir_lib.check_config(changed, workdir, allow_change=False)
+  workdir_lib.check_config(changed, workdir, allow_change=True)
   more_steps = copy.deepcopy(tiny_config)
   more_steps.train.steps = 700
-  trainer.check_config(more_steps, workdir, allow_change=False)
+  workdir_lib.check_config(more_steps, workdir, allow_change=False)
   with open(os.path.join(workdir, "config.json")) as f:
     assert json.load(f)["optim"]["learning_rate"] == tiny_config.optim.learning_rate
 
@@ -180,7 +186,7 @@ def test_frozen_towers_load_from_init_checkpoints(tiny_config, tmp_path):
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
   from flamingo_jax import models  # pylint: disable=g-import-not-at-top
   config = small_config(tiny_config, tmp_path)
-  setup = train_step.make_train_setup(config, sharding.make_mesh(-1, 1))
+  setup = tasks.make_train_setup(config, sharding.make_mesh(-1, 1))
   _, frozen = setup.init(jax.random.key(0))
   _, other = setup.init(jax.random.key(1))               # "pretrained" towers: other values
   lm, _ = hk.data_structures.partition(
@@ -190,7 +196,7 @@ def test_frozen_towers_load_from_init_checkpoints(tiny_config, tmp_path):
   saver.save(path, lm)
   saver.wait_until_finished()
   config.model.lm.init_checkpoint = path
-  loaded = trainer.load_init_checkpoints(config.model, frozen, setup)
+  loaded = param_sources.init_checkpoints(config.model, frozen)
   for module, name, value in hk.data_structures.traverse(loaded):
     source = other if models.component_of(module) == "lm" else frozen
     np.testing.assert_array_equal(value, source[module][name], err_msg=f"{module}/{name}")
@@ -203,5 +209,5 @@ def test_a_model_with_nothing_frozen_keeps_no_frozen_towers(tmp_path):
   ckpt = checkpointing.Checkpointer(str(tmp_path), keep=2)
   ckpt.save_frozen({})
   assert not os.path.exists(ckpt.frozen_directory)
-  assert ckpt.restore_frozen(types.SimpleNamespace(abstract_frozen={})) == {}
+  assert ckpt.restore_frozen(types.SimpleNamespace(abstract_frozen={}, frozen_shardings={})) == {}
   ckpt.close()

@@ -16,16 +16,16 @@ from safetensors.numpy import save_file
 
 from conftest import REPO, config_path, needs_reference, regenerate_fixture
 from flamingo_jax import config_base
-from flamingo_jax import weights
 from flamingo_jax.models import flamingo
 from flamingo_jax.models.vision import nfnet
 from flamingo_jax.models.vision import vit
-from flamingo_jax.tools import parity
-from flamingo_jax.tools import vision_import
 from flamingo_jax.training import flops
+from flamingo_jax.training import param_sources
 from flamingo_jax.training import sharding
-from flamingo_jax.training import train_step
-from flamingo_jax.training import trainer
+from flamingo_jax.training import tasks
+from flamingo_jax import weights
+from flamingo_jax.weights import imports
+from flamingo_jax.weights import parity
 from flamingo_jax.weights import vision
 
 FIXTURE = os.path.join(REPO, "tests", "data", "nfnet_timm")
@@ -89,9 +89,10 @@ def test_a_network_no_variant_matches_is_named(tmp_path):
     vision.load_timm_nfnet(str(tmp_path / "x.safetensors"))
 
 
+@pytest.mark.slow
 def test_import_weights_writes_params_the_model_loads(fixture_variant, tmp_path):
   out = str(tmp_path / "nfnet")
-  report = vision_import.run("nfnet", os.path.join(FIXTURE, "weights.safetensors"), out)
+  report = imports.run_vision("nfnet", os.path.join(FIXTURE, "weights.safetensors"), out)
   assert report["fields"]["vision"]["variant"] == "fixture" and report["parameters"] > 90_000
   with open(os.path.join(out, "model.json")) as f:
     assert json.load(f) == {"vision": {"variant": "fixture", "numerics": "timm"}}
@@ -103,7 +104,7 @@ def test_import_weights_writes_params_the_model_loads(fixture_variant, tmp_path)
   expected = np.load(os.path.join(FIXTURE, "features.npy"))
   assert _relative_l2(_features(restored, images, "timm"), expected) < 1e-5
   with pytest.raises(weights.CheckpointError, match="already exists"):
-    vision_import.run("nfnet", os.path.join(FIXTURE, "weights.safetensors"), out)
+    imports.run_vision("nfnet", os.path.join(FIXTURE, "weights.safetensors"), out)
 
 
 def test_stochastic_depth_follows_the_numerics():
@@ -136,20 +137,21 @@ def test_fixture_regenerates_with_the_installed_timm(fixture_variant, tmp_path):
   assert timm_numerics < 1e-5, timm_numerics
 
 
+@pytest.mark.slow
 def test_a_flamingo_run_loads_the_imported_tower(fixture_variant, tiny_config, tmp_path):
   """pretrained.py's `vision=DIR` path: the import's model.json sets variant and numerics,
   and the trainer's frozen towers hold the imported values."""
   out = str(tmp_path / "nfnet")
-  vision_import.run("nfnet", os.path.join(FIXTURE, "weights.safetensors"), out)
+  imports.run_vision("nfnet", os.path.join(FIXTURE, "weights.safetensors"), out)
   with open(os.path.join(out, "model.json")) as f:
     fields = json.load(f)
   config = copy.deepcopy(tiny_config)
   config.model = config_base.with_imported_vision(config.model, fields,
                                                   os.path.join(out, "params"))
   assert (config.model.vision.variant, config.model.vision.numerics) == ("fixture", "timm")
-  setup = train_step.make_train_setup(config, sharding.make_mesh(-1, 1))
+  setup = tasks.make_train_setup(config, sharding.make_mesh(-1, 1))
   _, fresh = setup.init(jax.random.key(0))
-  frozen = trainer.load_init_checkpoints(config.model, fresh, setup)
+  frozen = param_sources.init_checkpoints(config.model, fresh)
   imported, _ = vision.load_timm_nfnet(os.path.join(FIXTURE, "weights.safetensors"))
   for module, leaves in imported.items():
     for name, value in leaves.items():
@@ -229,7 +231,7 @@ def test_a_flamingo_around_a_clip_vit(tiny_config, tmp_path):
   """config.model.vision.kind="vit": counted as vision, encoded with CLIP's pixel statistics,
   loaded from the import."""
   out = str(tmp_path / "vit")
-  report = vision_import.run("clip_vit", os.path.join(CLIP_FIXTURE, "weights.safetensors"), out,
+  report = imports.run_vision("clip_vit", os.path.join(CLIP_FIXTURE, "weights.safetensors"), out,
                              vit_heads=2)
   with open(os.path.join(out, "model.json")) as f:
     fields = json.load(f)
@@ -240,9 +242,9 @@ def test_a_flamingo_around_a_clip_vit(tiny_config, tmp_path):
   counts = flamingo.count_params(config.model)
   assert counts["vision"] == report["parameters"] == 164672 - 64 * 16   # all but CLIP's proj
   assert flops.vision_encoder_shape(config.model, 32)[:2] == (16, 64)
-  setup = train_step.make_train_setup(config, sharding.make_mesh(-1, 1))
+  setup = tasks.make_train_setup(config, sharding.make_mesh(-1, 1))
   trainable, fresh = setup.init(jax.random.key(0))
-  frozen = trainer.load_init_checkpoints(config.model, fresh, setup)
+  frozen = param_sources.init_checkpoints(config.model, fresh)
   # Through Flamingo's own path (kind dispatch, CLIP pixel statistics, the loaded tower):
   # RICES features of uint8 images = the mean of the reference tokens of those images.
   pixels = np.random.default_rng(0).integers(0, 256, (2, 32, 32, 3), dtype=np.uint8)
@@ -266,11 +268,12 @@ def test_clip_fixture_regenerates_with_the_installed_open_clip(tmp_path):
   assert hf_error < 1e-5, hf_error
 
 
+@pytest.mark.slow
 def test_check_logits_compares_imported_towers_with_their_references(fixture_variant, tmp_path):
   """`check_logits --part=vision`: the ViT from the command line (an OK and a FAIL), the
   NFNet in-process (its fixture variant exists only in this process)."""
   out = str(tmp_path / "vit")
-  vision_import.run("clip_vit", os.path.join(CLIP_FIXTURE, "weights.safetensors"), out,
+  imports.run_vision("clip_vit", os.path.join(CLIP_FIXTURE, "weights.safetensors"), out,
                     vit_heads=2)
   np.save(tmp_path / "off.npy", np.load(os.path.join(CLIP_FIXTURE, "tokens.npy")) * 1.001)
   command = [sys.executable, "-m", "flamingo_jax.tools.check_logits", "--part=vision",
@@ -283,14 +286,15 @@ def test_check_logits_compares_imported_towers_with_their_references(fixture_var
                             capture_output=True, text=True)
     assert result.returncode == status and verdict in result.stdout, result.stderr[-2000:]
   nfnet_out = str(tmp_path / "nfnet")
-  vision_import.run("nfnet", os.path.join(FIXTURE, "weights.safetensors"), nfnet_out)
+  imports.run_vision("nfnet", os.path.join(FIXTURE, "weights.safetensors"), nfnet_out)
   config = config_base.load_config(f"{config_path('pretrained')}:vision={nfnet_out}")
-  report, _ = parity.check_vision(config, nfnet_out,
+  report, _ = parity.check_vision(config.model, param_sources.load(config, nfnet_out)[0],
                                         np.load(os.path.join(FIXTURE, "images.npy")),
                                         np.load(os.path.join(FIXTURE, "features.npy")))
   assert report["ok"] and report["relative_l2"] < 1e-5, report
 
 
+@pytest.mark.slow
 def test_a_tower_import_into_a_config_of_another_tower_names_both(fixture_variant, tiny_config,
                                                                   tmp_path):
   """A ViT import handed to an NFNet config (and an NFNet of another variant)."""
@@ -302,10 +306,10 @@ def test_a_tower_import_into_a_config_of_another_tower_names_both(fixture_varian
       ("nfnet", os.path.join(FIXTURE, "weights.safetensors"), {},
        "holds an NFNet fixture but config.model.vision builds an NFNet tiny")):
     out = str(tmp_path / kind)
-    vision_import.run(kind, source, out, **kwargs)
+    imports.run_vision(kind, source, out, **kwargs)
     config = copy.deepcopy(tiny_config)
     config.model.vision.init_checkpoint = os.path.join(out, "params")
-    setup = setup or train_step.make_train_setup(config, sharding.make_mesh(-1, 1))
+    setup = setup or tasks.make_train_setup(config, sharding.make_mesh(-1, 1))
     _, fresh = setup.init(jax.random.key(0))
     with pytest.raises(weights.CheckpointError, match=message):
-      trainer.load_init_checkpoints(config.model, fresh, setup)
+      param_sources.init_checkpoints(config.model, fresh)

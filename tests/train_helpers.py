@@ -16,6 +16,7 @@ from conftest import REPO, XLA_TEST_FLAGS, config_path
 from flamingo_jax.data import pipeline
 from flamingo_jax.data import schema
 from flamingo_jax.training import sharding
+from flamingo_jax.training import tasks
 from flamingo_jax.training import train_step
 
 
@@ -43,7 +44,7 @@ def two_stream(config):
 def run(config, data: int, model: int, steps: int = 3):
   """Trains `steps` steps on fixed random batches; returns (metrics list, params, frozen, setup)."""
   mesh = sharding.make_mesh(data, model, jax.devices()[:data * model])
-  setup = train_step.make_train_setup(config, mesh)
+  setup = tasks.make_train_setup(config, mesh)
   state, frozen = setup.init(jax.random.key(config.seed))
   frozen_before = jax.device_get(frozen)
   metrics = []

@@ -18,7 +18,11 @@ SIZES = {
 
 
 def get_config(arg=None):
-  size = SIZES[arg or "100m"]
+  args = config_base.parse_arg(arg, "bench.py", keys=("size",), positional="size")
+  name = args.get("size", "100m")
+  if name not in SIZES:
+    raise ValueError(f"bench.py:{arg}: size {name!r} unknown; known: {', '.join(SIZES)}")
+  size = SIZES[name]
   layers, dim, heads, ffw = size["lm"]
   model = config_base.model_config(
       vocab_size=32_000, image_size=size["image_size"], vision_variant=size["vision"],
@@ -34,7 +38,8 @@ def get_config(arg=None):
       "vtp": dict(source="video_text", batch_size=b // 4 if b >= 32 else b, weight=0.03, max_tokens=size["pair_tokens"], max_media=1, frames=size["frames"]),
   }
   config = config_base.base_config(model, streams=streams, image_size=size["image_size"])
-  if arg in (None, "100m"):
+  if name == "100m":
     config.precision.compute = "float32"  # CPU: bf16 matmuls are emulated and slow
     config.precision.frozen_params = "float32"
-  return config
+  config.model.attention_impl = "auto"      # cuDNN flash on a GPU, else our einsums
+  return config_base.apply_variant(config, args)

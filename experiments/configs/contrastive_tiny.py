@@ -1,4 +1,4 @@
-"""Contrastive vision pretraining on CPU (PAPER.md §5 in miniature): NFNet "tiny" and a
+"""Contrastive vision pretraining on CPU (docs/paper.md §5 in miniature): NFNet "tiny" and a
 2-layer text encoder on synthetic image-caption pairs, a few minutes on 2 cores.
 
   python -m flamingo_jax.train --config=experiments/configs/contrastive_tiny.py --workdir=runs/clip
@@ -14,6 +14,7 @@ from flamingo_jax import config_base
 
 
 def get_config(arg=None):
+  args = config_base.parse_arg(arg, "contrastive_tiny.py")
   streams = {
       "align": dict(source="image_text", manual_dir="synthetic", batch_size=32, weight=1.0,
                     max_tokens=16, max_media=1, frames=1),
@@ -28,4 +29,4 @@ def get_config(arg=None):
   config_base.cpu_run(config)
   config.optim.warmup_steps = 0             # the paper's schedule: 1e-3 linearly to 0
   config.model.vision.stochdepth_rate = 0.0
-  return config_base.apply_variant(config, arg)
+  return config_base.apply_variant(config, args)

@@ -11,7 +11,7 @@ attribute is asked (the model then mostly names the colour, the attribute it rea
 the shots (other scenes with their shapes) do.
 
 Nothing is pretrained, so the LM trains with the Flamingo modules (the paper's "LM unfrozen,
-random init" ablation, PAPER.md Table 3 xiii); the vision encoder stays frozen and random
+random init" ablation, docs/paper.md Table 3 xiii); the vision encoder stays frozen and random
 (training it too makes a step ~3.5x slower here). Documents put each image before its text
 and p_next is 0: a text attends to the image it describes, as in the evaluation prompts.
 Images are 32 pixels: steps take half the time of 64.
@@ -25,6 +25,7 @@ from flamingo_jax import config_base
 
 
 def get_config(arg=None):
+  args = config_base.parse_arg(arg, "fewshot_demo.py")
   model = config_base.model_config(
       vocab_size=512, image_size=32, vision_variant="tiny",
       lm=config_base.paper_lm(num_layers=4, dim=96, num_heads=4, ffw_size=384)
@@ -52,4 +53,4 @@ def get_config(arg=None):
   config.train.checkpoint_every = 500
   config.optim.learning_rate = 2e-3
   config.optim.warmup_steps = 100
-  return config_base.apply_variant(config, arg)
+  return config_base.apply_variant(config, args)

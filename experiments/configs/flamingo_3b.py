@@ -1,12 +1,13 @@
-"""Flamingo-3B: Chinchilla-1.4B-shaped LM, xattn before every block (PAPER.md §1.5, Table 13).
+"""Flamingo-3B: Chinchilla-1.4B-shaped LM, xattn before every block (docs/paper.md §1.5, Table 13).
 
-LM FFW width 8832 (not in the paper): chosen so the LM count lands on Table 1 (PAPER.md §10.6).
+LM FFW width 8832 (not in the paper): chosen so the LM count lands on Table 1 (docs/paper.md §10.6).
 """
 
 from flamingo_jax import config_base
 
 
 def get_config(arg=None):
+  args = config_base.parse_arg(arg, "flamingo_3b.py")
   model = config_base.model_config(
       vocab_size=32_000, image_size=320, vision_variant="F6",
       lm=config_base.paper_lm(num_layers=24, dim=2048, num_heads=16, ffw_size=8832),
@@ -14,4 +15,5 @@ def get_config(arg=None):
   config = config_base.base_config(model, streams=config_base.PAPER_STREAMS, image_size=320)
   config_base.paper_input(config)
   config.model.remat = "dots"
-  return config_base.apply_variant(config, arg)
+  config.model.attention_impl = "auto"    # cuDNN flash on a GPU, else our einsums (docs/precision.md)
+  return config_base.apply_variant(config, args)

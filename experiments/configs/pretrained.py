@@ -20,11 +20,10 @@ from flamingo_jax import config_base
 
 
 def _parse(arg):
-  fields = dict(part.split("=", 1) for part in (arg or "").split(",") if part)
-  unknown = sorted(set(fields) - {"lm", "vision"})
-  if unknown or not fields:
+  fields = config_base.parse_arg(arg, "pretrained.py", keys=("lm", "vision"))
+  if "lm" not in fields and "vision" not in fields:
     raise ValueError("pretrained.py needs import folders: --config=experiments/configs/"
-                     f"pretrained.py:lm=IMPORT_DIR[,vision=DIR] (got {arg!r})")
+                     f"pretrained.py:lm=IMPORT_DIR[,vision=DIR][,runlocal] (got {arg!r})")
   return fields
 
 
@@ -66,4 +65,4 @@ def get_config(arg=None):
                                    steps=300)
   config.data.tokenizer_path = tokenizer
   config_base.cpu_run(config)
-  return config
+  return config_base.apply_variant(config, parsed)

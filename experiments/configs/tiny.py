@@ -10,6 +10,7 @@ from flamingo_jax import config_base
 
 
 def get_config(arg=None):
+  args = config_base.parse_arg(arg, "tiny.py")
   model = config_base.model_config(
       vocab_size=512, image_size=64, vision_variant="tiny",
       lm=config_base.paper_lm(num_layers=5, dim=64, num_heads=4, ffw_size=256) | dict(key_size=16),
@@ -25,7 +26,7 @@ def get_config(arg=None):
   config = config_base.base_config(model, streams=streams, image_size=64, steps=600)
   config.data.tokenizer_path = config_base.SYNTHETIC_TOKENIZER
   config_base.cpu_run(config)
-  return config_base.apply_variant(config, arg)
+  return config_base.apply_variant(config, args)
 
 
 def get_sweep():

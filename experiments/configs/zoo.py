@@ -9,7 +9,7 @@ compile for each.
 
 The fields are what `import_weights --kind=openflamingo | idefics` writes into model.json for
 that checkpoint (weights/openflamingo.py, weights/idefics.py), from each one's published
-config.json: run a real import to train or generate (docs/zoo.md). Variants: NAME (see
+config.json: run a real import to train or generate (docs/zoo.md). Argument: NAME (a key of
 CHECKPOINTS), optionally ",runlocal".
 """
 
@@ -92,9 +92,10 @@ CHECKPOINTS = {
 
 
 def get_config(arg=None):
-  name, _, variant = (arg or "").partition(",")
+  args = config_base.parse_arg(arg, "zoo.py", keys=("name",), positional="name")
+  name = args.get("name", "")
   if name not in CHECKPOINTS:
-    raise ValueError(f"zoo.py:{name or '?'}: known checkpoints: {sorted(CHECKPOINTS)}")
+    raise ValueError(f"zoo.py:{name or '?'}: known checkpoints: {', '.join(CHECKPOINTS)}")
   fields = CHECKPOINTS[name]
   model = config_base.model_config(
       vocab_size=fields["vocab_size"], image_size=fields["image_size"], vision_variant="tiny",
@@ -103,7 +104,7 @@ def get_config(arg=None):
   model = config_base.with_imported_flamingo(model, fields)
   model.remat = "dots"
   # Fine-tuning as the paper trains Flamingo (frozen LM and ViT, bf16): interleaved pages and
-  # image-text pairs (PAPER.md §3; batch per step here, not the paper's pretraining sizes).
+  # image-text pairs (docs/paper.md §3; batch per step here, not the paper's pretraining sizes).
   streams = {
       "m3w": dict(source="interleaved", manual_dir="synthetic", batch_size=32, weight=1.0,
                   max_tokens=256, max_media=5, frames=1),
@@ -112,4 +113,5 @@ def get_config(arg=None):
   }
   config = config_base.base_config(model, streams=streams, image_size=fields["image_size"],
                                    steps=10_000)
-  return config_base.apply_variant(config, variant or None)
+  config.model.attention_impl = "auto"      # cuDNN flash on a GPU, else our einsums
+  return config_base.apply_variant(config, args)

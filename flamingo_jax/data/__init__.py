@@ -1,1 +1,1 @@
-"""Input side: the batch schema (DESIGN.md §4); TFDS builders and pipelines land here."""
+"""Input side: the batch schema (docs/design.md §4); TFDS builders and pipelines land here."""

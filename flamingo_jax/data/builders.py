@@ -183,7 +183,7 @@ def prepare(kind: str, manual_dir: str, data_dir: str,
 
   TFDS writes into a temporary folder and renames it when complete, so a dataset is either
   whole or absent; callers that may race (several runs on one data_dir) hold the dataset's
-  build lease around this (pipeline.prepare_stream)."""
+  build lease around this (prepare.prepare_stream)."""
   builder = make_builder(kind, data_dir)
   if kind == "video_text":
     builder.max_fps = float(max_fps)

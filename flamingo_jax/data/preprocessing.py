@@ -1,4 +1,4 @@
-"""The paper's preprocessing (PAPER.md §3), one example at a time, in numpy.
+"""The paper's preprocessing (docs/paper.md §3), one example at a time, in numpy.
 
 Token layouts (ids: tokenizer.py):
 
@@ -12,11 +12,11 @@ Token layouts (ids: tokenizer.py):
 input_ids = seq[:L], target_ids = seq[1:L+1]; loss_mask is 1 where the target is a real token
 other than <image> (where the next image goes is not text to predict) and 0 on padding.
 
-p_next (PAPER.md §3.1, App. A.1.2): with probability p_next per document, text attends to the
+p_next (docs/paper.md §3.1, App. A.1.2): with probability p_next per document, text attends to the
 *next* image instead of the previous one. We keep the model's single rule (a token sees the
 image of the last <image> at or before it) and move the markers instead: each <image> goes to
 the start of the run of text that precedes it, so that text now follows "its" next image.
-Text after the last image keeps that last image (PAPER.md §9.4 leaves this open); markers
+Text after the last image keeps that last image (docs/paper.md §9.4 leaves this open); markers
 never reorder, so slot i still holds the i-th image of the window.
 
 Images: resized to fit `size` x `size` keeping the aspect ratio, centred, padded with the
@@ -104,7 +104,7 @@ def frame_indices(num_frames: int, fps: float, frames: int, frame_rate: float,
 def interleaved_tokens(texts: Sequence[str], image_index: Sequence[int],
                        encode: Callable[[str], list[int]], p_next: bool,
                        special: tok.SpecialIds = tok.SENTENCEPIECE_IDS) -> list[int]:
-  """The whole document as ids (PAPER.md §2): <BOS> chunk <EOC> <image> chunk <EOC> … <EOS>.
+  """The whole document as ids (docs/paper.md §2): <BOS> chunk <EOC> <image> chunk <EOC> … <EOS>.
 
   The texts between two images form one chunk (joined by a space); each chunk ends with one
   <EOC>: before the <image> that follows it, or before <EOS>. One <image> per image, in image

@@ -1,4 +1,4 @@
-"""The batch schema (DESIGN.md §4): one dict of fixed-shape arrays per stream.
+"""The batch schema (docs/design.md §4): one dict of fixed-shape arrays per stream.
 
 | key         | dtype, shape                      |
 | input_ids   | int32   [B, L]                    |

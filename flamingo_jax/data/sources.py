@@ -21,7 +21,7 @@ under one of SKIP_REASONS, and noted with its file and line (or shard and key) f
 log. Every field is type-checked (`invalid_field`: a path that is not a string, an MMC4
 `matched_text_index` that is not an integer in range, an `fps` that is not a finite number
 in (0, MAX_FPS]); text that is not valid UTF-8 is `invalid_text`. The paper's image filters
-(PAPER.md §3.1): a side < 64 px or an aspect ratio > 3 drops the image; documents left
+(docs/paper.md §3.1): a side < 64 px or an aspect ratio > 3 drops the image; documents left
 without images are dropped.
 
 Images decode as they look: EXIF orientation applied, transparency composited over PAD_RGB

@@ -1,4 +1,4 @@
-"""Tokenizers with Flamingo's special tokens (PAPER.md §10.1): `load(path)` picks one.
+"""Tokenizers with Flamingo's special tokens (docs/paper.md §10.1): `load(path)` picks one.
 
 SentencePiece `.model` (ours, trained by tools/train_tokenizer.py): fixed ids
 
@@ -8,7 +8,7 @@ SentencePiece `.model` (ours, trained by tools/train_tokenizer.py): fixed ids
 text never produces them, so a document that contains the string "<image>" cannot inject a
 media marker. The pipeline places them itself. Models are trained without SentencePiece's
 dummy prefix, so a leading space is a real token (the paper's leading-space augmentation,
-PAPER.md §3.3, changes the input).
+docs/paper.md §3.3, changes the input).
 
     python -m flamingo_jax.tools.train_tokenizer --corpus=FILE --vocab_size=512 --output=PREFIX
 
@@ -26,6 +26,7 @@ import re
 from typing import Iterable, NamedTuple
 
 import sentencepiece as spm
+import tokenizers
 
 from flamingo_jax import config_base
 
@@ -115,7 +116,6 @@ class HFTokenizer:
   """A Hugging Face `tokenizer.json` (the `tokenizers` library) with our special ids."""
 
   def __init__(self, path: str):
-    import tokenizers  # pylint: disable=g-import-not-at-top
     if not os.path.exists(path):
       raise FileNotFoundError(f"tokenizer {path!r} not found")
     ids_path = os.path.join(os.path.dirname(path), SPECIAL_TOKENS_FILE)

@@ -1,1 +1,1 @@
-"""Few-shot evaluation (DESIGN.md §2): imports `inference` and `data`."""
+"""Few-shot evaluation (docs/design.md §2): imports `inference` and `data`."""

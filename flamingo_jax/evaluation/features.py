@@ -1,4 +1,4 @@
-"""Frozen vision features for RICES (PAPER.md §6): computed once per image set, cached on disk.
+"""Frozen vision features for RICES (docs/paper.md §6): computed once per image set, cached on disk.
 
     extract = FeatureExtractor(engine)                        # inference.Engine
     support = cached_features(os.path.join(out, "support_features.npy"),

@@ -1,11 +1,11 @@
-"""Few-shot evaluation of one task at one number of shots (PAPER.md §6), resumable.
+"""Few-shot evaluation of one task at one number of shots (docs/paper.md §6), resumable.
 
     harness = Harness(task, split, settings, tokenizer, make_engine, store)
     harness.run(shots=4, progress=bar.update)        # rows appended to the store
     result = harness.result(shots=4)                  # {"metric", "value", "queries", ...}
 
 Queries: the evaluation split, or a fixed random subset of `limit` of them (the same subset
-whatever the seed); the support set likewise (`support_size`, PAPER.md: 2048). Query q's
+whatever the seed); the support set likewise (`support_size`, docs/paper.md: 2048). Query q's
 shots are drawn from (seed, q) or by RICES (`rices_shots` on the frozen encoder's pooled
 features), so a query's prompt does not depend on the batch, the device or the process that
 evaluates it. Zero-shot: open-ended tasks get two text-only support examples (drawn the
@@ -30,11 +30,11 @@ import dataclasses
 import json
 import math
 import os
+import time
 from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 
-from flamingo_jax import inference
 from flamingo_jax.data import preprocessing
 from flamingo_jax.data import sources
 from flamingo_jax.data import tokenizer as tok
@@ -43,9 +43,10 @@ from flamingo_jax.evaluation import metrics
 from flamingo_jax.evaluation import prompts
 from flamingo_jax.evaluation import shots as shots_lib
 from flamingo_jax.evaluation import tasks as tasks_lib
+from flamingo_jax import inference
 
 SUBSET_SEED = 0            # the query / support subsets: fixed, whatever --seed
-ZERO_SHOT_EXAMPLES = 2     # text-only examples of a zero-shot open-ended prompt (PAPER.md §6)
+ZERO_SHOT_EXAMPLES = 2     # text-only examples of a zero-shot open-ended prompt (docs/paper.md §6)
 STORED_SCORES = 10         # a close-ended row keeps its best candidates' scores
 
 
@@ -60,7 +61,7 @@ class Settings:
   support_size: int = 2048     # support examples shots come from (0: all)
   beam: int = 3
   max_new_tokens: int = 20
-  frames: int = 30             # per video (PAPER.md §3.3: evaluation clips of 30 frames)
+  frames: int = 30             # per video (docs/paper.md §3.3: evaluation clips of 30 frames)
   length_normalize: bool = False
   batch_size: int = 8
 
@@ -129,6 +130,7 @@ class Harness:
       raise ValueError(f"task {task.name} has no queries to evaluate (skipped: "
                        f"{dict(split.skipped) or 'none'})")
     self.task, self.settings, self.tokenizer, self.store = task, settings, tokenizer, store
+    self.throughput = {}          # shots -> queries/s of the queries this run evaluated
     self.make_engine, self.size = make_engine, int(image_size)
     self.queries = _subset(split.queries, settings.limit)
     self.support = _subset(split.support, settings.support_size)
@@ -218,11 +220,14 @@ class Harness:
       raise ValueError(f"{shots} shots asked for but the support set holds "
                        f"{len(self.support)} examples")
     todo = self.pending(shots)
+    begin = time.perf_counter()
     for start in range(0, len(todo), self.settings.batch_size):
       batch = todo[start:start + self.settings.batch_size]
       rows = self._run_batch(batch, shots)
       self.store.add(rows)
       progress(len(batch))
+    if todo:         # this run's throughput (compiles included), reported with the result
+      self.throughput[shots] = len(todo) / max(time.perf_counter() - begin, 1e-9)
 
   def _prepared(self, index: int, shots: int, order) -> tuple:
     prompt = self.prompt_of(index, shots, order)
@@ -322,7 +327,9 @@ class Harness:
     return {"task": self.task.name, "shots": shots, "metric": self.task.metric,
             "value": value, "queries": len(done), "skipped": dict(skipped),
             "complete": len(rows) == len(self.queries),
-            "settings": dataclasses.asdict(self.settings)}
+            "settings": dataclasses.asdict(self.settings) | (
+                {"queries_per_second": round(self.throughput[shots], 3)}
+                if shots in self.throughput else {})}
 
 
 def score_rows(task: tasks_lib.Task, rows: Sequence[dict], candidates: Sequence[str]) -> float:

@@ -94,9 +94,10 @@ def ptb_tokenize(captions: Sequence[str]) -> list[str]:
     raise RuntimeError(f"the PTB tokenizer failed ({result.returncode}): "
                        f"{result.stderr.decode(errors='replace').strip()[-500:]}")
   lines = result.stdout.decode().split("\n")
-  if len(lines) != len(captions) + 1:
+  if not len(captions) <= len(lines) <= len(captions) + 1:
     # Java breaks lines at characters Python's join does not (\r, U+2028, ...): the library
-    # then pairs captions with the wrong lines, and so do we, to give its numbers.
+    # then pairs captions with the wrong lines, and so do we, to give its numbers. (One line
+    # fewer is an empty last caption: Java writes no line for it, and the pairing holds.)
     logging.warning("the PTB tokenizer gave %d lines for %d captions; pairing them in order "
                     "as pycocoevalcap does", len(lines) - 1, len(captions))
   tokens = [" ".join(w for w in line.rstrip().split(" ") if w not in _DROPPED)

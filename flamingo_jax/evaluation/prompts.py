@@ -1,4 +1,4 @@
-"""Few-shot prompts as PAPER.md §6 writes them, as text with `<image>` / `<EOC>` markers.
+"""Few-shot prompts as docs/paper.md §6 writes them, as text with `<image>` / `<EOC>` markers.
 
     query = Example("q1", media="cat.jpg", fields={"question": "What is it?"})
     shot = Example("s1", media="dog.jpg", fields={"question": "What is it?", "answer": "a dog"})

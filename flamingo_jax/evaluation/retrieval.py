@@ -1,4 +1,4 @@
-"""Zero-shot image-text retrieval of a contrastive model (PAPER.md §5: R@1 on Flickr30K and
+"""Zero-shot image-text retrieval of a contrastive model (docs/paper.md §5: R@1 on Flickr30K and
 COCO, image->text and text->image).
 
     pairs = retrieval.karpathy_pairs(tasks.get("coco").load(DIR))    # or synthetic_pairs(...)

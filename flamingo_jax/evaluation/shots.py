@@ -1,4 +1,4 @@
-"""Which support examples go into a query's prompt (PAPER.md §6): random or RICES.
+"""Which support examples go into a query's prompt (docs/paper.md §6): random or RICES.
 
     picks = random_shots(seed, query_index, support_size=2048, shots=4)
     picks = rices_shots(query_features, support_features, shots=4)   # [Q, 4]

@@ -5,7 +5,7 @@
     split.queries[0]                          # prompts.Example: media = image path,
                                               # fields {"question"}, references = 10 answers
 
-A task is one registry entry: how to load, the prompt format (PAPER.md §6), the decoding mode
+A task is one registry entry: how to load, the prompt format (docs/paper.md §6), the decoding mode
 ("generate": open-ended, beam search; "score": rank `candidates` by log-likelihood) and the
 metric (metrics.py). Support examples come from the training split, queries from the
 evaluation split. An item whose image file is missing is skipped and counted

@@ -16,17 +16,17 @@ multiple of it) and the caches over 'model' by key/value heads (when they divide
 parameters keep the shardings they arrive with (the training partition rules).
 """
 
-import dataclasses
-from typing import Any, Optional
+from typing import Any, NamedTuple, Optional
 
 import jax
+from jax.experimental import multihost_utils
 import jax.numpy as jnp
-import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
+import numpy as np
 
 from flamingo_jax import models
 
-DATA, MODEL = "data", "model"      # the mesh axes of DESIGN.md §8
+DATA, MODEL = "data", "model"      # the mesh axes of docs/design.md §8
 MIN_BUCKET = 16
 
 
@@ -35,10 +35,10 @@ def bucket(length: int) -> int:
   return max(MIN_BUCKET, 1 << (int(length) - 1).bit_length())
 
 
-@dataclasses.dataclass
-class Prompt:
+class Prompt(NamedTuple):
   """A prefilled batch: logits of each row's last prompt token, the cache, and per row the
-  next position to write and its media index φ."""
+  next position to write, its media index φ and its last token (a pytree: the decode loop
+  takes it whole, the cache donated)."""
   logits: jax.Array      # float32 [B, V]
   cache: dict
   positions: jax.Array   # int32 [B]: = prompt lengths
@@ -60,6 +60,7 @@ class Engine:
     # params None: an engine whose jitted functions are only lowered (aot_compile).
     self.params = None if params is None else jax.tree.map(
         lambda x: x.astype(self.dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, params)
+    self.loops = {}          # decoding's jitted loops, by their static settings
     self.image_id = int(model_config.image_token_id)
     self.no_media_after_id = models.no_media_after_id(model_config)
     stages = models.make_flamingo_stages(model_config, compute_dtype=self.dtype)
@@ -70,8 +71,8 @@ class Engine:
     self._prefill = jax.jit(self._prefill_fn, static_argnums=(4,))
     self._step = jax.jit(self._step_fn, donate_argnums=(4,))
     self._extend = jax.jit(self._extend_fn, donate_argnums=(5,))
-    self._reorder = jax.jit(_reorder_rows, static_argnums=(2,), donate_argnums=(0,))
-    self._tile = jax.jit(_reorder_rows, static_argnums=(2,))
+    self._reorder = jax.jit(reorder_rows, static_argnums=(2,), donate_argnums=(0,))
+    self._tile = jax.jit(reorder_rows, static_argnums=(2,))
 
   # -- shardings ---------------------------------------------------------------------------
 
@@ -112,7 +113,6 @@ class Engine:
     """Device values -> numpy on every process (an all-gather when processes share them)."""
     if jax.process_count() == 1:
       return jax.device_get(x)
-    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
     return jax.tree.map(np.asarray, multihost_utils.process_allgather(x, tiled=True))
 
   # -- jitted bodies -------------------------------------------------------------------------
@@ -130,10 +130,15 @@ class Engine:
     rows = jnp.arange(b)
     return logits[rows, last], self._constrain_cache(cache), phi[rows, last], ids[rows, last]
 
-  def _step_fn(self, params, tokens, positions, phi, cache):
+  def apply_decode(self, params, tokens, positions, phi, cache):
+    """One new token per row through the cached model (traceable: the jitted step and the
+    decode loops): tokens/positions/phi int32 [B] -> (logits [B, V], cache)."""
     logits, cache = self._apply.decode_cached(params, None, tokens[:, None], positions[:, None],
                                               phi[:, None], cache)
     return logits[:, 0], self._constrain_cache(cache)
+
+  def _step_fn(self, params, tokens, positions, phi, cache):
+    return self.apply_decode(params, tokens, positions, phi, cache)
 
   def next_phi(self, phi: jax.Array, previous: jax.Array, tokens: jax.Array) -> jax.Array:
     """φ [B] of new tokens [B] after tokens `previous` [B] whose φ was `phi`."""
@@ -192,7 +197,9 @@ class Engine:
     return self._tile(cache, rows, False)
 
 
-def _reorder_rows(cache: dict, rows: jax.Array, self_only: bool) -> dict:
+def reorder_rows(cache: dict, rows: jax.Array, self_only: bool) -> dict:
+  """cache[rows] along each leaf's batch axis (`self_only`: the self-attention keys/values
+  only; the visual ones are the same for every hypothesis of a prompt)."""
   def take(path, leaf):
     keys = [p.key for p in path if isinstance(p, jax.tree_util.DictKey)]
     if self_only and keys[1] != "self":

@@ -7,7 +7,8 @@ Projection names are part of the sharding contract (training/sharding.py):
 `query`/`key`/`value`/`ffw_in` are column-parallel, `output`/`ffw_out` row-parallel.
 """
 
-from typing import Callable, NamedTuple, Optional
+import functools
+from typing import Any, Callable, NamedTuple, Optional
 
 import haiku as hk
 import jax
@@ -19,8 +20,8 @@ import numpy as np
 MASK_VALUE = float(np.finfo(np.float32).min)
 # How attention is computed (config.model.attention_impl). "einsum": our own einsums, the
 # reference the tests compare against; "xla": jax.nn.dot_product_attention on XLA; "cudnn":
-# its cuDNN flash attention (GPU, bfloat16/float16 only); "auto": JAX picks (cuDNN where it
-# applies, else XLA). All keep float32 logits and softmax.
+# its cuDNN flash attention (GPU, bfloat16/float16 only); "auto": cuDNN where it applies,
+# else the einsums (resolve_impl). All keep float32 logits and softmax.
 ATTENTION_IMPLS = ("einsum", "xla", "cudnn", "auto")
 
 
@@ -36,6 +37,49 @@ ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
     "squared_relu": squared_relu,
     "relu": jax.nn.relu,
 }
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _scores(spec: str, q: jax.Array, k: jax.Array) -> jax.Array:
+  """Attention logits q·k over `spec`, accumulated and returned in float32 (the softmax's
+  input). Its backward casts the logits' gradient to the operands' dtype before its two
+  matmuls, as flash-attention kernels do: under bfloat16 compute no matmul of attention's
+  backward takes float32 operands (autodiff's would, for the float32 output). In float32
+  compute it is autodiff's gradient."""
+  return jnp.einsum(spec, q, k, preferred_element_type=jnp.float32)
+
+
+def _scores_fwd(spec, q, k):
+  return _scores(spec, q, k), (q, k)
+
+
+def _scores_bwd(spec, residuals, g):
+  q, k = residuals
+  (q_spec, k_spec), out_spec = spec.split("->")[0].split(","), spec.split("->")[1]
+  g = g.astype(q.dtype)
+  dq = jnp.einsum(f"{out_spec},{k_spec}->{q_spec}", g, k.astype(q.dtype),
+                  preferred_element_type=jnp.float32)
+  dk = jnp.einsum(f"{out_spec},{q_spec}->{k_spec}", g, q, preferred_element_type=jnp.float32)
+  return dq.astype(q.dtype), dk.astype(k.dtype)
+
+
+_scores.defvjp(_scores_fwd, _scores_bwd)
+
+
+def resolve_impl(impl: str, dtype: Any, key_size: int, platform: Optional[str] = None) -> str:
+  """The kernel `impl` means for this call. "auto": cuDNN's flash attention on a GPU for
+  bfloat16 / float16 and head widths it takes (multiples of 8 up to 128), else our einsums.
+  "cudnn" on float32 operands (which cuDNN refuses) runs the einsums: that is the parameter
+  initialisation's forward, always float32 (models/flamingo.py); a float32 training config
+  with cudnn is refused up front (training/tasks)."""
+  platform = platform or jax.default_backend()
+  half = jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+  if impl == "auto":
+    fits = platform == "gpu" and half and key_size % 8 == 0 and key_size <= 128
+    return "cudnn" if fits else "einsum"
+  if impl == "cudnn" and not half:
+    return "einsum"
+  return impl
 
 
 @jax.custom_vjp
@@ -297,21 +341,22 @@ class MultiHeadAttention(hk.Module):
       k_positions = (jnp.broadcast_to(jnp.arange(k.shape[1]), (b, k.shape[1]))
                      if cache is not None else positions)                  # cache: slot = position
       bias = self._alibi_bias(positions, k_positions)                     # [B, H, Lq, Lk]
-    if self.impl != "einsum":
+    impl = resolve_impl(self.impl, q.dtype, self.key_size)
+    if impl != "einsum":
       attn = jax.nn.dot_product_attention(
           q, k.astype(q.dtype), v.astype(q.dtype), mask=mask, scale=float(self.scale),
           bias=None if bias is None else bias.astype(q.dtype),
-          implementation=None if self.impl == "auto" else self.impl)        # [B, Lq, H, K]
+          implementation=impl)                                               # [B, Lq, H, K]
       attn = attn.reshape(b, lq, self.num_heads * self.key_size)
       out = self._linear("output", self.model_size, self.output_bias)(attn)
       return out if cache is None else (out, cache)
     groups = self.num_heads // self.num_kv_heads
     if groups > 1:                  # grouped-query: no copies of the key/value heads
       q = q.reshape(b, lq, self.num_kv_heads, groups, self.key_size)       # [B, Lq, Hkv, G, K]
-      logits = jnp.einsum("bqngk,btnk->bngqt", q, k, preferred_element_type=jnp.float32)
+      logits = _scores("bqngk,btnk->bngqt", q, k)
       logits = logits.reshape(b, self.num_heads, lq, -1)                 # [B, H, Lq, Lk]
     else:
-      logits = jnp.einsum("bqhk,bthk->bhqt", q, k, preferred_element_type=jnp.float32)
+      logits = _scores("bqhk,bthk->bhqt", q, k)
     logits = logits * np.float32(self.scale)
     if bias is not None:
       logits = logits + bias

@@ -1,4 +1,4 @@
-"""The contrastive dual encoder that pretrains the vision tower (PAPER.md §5).
+"""The contrastive dual encoder that pretrains the vision tower (docs/paper.md §5).
 
     image_emb, text_emb, beta = model.apply(params, rng, input_ids, text_mask, media,
                                             is_training=True)
@@ -127,7 +127,7 @@ def make_contrastive_stages(config: Any, *, compute_dtype: Any = jnp.float32) ->
   return hk.multi_transform(stages)
 
 
-# The parts that the optimizer treats differently (training/contrastive.py).
+# The parts that the optimizer treats differently (training/tasks/contrastive.py).
 CONTRASTIVE_COMPONENTS = ("vision", "text", "head")
 _VISION_PATTERN = re.compile(r"(^|/)vision_encoder(/|$)")
 _TEXT_PATTERN = re.compile(r"(^|/)(text_encoder|text_projection)(/|$)")

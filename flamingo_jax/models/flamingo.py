@@ -1,9 +1,9 @@
-"""Flamingo (PAPER.md §1): frozen NFNet -> Perceiver Resampler -> frozen LM with gated xattn.
+"""Flamingo (docs/paper.md §1): frozen NFNet -> Perceiver Resampler -> frozen LM with gated xattn.
 
     visual = resampler(stop_gradient(nfnet(normalise(media))))   # [B, N, R, D_resampler]
     logits = lm(input_ids, visual, φ(input_ids))                  # [B, L, V] float32
 
-`make_flamingo(config.model)` is the DESIGN.md §5 contract; `make_flamingo_stages` gives the
+`make_flamingo(config.model)` is the docs/design.md §5 contract; `make_flamingo_stages` gives the
 same parameters as separate "encode media" and "decode text" functions (encode once,
 decode many times: generation, scoring, RICES).
 """
@@ -23,7 +23,7 @@ from flamingo_jax.models.vision import nfnet
 from flamingo_jax.models.vision import vit
 
 # Per-channel pixel statistics (mean, std; in [0, 255]) by config.model.vision.pixel_stats:
-# the paper normalises to mean 0, variance 1 without saying with which statistics (PAPER.md
+# the paper normalises to mean 0, variance 1 without saying with which statistics (docs/paper.md
 # §1.8): ImageNet's; CLIP's for CLIP-trained ViTs (what their weights expect).
 PIXEL_STATS = {
     "imagenet": (np.array([0.485, 0.456, 0.406], np.float32) * 255.0,
@@ -172,7 +172,7 @@ class Flamingo(hk.Module):
   @hk.name_like("__call__")
   def vision_features(self, images: jax.Array) -> jax.Array:
     """images uint8 [N, H, W, 3] -> the frozen encoder's final grid, mean-pooled, float32
-    [N, C]: what RICES compares (PAPER.md §6)."""
+    [N, C]: what RICES compares (docs/paper.md §6)."""
     if images.ndim != 4 or images.shape[-1] != 3:
       raise ValueError(f"images must be [N, H, W, 3] uint8, got shape {images.shape}")
     grid = self.encoder_grid(self._encoder_input(images, self.compute_dtype))  # [N, h, w, C]
@@ -238,7 +238,7 @@ class Flamingo(hk.Module):
 
 def make_flamingo(config: Any, *, compute_dtype: Any = jnp.float32,
                   vision_batching: Optional[VisionBatching] = None) -> hk.Transformed:
-  """DESIGN.md §5: init(rng, input_ids, media); apply(params, rng, input_ids, media, is_training)."""
+  """docs/design.md §5: init(rng, input_ids, media); apply(params, rng, input_ids, media, is_training)."""
 
   def forward(input_ids, media, is_training: bool = False):
     return Flamingo(config, compute_dtype=compute_dtype, vision_batching=vision_batching)(
@@ -301,11 +301,11 @@ def component_of(module_path: str) -> str:
 
 def is_trainable(module_path: str, *, train_vision: bool = False,
                  train_lm: bool = False) -> bool:
-  """The one predicate for trainable vs frozen (DESIGN.md §5).
+  """The one predicate for trainable vs frozen (docs/design.md §5).
 
   Trainable: resampler, gated xattn blocks, the new-token rows; the vision encoder too
-  with `train_vision` (the paper's fine-tuning recipe, PAPER.md §8). Frozen: the LM, unless
-  `train_lm` (the paper's "LM unfrozen" ablation, PAPER.md Table 3 xiii; the few-shot demo,
+  with `train_vision` (the paper's fine-tuning recipe, docs/paper.md §8). Frozen: the LM, unless
+  `train_lm` (the paper's "LM unfrozen" ablation, docs/paper.md Table 3 xiii; the few-shot demo,
   whose tiny LM has no pretraining).
   """
   component = component_of(module_path)

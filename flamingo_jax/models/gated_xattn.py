@@ -1,4 +1,4 @@
-"""GATED XATTN-DENSE (PAPER.md §1.4, Fig. 5) and the media mask φ (PAPER.md §2, §10.2).
+"""GATED XATTN-DENSE (docs/paper.md §1.4, Fig. 5) and the media mask φ (docs/paper.md §2, §10.2).
 
     y = y + tanh(alpha_xattn) * cross_attn(q=LN(y), kv=LN(visual), mask=φ)
     y = y + tanh(alpha_dense) * ffw(LN(y))            # squared ReLU, hidden 4·D

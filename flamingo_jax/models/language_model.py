@@ -1,6 +1,6 @@
-"""Frozen decoder-only LM (Chinchilla-style, PAPER.md §10.6) with GATED XATTN-DENSE blocks.
+"""Frozen decoder-only LM (Chinchilla-style, docs/paper.md §10.6) with GATED XATTN-DENSE blocks.
 
-Layer layout for `num_layers` L and `xattn_every` k (PAPER.md §1.5): a gated xattn block
+Layer layout for `num_layers` L and `xattn_every` k (docs/paper.md §1.5): a gated xattn block
 before LM block 0 and then before every k-th block. The LM blocks run as G = L // k groups
 of [xattn, k blocks] under `hk.layer_stack` (one traced body, a scan), then, if k does not
 divide L, a tail [xattn, L mod k blocks] (80B: 11 groups of 7, tail of 3, 12 xattn blocks).
@@ -186,8 +186,10 @@ class LanguageModel(hk.Module):
       new_index = jnp.where(input_ids == token_id, row, new_index)
     # One-hot matmul, not a gather: the gather's backward is a scatter-add of every token
     # into 2 rows, which serialises on accelerators (measured 5 s/step for 1B in bf16 on GPU).
-    new_x = hk.Embed(len(self.new_token_ids), self.dim, lookup_style="ONE_HOT",
-                     name="new_token_embed")(new_index)
+    # In the compute dtype: a one-hot row selects a row exactly (docs/precision.md).
+    table = hk.Embed(len(self.new_token_ids), self.dim, name="new_token_embed").embeddings
+    new_x = jnp.dot(jax.nn.one_hot(new_index, len(self.new_token_ids), dtype=table.dtype),
+                    table)                                                      # [B, L, D]
     is_new = jnp.isin(input_ids, jnp.asarray(self.new_token_ids))[..., None]      # [B, L, 1]
     x = jnp.where(is_new, new_x.astype(x.dtype), x)
     if self.embed_multiplier != 1.0:      # Gemma: sqrt(D), in the activation dtype as HF does

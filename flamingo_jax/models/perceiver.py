@@ -1,4 +1,4 @@
-"""Perceiver Resampler (PAPER.md §1.3, Fig. 4): any number of frames and positions -> R tokens.
+"""Perceiver Resampler (docs/paper.md §1.3, Fig. 4): any number of frames and positions -> R tokens.
 
     x_f = proj(features) + time_emb[t]          # [T, S, D], no spatial embedding
     x   = latents                                # [R, D]
@@ -28,7 +28,7 @@ from flamingo_jax.models import attention
 def temporal_embeddings(table: jax.Array, num_frames: int, max_frames: int) -> jax.Array:
   """Time embeddings [num_frames, D] from a learned table [E, D].
 
-  Up to E frames use the first rows; more frames (evaluation: 8 -> 30, PAPER.md §3.3)
+  Up to E frames use the first rows; more frames (evaluation: 8 -> 30, docs/paper.md §3.3)
   linearly interpolate the E rows over the same span, allowed up to `max_frames`.
   """
   num_table = table.shape[0]
@@ -74,7 +74,7 @@ class PerceiverResampler(hk.Module):
     b, n, t, s, c = features.shape
     dtype = features.dtype
     if self.input_projection:
-      # Encoder channels -> resampler width (PAPER.md §10.3: 3072 -> 1536 for NFNet-F6).
+      # Encoder channels -> resampler width (docs/paper.md §10.3: 3072 -> 1536 for NFNet-F6).
       x_f = attention.Linear(self.dim, with_bias=False,
                              name="input_projection")(features)                 # [B,N,T,S,D]
     elif c != self.dim:

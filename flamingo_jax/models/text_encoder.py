@@ -1,5 +1,5 @@
 """A BERT-style bidirectional text encoder: the text tower of contrastive pretraining
-(PAPER.md §5; BERT's size is unspecified, the configs choose it).
+(docs/paper.md §5; BERT's size is unspecified, the configs choose it).
 
     features = TextEncoder(...)(input_ids, mask)      # [B, L] -> [B, L, D]
 

@@ -1,5 +1,6 @@
 r"""Compile the real train step ahead of time for a TPU topology (or the local devices) and
-report per-device memory, whether it fits, compiled vs analytic FLOPs and compile time.
+report per-device memory, whether it fits, compiled vs analytic FLOPs, compile time and, for
+a TPU chip, a roofline estimate of the step time (training/roofline.py: what it leaves out).
 
   python -m flamingo_jax.tools.aot_compile --config=experiments/configs/flamingo_80b.py \
       --topology=v4:8x12x16 --mesh=data=96,model=16 --json
@@ -22,18 +23,20 @@ import time
 
 from absl import flags
 import jax
-from ml_collections import config_flags
+import jax.numpy as jnp
+from jax.sharding import NamedSharding, PartitionSpec as P
 
-from flamingo_jax.tools import cli
-from flamingo_jax.training import flops as flops_lib
+from flamingo_jax import cli
+from flamingo_jax import inference, models
 from flamingo_jax.training import hlo_flops
+from flamingo_jax.training import roofline
 from flamingo_jax.training import sharding
-from flamingo_jax.training import train_step
+from flamingo_jax.training import tasks
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file.", lock_config=False)
+_CONFIG = cli.define_config()
 _TOPOLOGY = flags.DEFINE_string("topology", "cpu", "TPU topology (v4:8x12x16, v5p:..., v5e:..., "
                                 "v6e:...) or 'cpu' for the local devices.")
-_MESH = flags.DEFINE_string("mesh", "", "data=D,model=M (default: config.mesh).")
+_MESH = cli.define_mesh("data=D,model=M (default: config.mesh).")
 _ROUND = flags.DEFINE_bool("round_batches", False, "Round each stream's batch up to a "
                            "multiple of data x microbatches, for exploring meshes (reported); "
                            "without it a batch that does not divide is an error, as in training.")
@@ -42,7 +45,7 @@ _BATCH = flags.DEFINE_integer("gen_batch", 8, "generate: prompts decoded togethe
 _CONTEXT = flags.DEFINE_integer("gen_context", 2048, "generate: cache slots = prompt length.")
 _IMAGES = flags.DEFINE_integer("gen_images", 5, "generate: images per prompt.")
 _DTYPE = flags.DEFINE_string("gen_dtype", "bfloat16", "generate: compute dtype.")
-_JSON = flags.DEFINE_bool("json", False, "Print one JSON object.")
+_JSON = cli.define_json()
 
 GIB = 1 << 30
 # HBM per chip (bytes) by device_kind, from the public TPU specs.
@@ -74,7 +77,7 @@ def compile_report(config, topology: str, mesh_text: str = "",
   sizes = (round_batches(config, data_axis) if round_to_mesh else
            {n: s.batch_size for n, s in config.data.streams.items()})
   start = time.perf_counter()
-  setup = train_step.make_train_setup(config, mesh)
+  setup = tasks.make_train_setup(config, mesh)
   lowered = setup.step.lower(setup.abstract_state, setup.abstract_frozen, setup.abstract_batches)
   lowered_at = time.perf_counter()
   compiled = lowered.compile()
@@ -87,7 +90,7 @@ def compile_report(config, topology: str, mesh_text: str = "",
            + memory.temp_size_in_bytes - memory.alias_size_in_bytes)
   kind = devices[0].device_kind
   hbm = HBM_BYTES.get(kind)
-  analytic = flops_lib.train_step_flops(config)
+  analytic = tasks.step_flops(config)
   # Per-device SPMD program; loops counted by trip count (XLA's cost_analysis counts a
   # scanned layer once, so its figure is reported too but is not the step's FLOPs).
   by_part = hlo_flops.breakdown(compiled.as_text())
@@ -115,7 +118,22 @@ def compile_report(config, topology: str, mesh_text: str = "",
       # then XLA's compilation for the target (libtpu).
       "trace_and_lower_seconds": round(lowered_at - start, 1),
       "xla_compile_seconds": round(seconds - (lowered_at - start), 1),
+      "roofline": _roofline(compiled, kind, analytic["total"] / num_devices),
   }
+
+
+def _roofline(compiled, kind: str, analytic_flops_per_device: float | None = None):
+  """The step's roofline estimate per chip (training/roofline.py; None off TPU), with the MFU
+  it implies for the analytic FLOPs."""
+  estimate = roofline.for_device(compiled.as_text(), kind)
+  if estimate is None:
+    return None
+  estimate = {k: (round(v, 6) if k.endswith("seconds") else v) for k, v in estimate.items()}
+  if analytic_flops_per_device and estimate["seconds"]:
+    peak_flops = roofline.PEAKS[kind][0]
+    estimate["mfu_at_estimate"] = round(analytic_flops_per_device / estimate["seconds"]
+                                        / peak_flops, 4)
+  return estimate
 
 
 def _memory(compiled) -> dict:
@@ -131,9 +149,6 @@ def _memory(compiled) -> dict:
 def generate_report(config, topology: str, mesh_text: str = "", *, batch: int = 8,
                     context: int = 2048, images: int = 5, dtype: str = "bfloat16") -> dict:
   """Compiles encode, prefill and decode step for `topology`; memory per device of each."""
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  from jax.sharding import NamedSharding, PartitionSpec as P  # pylint: disable=g-import-not-at-top
-  from flamingo_jax import inference, models  # pylint: disable=g-import-not-at-top
   devices = sharding.topology_devices(topology)
   data, model = sharding.parse_mesh(mesh_text, config.mesh.data, config.mesh.model)
   mesh = sharding.make_mesh(data, model, devices)
@@ -168,6 +183,7 @@ def generate_report(config, topology: str, mesh_text: str = "", *, batch: int = 
   step = engine._step.lower(params, rows((batch,), jnp.int32), rows((batch,), jnp.int32),  # pylint: disable=protected-access
                             rows((batch,), jnp.int32), cache).compile()
   report["decode_step"] = _memory(step)
+  report["decode_step_roofline"] = _roofline(step, devices[0].device_kind)
   report["cache_bytes_per_device"] = sum(
       x.size * x.dtype.itemsize for x in jax.tree.leaves(cache)) // len(devices)
   report["compile_seconds"] = round(time.perf_counter() - start, 1)
@@ -193,5 +209,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  flags.mark_flag_as_required("config")
   cli.run(main)

@@ -18,12 +18,14 @@ import sys
 import tempfile
 
 from absl import flags
+import ml_dtypes
 import numpy as np
+from safetensors.numpy import save_file
 
-from flamingo_jax.tools import cli
+from flamingo_jax import cli
 
 _SIZE = flags.DEFINE_float("size_gb", 1.0, "Approximate checkpoint size in GB (bfloat16).")
-_WORKDIR = flags.DEFINE_string("workdir", "", "Where to write (default: a temporary folder).")
+_WORKDIR = cli.define_workdir("Where to write (default: a temporary folder).")
 _KEEP = flags.DEFINE_bool("keep", False, "Keep the checkpoint and the import.")
 
 # TinyLlama-1.1B widths; the layer count sets the size.
@@ -32,8 +34,6 @@ DIM, HEADS, KV_HEADS, FFW, VOCAB = 2048, 32, 4, 5632, 32000
 
 def write_checkpoint(path: str, size_gb: float) -> int:
   """A random bfloat16 Llama checkpoint, one shard per layer; returns its layer count."""
-  import ml_dtypes  # pylint: disable=g-import-not-at-top
-  from safetensors.numpy import save_file  # pylint: disable=g-import-not-at-top
   key = DIM // HEADS
   per_layer = 2 * (2 * DIM * DIM + 2 * DIM * KV_HEADS * key + 3 * DIM * FFW + 2 * DIM)
   layers = max(1, round((size_gb * 1e9 - 2 * 2 * VOCAB * DIM) / per_layer))

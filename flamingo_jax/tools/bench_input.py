@@ -16,13 +16,13 @@ import time
 
 from absl import flags
 from absl import logging
-from ml_collections import config_flags
 
+from flamingo_jax import cli
 from flamingo_jax.data import pipeline
-from flamingo_jax.tools import cli
-from flamingo_jax.tools import host
+from flamingo_jax.data import prepare
+from flamingo_jax import host
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file.", lock_config=False)
+_CONFIG = cli.define_config()
 _IMAGE_SIZE = flags.DEFINE_integer("image_size", 320, "Model input size (the paper: 320).")
 _SOURCE_SIZE = flags.DEFINE_integer("source_image_size", 480, "Pixels of the synthetic images.")
 _BATCHES = flags.DEFINE_integer("batches", 10, "Timed batches per stream (after one warm-up).")
@@ -81,7 +81,7 @@ def _measure(config) -> dict:
   for name in list(config.data.streams):
     single = config.copy_and_resolve_references()
     single.data.streams = {name: config.data.streams[name].to_dict()}
-    pipeline.prepare_stream(single, name)
+    prepare.prepare_stream(single, name)
     pipe = pipeline.InputPipeline(single, prefetch=1)
     next(pipe)                                              # warm-up (starts the workers)
     start, cpu_start = time.perf_counter(), _cpu_seconds(os.getpid())

@@ -8,8 +8,8 @@ model-FLOPs utilisation (analytic FLOPs / step time / chip peak). A benchmark, n
 --profile_dir writes a jax.profiler trace of the timed steps (TensorBoard's profile plugin or
 Perfetto) and the compiled step's HLO (compiled_step.hlo.txt) there, and adds
 "profile_ms_per_step": the op time of each model part, forward and backward, and of the
-update (tools/profile_parts.py). --config.model.attention_impl picks the attention kernel
-(models/attention.py). "host" says which machine ran it (tools/host.py): compare
+update (training/profile_parts.py). --config.model.attention_impl picks the attention kernel
+(models/attention.py). "host" says which machine ran it (flamingo_jax/host.py): compare
 figures only between runs whose hosts agree.
 """
 
@@ -19,28 +19,25 @@ import time
 
 from absl import flags
 import jax
-from ml_collections import config_flags
 
-from flamingo_jax import models
+from flamingo_jax import cli
 from flamingo_jax.data import schema
-from flamingo_jax.models import contrastive
-from flamingo_jax.tools import cli
-from flamingo_jax.tools import host
-from flamingo_jax.tools import profile_parts
-from flamingo_jax.training import flops as flops_lib
+from flamingo_jax import host
+from flamingo_jax.training import profile_parts
+from flamingo_jax.training import tasks
 from flamingo_jax.training import train_step
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file.", lock_config=False)
+_CONFIG = cli.define_config()
 _STEPS = flags.DEFINE_integer("steps", 10, "Timed steps (after one compile + warm-up step).")
 _PEAK = flags.DEFINE_float("peak_tflops", 0.0, "Peak TFLOP/s of one device, for MFU (0: skip). "
                            "H100 SXM dense bf16: 989.")
-_JSON = flags.DEFINE_bool("json", False, "Print one JSON object.")
+_JSON = cli.define_json()
 _PROFILE_DIR = flags.DEFINE_string("profile_dir", "", "Write a jax.profiler trace of the timed "
                                    "steps here.")
 
 
 def benchmark(config, steps: int, peak_tflops: float = 0.0, profile_dir: str = "") -> dict:
-  setup = train_step.make_train_setup(config)
+  setup = tasks.make_train_setup(config)
   start = time.perf_counter()
   state, frozen = setup.init(jax.random.key(config.seed))
   jax.block_until_ready(state)
@@ -68,13 +65,12 @@ def benchmark(config, steps: int, peak_tflops: float = 0.0, profile_dir: str = "
   streams = config.data.streams
   tokens = sum(s.batch_size * s.max_tokens for s in streams.values())
   examples = sum(s.batch_size for s in streams.values())
-  analytic = flops_lib.train_step_flops(config)["total"]
+  analytic = tasks.step_flops(config)["total"]
   devices = jax.device_count()
   tflops_per_device = analytic / seconds / devices / 1e12
   report = {
       "device_kind": jax.devices()[0].device_kind, "devices": devices,
-      "params": (contrastive.count_params(config.model) if config.get("task") == "contrastive"
-                 else models.count_params(config.model))["total"],
+      "params": tasks.task_of(config).count_params(config.model)["total"],
       "init_seconds": round(init_seconds, 2),
       "first_step_seconds (compile)": round(first_seconds, 2),
       "step_seconds": seconds, "steps_per_sec": 1 / seconds,
@@ -103,5 +99,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  flags.mark_flag_as_required("config")
   cli.run(main)

@@ -25,19 +25,22 @@ import sys
 
 from absl import flags
 from absl import logging
-from ml_collections import config_flags
+import numpy as np
 
-from flamingo_jax.tools import cli
-from flamingo_jax.tools import parity
+from flamingo_jax import cli
+from flamingo_jax import models
+from flamingo_jax import weights
+from flamingo_jax.training import param_sources
+from flamingo_jax.weights import parity
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file.", lock_config=False)
-_PARAMS = flags.DEFINE_string("params", None, "Import folder, its params/, or a run workdir.")
+_CONFIG = cli.define_config(run_flags=("params",))
+_PARAMS = cli.define_params()
 _INPUT_IDS = flags.DEFINE_string("input_ids", "", "int [B, L] .npy (default: random tokens).")
 _MEDIA = flags.DEFINE_string("media", "", "uint8 [B, N, T, H, W, 3] .npy (default: text only).")
 _REFERENCE = flags.DEFINE_string("reference", "", "float [B, L, V] .npy to compare with.")
 _ATOL = flags.DEFINE_float("atol", 1e-4, "Largest allowed absolute difference.")
 _OUTPUT = flags.DEFINE_string("output", "", "Write our float32 logits [B, L, V] here.")
-_JSON = flags.DEFINE_bool("json", False, "Print one JSON object.")
+_JSON = cli.define_json()
 _PART = flags.DEFINE_enum("part", "model", ["model", "vision"], "model: the logits of the "
                           "whole Flamingo; vision: the vision encoder's grid.")
 _PIXELS = flags.DEFINE_string("pixels", "", "--part=vision: float [B, H, W, 3] .npy, "
@@ -47,8 +50,6 @@ _RTOL = flags.DEFINE_float("rtol", 1e-4, "--part=vision: largest relative L2 err
 
 def main(argv):
   del argv
-  import numpy as np  # pylint: disable=g-import-not-at-top
-  from flamingo_jax import weights  # pylint: disable=g-import-not-at-top
   if not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)
   if bool(_REFERENCE.value) == bool(_OUTPUT.value):
@@ -56,14 +57,21 @@ def main(argv):
     sys.exit(2)
   try:
     load = lambda p: np.load(p) if p else None
+    config = _CONFIG.value
+    if _PART.value == "vision" and not _PIXELS.value:
+      raise ValueError("--part=vision needs --pixels=images.npy")
+    params, from_seed = param_sources.load(config, _PARAMS.value)
     if _PART.value == "vision":
-      if not _PIXELS.value:
-        raise ValueError("--part=vision needs --pixels=images.npy")
-      report, logits = parity.check_vision(_CONFIG.value, _PARAMS.value, load(_PIXELS.value),
-                                    load(_REFERENCE.value), _RTOL.value)
+      vision = [m for m in from_seed if models.component_of(m.rsplit("/", 1)[0]) == "vision"]
+      if vision:
+        raise ValueError(f"{_PARAMS.value} holds no vision tower ({vision[0]} ...)")
+      report, logits = parity.check_vision(config.model, params, load(_PIXELS.value),
+                                           load(_REFERENCE.value), _RTOL.value)
     else:
-      report, logits = parity.check(_CONFIG.value, _PARAMS.value, load(_INPUT_IDS.value),
-                             load(_MEDIA.value), load(_REFERENCE.value), _ATOL.value)
+      report, logits = parity.check_logits(config.model, params, load(_INPUT_IDS.value),
+                                           load(_MEDIA.value), load(_REFERENCE.value),
+                                           _ATOL.value)
+    report["initialised_from_seed"] = from_seed
   except (weights.CheckpointError, ValueError, FileNotFoundError) as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
@@ -90,5 +98,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  flags.mark_flags_as_required(["config", "params"])
+  flags.mark_flags_as_required(["params"])
   cli.run(main)

@@ -17,7 +17,10 @@ import sys
 
 from absl import flags
 
-from flamingo_jax.tools import cli
+from flamingo_jax import cli
+from flamingo_jax.data import synthetic
+from flamingo_jax.evaluation import report
+from flamingo_jax.evaluation import tasks
 
 TASK = "attributes"           # evaluation/tasks.py
 
@@ -30,14 +33,11 @@ _QUERIES = flags.DEFINE_integer("queries", 100, "Queries of the task.")
 _RESULTS = flags.DEFINE_list("results", [], "evaluate --output folders, one per seed.")
 _TASK_DIR = flags.DEFINE_string("task_dir", "", "The task's folder (for chance).")
 _OUTPUT = flags.DEFINE_string("output", "", "Where the table and the plot go.")
-_JSON = flags.DEFINE_bool("json", False, "Print the summary as JSON.")
+_JSON = cli.define_json("Print the summary as JSON.")
 
 
 def main(argv):
   del argv
-  from flamingo_jax.data import synthetic  # pylint: disable=g-import-not-at-top
-  from flamingo_jax.evaluation import report  # pylint: disable=g-import-not-at-top
-  from flamingo_jax.evaluation import tasks  # pylint: disable=g-import-not-at-top
   if _MAKE_TASK.value:
     path = synthetic.write_attribute_task(_MAKE_TASK.value, _TASK_SEED.value, _ATTRIBUTE.value,
                                           _SUPPORT.value, _QUERIES.value)

@@ -16,25 +16,25 @@ from absl import flags
 from absl import logging
 import jax
 import numpy as np
-from ml_collections import config_flags
+from PIL import Image
 
-from flamingo_jax import inference
+from flamingo_jax import cli
+from flamingo_jax.data import pipeline
 from flamingo_jax.data import preprocessing
 from flamingo_jax.data import synthetic
-from flamingo_jax.data import pipeline
-from flamingo_jax.tools import cli
+from flamingo_jax import inference
 from flamingo_jax.training import losses
+from flamingo_jax.training import param_sources
 from flamingo_jax.training import precision
 from flamingo_jax.training import sharding
-from flamingo_jax.training import train_step
-from flamingo_jax.training import trainer
+from flamingo_jax.training import tasks
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file.", lock_config=False)
-_WORKDIR = flags.DEFINE_string("workdir", None, "Trained run.", required=True)
+_CONFIG = cli.define_config(run_flags=("workdir",))
+_WORKDIR = cli.define_workdir("The trained run.", required=True)
 _EXAMPLES = flags.DEFINE_integer("examples", 256, "Held-out pairs.")
 _SEED = flags.DEFINE_integer("seed", 987_654, "Held-out seed (training uses 1000*seed + i).")
 _CAPTIONS = flags.DEFINE_integer("captions", 64, "Held-out images to caption (0: none).")
-_JSON = flags.DEFINE_bool("json", False, "Print one JSON object.")
+_JSON = cli.define_json()
 
 
 def held_out_scenes(config, count: int, seed: int):
@@ -60,9 +60,9 @@ def held_out_batch(config, count: int, seed: int) -> dict:
 
 def probe(config, workdir: str, count: int, seed: int, captions: int = 0) -> dict:
   mesh = sharding.make_mesh(config.mesh.data, config.mesh.model)
-  setup = train_step.make_train_setup(config, mesh)
+  setup = tasks.make_train_setup(config, mesh)
   # The frozen towers as the run had them: its frozen/ or its init checkpoints.
-  params, step = trainer.restore_workdir_params_and_step(config, workdir, setup=setup)
+  params, step = param_sources.restore_run(config, workdir, setup.mesh)
   params = precision.cast(params, precision.dtype(config.precision.compute))
 
   @jax.jit
@@ -83,7 +83,6 @@ def probe(config, workdir: str, count: int, seed: int, captions: int = 0) -> dic
 
 def caption_images(config, params, count: int, seed: int, workdir: str) -> dict:
   """Greedy captions of held-out images, prompt `<BOS><image>` (the pairs' layout)."""
-  from PIL import Image  # pylint: disable=g-import-not-at-top
   tokenizer = pipeline.load_tokenizer(config)
   special = tokenizer.special
   scenes = held_out_scenes(config, count, seed)

@@ -14,13 +14,13 @@ and renamed at the end: a failed import leaves no DIR.
 Kinds: llama (Llama 2/3, Mistral, TinyLlama), gpt_neox (Pythia, RedPajama-INCITE), gemma
 (Gemma 1), mpt (MPT-7B, -30B), mosaic_gpt (MPT-1B-RedPajama-200b), chinchilla (our own layout,
 from weights.export_lm); vision towers
-(tools/vision_import.py; --source is the .safetensors file or its folder): nfnet (timm's
+(--source is the .safetensors file or its folder): nfnet (timm's
 `dm_nfnet_f0` ... `f6`), clip_vit (OpenCLIP / OpenAI CLIP state dicts, or a Hugging Face
 CLIPVisionModel / CLIPModel folder; --vit_heads, --vit_activation, --image_size); a whole
-OpenFlamingo 2.0.1 (tools/openflamingo_import.py): openflamingo, with --source=its
+OpenFlamingo 2.0.1: openflamingo, with --source=its
 checkpoint.pt or a safetensors export, --lm=its base LM's folder, --vision=its OpenCLIP ViT
 (an open_clip folder, or its safetensors with --vit_activation); a whole IDEFICS
-(tools/idefics_import.py): idefics, with --source=its Hugging Face folder; our own
+idefics, with --source=its Hugging Face folder; our own
 contrastive pretraining: contrastive, with --source=the run's workdir (its NFNet).
 """
 
@@ -30,11 +30,11 @@ import sys
 from absl import flags
 from absl import logging
 
-from flamingo_jax.tools import cli
-from flamingo_jax.tools import idefics_import
-from flamingo_jax.tools import lm_import
-from flamingo_jax.tools import openflamingo_import
-from flamingo_jax.tools import vision_import
+from flamingo_jax import cli
+from flamingo_jax.training import param_sources
+from flamingo_jax.training import sharding
+from flamingo_jax import weights
+from flamingo_jax.weights import imports
 
 _KIND = flags.DEFINE_enum("kind", None, ["llama", "gpt_neox", "gemma", "mpt", "mosaic_gpt",
                                           "chinchilla", "nfnet", "clip_vit", "openflamingo",
@@ -52,7 +52,7 @@ _PAD_VOCAB = flags.DEFINE_integer("pad_vocab_multiple", 128, "Pad the token tabl
                                   "multiple of this (so the 'model' mesh axis divides it).")
 _MODEL_AXIS = flags.DEFINE_integer("model_axis", 1, "Load sharded over a 'model' axis of "
                                    "this size (Megatron rules); 1: one device.")
-_JSON = flags.DEFINE_bool("json", False, "Print one JSON object.")
+_JSON = cli.define_json()
 _VIT_HEADS = flags.DEFINE_integer("vit_heads", 0, "clip_vit: attention heads (0: a Hugging "
                                   "Face folder's config.json, else width / 64, every CLIP "
                                   "ViT's head size).")
@@ -73,34 +73,45 @@ _IMAGE_SIZE = flags.DEFINE_integer("image_size", 0, "clip_vit: resize the positi
                                    "resolution (0: the checkpoint's).")
 
 
+def _lm_shardings(model_config):
+  """The LM's shardings over a 'model' axis of --model_axis (Megatron rules)."""
+  mesh = sharding.make_mesh(-1, _MODEL_AXIS.value)
+  specs = sharding.param_specs(weights.lm_param_shapes_tree(model_config),
+                               sharding.rules_for(model_config, _MODEL_AXIS.value))
+  return sharding.named(mesh, specs)
+
+
 def main(argv):
   del argv
-  from flamingo_jax import weights  # pylint: disable=g-import-not-at-top
   if not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)     # orbax logs every file at INFO
+  activation = "" if _VIT_ACTIVATION.value == "auto" else _VIT_ACTIVATION.value
+  kind, source, output = _KIND.value, _SOURCE.value, _OUTPUT.value
   try:
-    if _KIND.value in vision_import.KINDS:
-      report = vision_import.run(_KIND.value, _SOURCE.value, _OUTPUT.value, dtype=_DTYPE.value,
-                                 vit_heads=_VIT_HEADS.value,
-                                 vit_activation=("" if _VIT_ACTIVATION.value == "auto"
-                                                 else _VIT_ACTIVATION.value),
-                                 image_size=_IMAGE_SIZE.value)
-    elif _KIND.value == "idefics":
-      report = idefics_import.run(
-          _SOURCE.value, _OUTPUT.value, dtype=_DTYPE.value,
-          vit_activation="" if _VIT_ACTIVATION.value == "auto" else _VIT_ACTIVATION.value,
-          pad_vocab_multiple=_PAD_VOCAB.value, progress=not _JSON.value)
-    elif _KIND.value == "openflamingo":
-      report = openflamingo_import.run(
-          _SOURCE.value, _OUTPUT.value, lm=_LM.value, vision=_VISION.value, dtype=_DTYPE.value,
-          dim_head=_DIM_HEAD.value, vit_heads=_VIT_HEADS.value,
-          vit_activation="" if _VIT_ACTIVATION.value == "auto" else _VIT_ACTIVATION.value,
+    if kind in imports.VISION_KINDS:
+      report = imports.run_vision(kind, source, output, dtype=_DTYPE.value,
+                                  vit_heads=_VIT_HEADS.value, vit_activation=activation,
+                                  image_size=_IMAGE_SIZE.value)
+    elif kind == "contrastive":
+      imports.check_output_is_new(output)
+      params, fields = param_sources.contrastive_vision(source)
+      report = imports.write_tower(kind, params, fields, output, dtype=_DTYPE.value)
+    elif kind == "idefics":
+      report = imports.run_idefics(source, output, dtype=_DTYPE.value,
+                                   vit_activation=activation,
+                                   pad_vocab_multiple=_PAD_VOCAB.value, progress=not _JSON.value)
+    elif kind == "openflamingo":
+      report = imports.run_openflamingo(
+          source, output, lm=_LM.value, vision=_VISION.value, dtype=_DTYPE.value,
+          dim_head=_DIM_HEAD.value, vit_heads=_VIT_HEADS.value, vit_activation=activation,
           base_vocab=_BASE_VOCAB.value, pad_vocab_multiple=_PAD_VOCAB.value,
           progress=not _JSON.value)
     else:
-      report = lm_import.run(_KIND.value, _SOURCE.value, _OUTPUT.value, dtype=_DTYPE.value,
-                   xattn_every=_XATTN_EVERY.value, pad_vocab_multiple=_PAD_VOCAB.value,
-                   model_axis=_MODEL_AXIS.value, progress=not _JSON.value)
+      report = imports.run_lm(kind, source, output, dtype=_DTYPE.value,
+                              xattn_every=_XATTN_EVERY.value,
+                              pad_vocab_multiple=_PAD_VOCAB.value,
+                              shardings_for=_lm_shardings if _MODEL_AXIS.value > 1 else None,
+                              progress=not _JSON.value)
   except (weights.CheckpointError, FileNotFoundError) as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(1)
@@ -126,7 +137,7 @@ def main(argv):
           f"tokenizer.json, special_tokens.json\nrun it: --config=experiments/configs/"
           f"idefics.py:{report['output']}")
     return
-  if _KIND.value in vision_import.KINDS:
+  if _KIND.value in (*imports.VISION_KINDS, "contrastive"):
     print(f"imported {_KIND.value} from {_SOURCE.value}: {report['tensors']} tensors, "
           f"{report['parameters']:,} parameters in {report['seconds']:.1f}s\n"
           f"config.model fields: {json.dumps(report['fields'])}\nwrote {report['output']}/"

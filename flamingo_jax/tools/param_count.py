@@ -5,22 +5,18 @@ r"""Parameter counts per component, from shapes only (`jax.eval_shape`: nothing 
 
 import json
 
-from absl import flags
-from ml_collections import config_flags
 
-from flamingo_jax import models
-from flamingo_jax.models import contrastive
-from flamingo_jax.tools import cli
+from flamingo_jax import cli
+from flamingo_jax.training import tasks
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file.", lock_config=False)
-_JSON = flags.DEFINE_bool("json", False, "Print one JSON object instead of a table.")
+_CONFIG = cli.define_config()
+_JSON = cli.define_json("Print one JSON object instead of a table.")
 
 
 def main(argv):
   del argv
   config = _CONFIG.value
-  counts = (contrastive.count_params(config.model) if config.get("task") == "contrastive"
-            else models.count_params(config.model))
+  counts = tasks.task_of(config).count_params(config.model)
   if _JSON.value:
     print(json.dumps(counts))
     return
@@ -29,5 +25,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  flags.mark_flag_as_required("config")
   cli.run(main)

@@ -1,4 +1,4 @@
-r"""Zero-shot retrieval of a contrastive run (PAPER.md §5): image->text and text->image
+r"""Zero-shot retrieval of a contrastive run (docs/paper.md §5): image->text and text->image
 R@1 / R@5, on held-out synthetic pairs (default) or a captioning benchmark's test split.
 
   python -m flamingo_jax.tools.retrieval --config=experiments/configs/contrastive_tiny.py \
@@ -17,19 +17,18 @@ import sys
 
 from absl import flags
 from absl import logging
-from ml_collections import config_flags
 
-from flamingo_jax import inference
+from flamingo_jax import cli
 from flamingo_jax.data import pipeline
 from flamingo_jax.evaluation import retrieval
 from flamingo_jax.evaluation import tasks
-from flamingo_jax.tools import cli
+from flamingo_jax import inference
 from flamingo_jax.training import checkpointing
-from flamingo_jax.training import trainer
+from flamingo_jax.training import param_sources
+from flamingo_jax.training import tasks as train_tasks
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "A contrastive config.",
-                                          lock_config=False)
-_WORKDIR = flags.DEFINE_string("workdir", None, "The contrastive run.", required=True)
+_CONFIG = cli.define_config(run_flags=("workdir",))
+_WORKDIR = cli.define_workdir("The contrastive run.", required=True)
 _TASK = flags.DEFINE_enum("task", "synthetic", ["synthetic", "coco", "flickr30k"],
                           "Which pairs.")
 _DATA_DIR = flags.DEFINE_string("data_dir", "", "--task=coco|flickr30k: its files (tasks.py).")
@@ -38,13 +37,13 @@ _EXAMPLES = flags.DEFINE_integer("examples", 500, "Synthetic held-out pairs.")
 _SEED = flags.DEFINE_integer("seed", 987_654, "Synthetic held-out seed (training uses "
                              "1000*seed + i).")
 _BATCH = flags.DEFINE_integer("batch_size", 64, "Rows per forward pass.")
-_JSON = flags.DEFINE_bool("json", False, "Print one JSON object.")
+_JSON = cli.define_json()
 
 
 def run(config, workdir: str, task: str = "synthetic", data_dir: str = "", limit: int = 0,
         examples: int = 500, seed: int = 987_654, batch_size: int = 64,
         progress: bool = False) -> dict:
-  if config.get("task", "flamingo") != "contrastive":
+  if train_tasks.task_of(config).name != "contrastive":
     raise ValueError("--config is not a contrastive config (config.task != 'contrastive')")
   if task == "synthetic":
     pairs = retrieval.synthetic_pairs(examples, seed, int(config.data.synthetic_image_size))
@@ -52,7 +51,7 @@ def run(config, workdir: str, task: str = "synthetic", data_dir: str = "", limit
     if not data_dir:
       raise ValueError(f"--task={task} needs --data_dir")
     pairs = retrieval.karpathy_pairs(tasks.get(task).load(data_dir), limit)
-  params = trainer.restore_workdir_params(config, workdir)
+  params = param_sources.restore_run(config, workdir)[0]
   embedder = inference.Embedder(config.model, params, batch_size=batch_size)
   bar = cli.Progress(len(pairs.images), f"retrieval {task}", unit="images", enabled=progress)
   max_tokens = max(s.max_tokens for s in config.data.streams.values())
@@ -85,5 +84,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  flags.mark_flag_as_required("config")
   cli.run(main)

@@ -11,13 +11,13 @@ import haiku as hk
 import jax
 import jax.numpy as jnp
 import numpy as np
-from ml_collections import config_flags
 import optax
 
+from flamingo_jax import cli
 from flamingo_jax import models
-from flamingo_jax.tools import cli
+from flamingo_jax.training import tasks
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file.", lock_config=False)
+_CONFIG = cli.define_config()
 
 
 def random_batch(config, stream: str, seed: int = 0):
@@ -35,7 +35,7 @@ def random_batch(config, stream: str, seed: int = 0):
 def main(argv):
   del argv
   config = _CONFIG.value
-  if config.get("task", "flamingo") != "flamingo":
+  if tasks.task_of(config).name != "flamingo":
     sys.exit(f"error: smoke checks Flamingo configs; this one is task={config.task!r}: try "
              f"tools/param_count or tools/bench_step (one compiled train step)")
   counts = models.count_params(config.model)

@@ -6,11 +6,10 @@ r"""Summarise a run directory: the loss curve from metrics.jsonl, checkpoints, T
 import json
 import os
 
-from absl import flags
 
-from flamingo_jax.tools import cli
+from flamingo_jax import cli
 
-_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory.", required=True)
+_WORKDIR = cli.define_workdir("The run.", required=True)
 _BARS = " ▁▂▃▄▅▆▇█"
 
 

@@ -1,6 +1,6 @@
-r"""A benchmark's training split as fine-tuning data (PAPER.md §8: "task data laid out like
+r"""A benchmark's training split as fine-tuning data (docs/paper.md §8: "task data laid out like
 the paired datasets"): one image_text row per example, the text its prompt with the answer
-(PAPER.md §6 formats: "Output: {caption}", "Question: {q} Answer: {a}", ...).
+(docs/paper.md §6 formats: "Output: {caption}", "Question: {q} Answer: {a}", ...).
 
   python -m flamingo_jax.tools.task_pairs --task=vqav2 --data_dir=DIR --output=TASK_DIR
   python -m flamingo_jax.train --config=experiments/configs/finetune.py:80b \
@@ -17,8 +17,8 @@ import sys
 
 from absl import flags
 
+from flamingo_jax import cli
 from flamingo_jax.evaluation import tasks
-from flamingo_jax.tools import cli
 
 _TASK = flags.DEFINE_string("task", None, "An image task of evaluation/tasks.py.")
 _DATA_DIR = flags.DEFINE_string("data_dir", None, "Its files.")

@@ -10,9 +10,9 @@ r"""Train a SentencePiece model with Flamingo's special ids (data/tokenizer.py).
 from absl import app
 from absl import flags
 
+from flamingo_jax import cli
 from flamingo_jax.data import synthetic
 from flamingo_jax.data import tokenizer as tok
-from flamingo_jax.tools import cli
 
 _CORPUS = flags.DEFINE_string("corpus", "", "Text file, one sentence per line.")
 _SYNTHETIC = flags.DEFINE_bool("synthetic", False, "Train on the synthetic sources' sentences.")

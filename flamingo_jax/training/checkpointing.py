@@ -1,9 +1,9 @@
-"""Checkpoints (DESIGN.md §9): orbax CheckpointManager, async, keep-N, restore into shardings.
+"""Checkpoints (docs/design.md §9): orbax CheckpointManager, async, keep-N, restore into shardings.
 
     WORKDIR/checkpoints/<step>/state    TrainState (params, opt_state, step, rng key data)
                               /input    shard-<d>-of-<D>.json: the input pipeline's
                                         state of data shard d, written by one of the
-                                        processes feeding it (InputStateHandler)
+                                        processes feeding it (input_state.InputStateHandler)
                               /data     {"process_count": P, "skip_batches_applied": N}
                               /config   the run's config (JSON)
     WORKDIR/frozen/                    the frozen towers, written once when they were
@@ -21,24 +21,21 @@ nothing moves. If steps exist but none loads, that is an error too, never a sile
 start. A damaged `frozen/` is moved aside and the towers are made again (trainer.py).
 """
 
-import dataclasses
 import json
-import logging as logging_lib
 import os
-import re
-import sys
 import time
 from typing import Any, Callable
-import warnings
 
 from absl import logging
 from etils import epath
 import jax
+from jax.experimental import multihost_utils
 import numpy as np
 import orbax.checkpoint as ocp
-from jax.experimental import multihost_utils
 
 from flamingo_jax import weights
+from flamingo_jax.training import input_state
+from flamingo_jax.training import restore_noise
 from flamingo_jax.training import train_step
 
 _STATE, _DATA, _CONFIG, _INPUT = "state", "data", "config", "input"
@@ -62,63 +59,6 @@ def restore_args(setup: train_step.TrainSetup) -> ocp.args.Composite:
   """Restores a step's train state (rng as key data) into `setup`'s shardings, and its data."""
   return ocp.args.Composite(**{_STATE: ocp.args.StandardRestore(_abstract_savable(setup)),
                                _DATA: ocp.args.JsonRestore()})
-
-
-class InputStateHandler(ocp.CheckpointHandler):
-  """The input pipeline's state as one JSON file per data shard, `shard-<d>-of-<D>.json`
-  ({stream: {"cursor", "skipped"}}). Each process writes the shards it was given (the trainer
-  gives each shard to the first process feeding it) and reads the shards it feeds: no
-  collective, and a restore with another process count reads the shards it now feeds."""
-
-  _PATTERN = re.compile(r"shard-(\d+)-of-(\d+)\.json$")
-
-  def save(self, directory: epath.Path, args: "InputStateSave") -> None:
-    state = args.state
-    for shard in args.shards:
-      per_stream = {name: shards[str(shard)] for name, shards in state["streams"].items()}
-      (directory / f"shard-{shard}-of-{state['num_shards']}.json").write_text(
-          json.dumps(per_stream))
-
-  def restore(self, directory: epath.Path, args: "InputStateRestore") -> dict:
-    """The pipeline state ({"num_shards", "streams"}) of `args.shards` (None: all stored)."""
-    stored = {}
-    for path in directory.iterdir():
-      match = self._PATTERN.match(path.name)
-      if match:
-        stored[int(match.group(1))] = (int(match.group(2)), path)
-    counts = {count for count, _ in stored.values()}
-    if len(counts) != 1:
-      raise ValueError(f"{directory} holds input states for {sorted(counts) or 'no'} data "
-                       f"shard counts; expected one")
-    num_shards = counts.pop()
-    wanted = sorted(stored) if args.shards is None else list(args.shards)
-    streams = {}
-    if num_shards == args.num_shards or args.num_shards is None:
-      missing = [d for d in wanted if d not in stored]
-      if missing:
-        raise ValueError(f"{directory} lacks the input state of data shards {missing}")
-      for d in wanted:
-        for name, value in json.loads(stored[d][1].read_text()).items():
-          streams.setdefault(name, {})[str(d)] = value
-    # Another shard count: returned as is, for the pipeline to refuse with its own message.
-    return {"num_shards": num_shards, "streams": streams}
-
-  def close(self) -> None:
-    pass
-
-
-@ocp.args.register_with_handler(InputStateHandler, for_save=True)
-@dataclasses.dataclass
-class InputStateSave(ocp.args.CheckpointArgs):
-  state: dict                     # pipeline.InputPipeline.state()
-  shards: tuple[int, ...]         # the data shards this process writes
-
-
-@ocp.args.register_with_handler(InputStateHandler, for_restore=True)
-@dataclasses.dataclass
-class InputStateRestore(ocp.args.CheckpointArgs):
-  shards: tuple[int, ...] | None = None     # None: every stored shard
-  num_shards: int | None = None             # this pipeline's
 
 
 class NoLoadableCheckpointError(RuntimeError):
@@ -165,10 +105,12 @@ def check_compatible(stored: dict[str, tuple], expected: dict[str, tuple], what:
 
 
 def _load_checked(directory: str, pytree_directory: str, expected: dict[str, tuple],
-                  what: str, load: Callable[[], Any]) -> tuple[Any, str | None]:
+                  what: str, load: Callable[[], Any],
+                  partial: bool = False) -> tuple[Any, str | None]:
   """(load(), None), or (None, why `directory` is damaged: no commit marker, unreadable
   metadata, a failed load; judged on every process alike). Raises
-  IncompatibleCheckpointError when it is whole but holds other shapes than `expected`."""
+  IncompatibleCheckpointError when it is whole but holds other shapes than `expected`
+  (`partial`: only the leaves `expected` names are compared)."""
   value, problem = None, None
   if not (epath.Path(directory) / _COMMIT_MARKER).exists():
     problem = f"no {_COMMIT_MARKER} (the save did not finish)"
@@ -178,6 +120,8 @@ def _load_checked(directory: str, pytree_directory: str, expected: dict[str, tup
     except Exception as e:  # pylint: disable=broad-except
       problem = f"unreadable metadata ({_first_words(e)})"
     else:
+      if partial:
+        stored = {k: v for k, v in stored.items() if k in expected}
       check_compatible(stored, expected, what)
   if problem is None:
     try:
@@ -186,10 +130,22 @@ def _load_checked(directory: str, pytree_directory: str, expected: dict[str, tup
       raise
     except Exception as e:  # pylint: disable=broad-except
       problem = _first_words(e)
-      _damaged_directories.add(os.path.join(os.fspath(directory), ""))
+      restore_noise.damaged_directories.add(os.path.join(os.fspath(directory), ""))
   if not _all_processes(problem is None):
     problem = problem or "it does not load on another process"
   return value, problem
+
+
+def _restore_part(directory: str, target: Any) -> Any:
+  """The leaves of `target` (ShapeDtypeStructs with shardings) from a saved pytree that may
+  hold more (the train state's params without its optimizer state)."""
+  checkpointer = ocp.Checkpointer(ocp.PyTreeCheckpointHandler())
+  try:
+    return checkpointer.restore(directory, args=ocp.args.PyTreeRestore(
+        target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+        partial_restore=True))
+  finally:
+    checkpointer.close()
 
 
 def _all_processes(ok: bool) -> bool:
@@ -202,74 +158,6 @@ def _all_processes(ok: bool) -> bool:
 def _sync(name: str) -> None:
   if jax.process_count() > 1:
     multihost_utils.sync_global_devices(name)
-
-
-_restore_noise_filtered = False
-# Directories a restore failed on: echoes of reads from them are dropped (below).
-_damaged_directories: set[str] = set()
-# orbax's read coroutines, abandoned when another read of the same restore fails.
-_ORBAX_READS = ("_read_shard", "_read_array_index_and_device_put", "_read_and_create_array",
-                "async_deserialize")
-
-
-def _mentions_failed_read(text: str) -> bool:
-  return "orbax" in text or any(d in text for d in _damaged_directories)
-
-
-def _is_read_failure_echo(error: BaseException | None, source: object = None) -> bool:
-  """An echo of a failed orbax read: the closed event loop its late TensorStore callbacks
-  hit, or an exception left in one of orbax's coroutines or on a damaged directory."""
-  if isinstance(error, RuntimeError) and str(error) == "Event loop is closed":
-    return True
-  code = getattr(source, "cr_code", None)
-  if code is not None and "orbax" in code.co_filename:
-    return True
-  return error is not None and _damaged_directories and _mentions_failed_read(str(error))
-
-
-def _orbax_in_traceback(error: BaseException | None) -> bool:
-  while error is not None:
-    tb = error.__traceback__
-    while tb is not None:
-      if "orbax" in tb.tb_frame.f_code.co_filename:
-        return True
-      tb = tb.tb_next
-    error = error.__cause__ or error.__context__
-  return False
-
-
-class _DropReadFailureTasks(logging_lib.Filter):
-  """asyncio's "<Task | _GatheringFuture | Future> exception was never retrieved" for the reads
-  of a failed restore: an orbax coroutine or traceback, or a TensorStore error that names a
-  damaged directory."""
-
-  def filter(self, record: logging_lib.LogRecord) -> bool:
-    message = record.getMessage()
-    if "exception was never retrieved" not in message.split("\n", 1)[0]:
-      return True
-    error = record.exc_info[1] if record.exc_info else None
-    return not (_mentions_failed_read(message) or _orbax_in_traceback(error)
-                or _is_read_failure_echo(error))
-
-
-def _filter_restore_noise() -> None:
-  """A failed orbax restore (a damaged checkpoint) leaves its other reads running; each
-  later reports its error on its own (one traceback per array, hundreds of lines, after our
-  one-line warning has said what failed): through asyncio's logger, sys.unraisablehook, or a
-  "coroutine … was never awaited" warning. Drop exactly those echoes."""
-  global _restore_noise_filtered
-  if _restore_noise_filtered:
-    return
-  previous = sys.unraisablehook
-
-  def hook(unraisable):
-    if not _is_read_failure_echo(unraisable.exc_value, unraisable.object):
-      previous(unraisable)
-  sys.unraisablehook = hook
-  logging_lib.getLogger("asyncio").addFilter(_DropReadFailureTasks())
-  warnings.filterwarnings("ignore", category=RuntimeWarning,
-                          message=rf"coroutine '({'|'.join(_ORBAX_READS)})' was never awaited")
-  _restore_noise_filtered = True
 
 
 class Checkpointer:
@@ -353,7 +241,7 @@ class Checkpointer:
     _sync("checkpoint directory")
     self.manager.save(step, args=ocp.args.Composite(**{
         _STATE: ocp.args.StandardSave(_savable(state)),
-        _INPUT: InputStateSave(pipeline_state, tuple(written_shards)),
+        _INPUT: input_state.InputStateSave(pipeline_state, tuple(written_shards)),
         _DATA: ocp.args.JsonSave({"process_count": jax.process_count(),
                                   "skip_batches_applied": skip_batches_applied}),
         _CONFIG: ocp.args.JsonSave(json.loads(config.to_json())),
@@ -382,7 +270,7 @@ class Checkpointer:
                   num_shards: int | None = None, data: dict | None = None) -> dict:
     """The input pipeline's state of `shards` (None: every stored shard) at `step`."""
     if (epath.Path(self.directory) / str(step) / _INPUT).exists():
-      args = ocp.args.Composite(**{_INPUT: InputStateRestore(
+      args = ocp.args.Composite(**{_INPUT: input_state.InputStateRestore(
           None if shards is None else tuple(shards), num_shards)})
       return self.manager.restore(step, args=args)[_INPUT]
     data = self.data_item(step) if data is None else data       # written before input/
@@ -397,7 +285,7 @@ class Checkpointer:
               num_shards: int | None = None) -> tuple[train_step.TrainState, dict] | None:
     """(state, data item) of the newest loadable step, or None when there is no step.
     Damaged newer steps are moved aside. `input_shards`: see restore_step."""
-    _filter_restore_noise()
+    restore_noise.install()
     steps = self.all_steps()
     damaged = []
     expected = leaf_shapes(_abstract_savable(setup))
@@ -422,6 +310,29 @@ class Checkpointer:
       raise NoLoadableCheckpointError(
           f"none of the checkpoints {steps} in {self.directory} loads; refusing to start from "
           f"scratch over them (move them away to do so)")
+    return None
+
+  def restore_params(self, target: Any) -> tuple[Any, int] | None:
+    """(the trainable parameters, step) of the newest step that loads, read alone (no
+    optimizer state, no train state): `target` is their tree of ShapeDtypeStructs with
+    shardings. None when there is no step; damaged steps are skipped, never moved (readers
+    of a run may run beside its trainer)."""
+    restore_noise.install()
+    steps = self.all_steps()
+    expected = {f"params/{k}": v for k, v in leaf_shapes(target).items()}
+    for step in reversed(steps):
+      step_dir = os.path.join(self.directory, str(step))
+      state_dir = os.path.join(step_dir, _STATE)
+      params, problem = _load_checked(
+          step_dir, state_dir, expected, f"checkpoint {step}",
+          lambda d=state_dir: _restore_part(d, {"params": target})["params"], partial=True)
+      if problem is None:
+        return params, step
+      logging.warning("checkpoint %d in %s does not load (%s); trying the previous one",
+                      step, self.directory, problem)
+    if steps:
+      raise NoLoadableCheckpointError(f"none of the checkpoints {steps} in {self.directory} "
+                                      f"loads")
     return None
 
   # -- which checkpoints are good -----------------------------------------------------------
@@ -453,13 +364,17 @@ class Checkpointer:
   def restore_frozen(self, setup: train_step.TrainSetup):
     """The saved frozen towers, or None when there are none or they are damaged (then moved
     aside with a warning; the caller makes them again from their source)."""
-    if not jax.tree.leaves(setup.abstract_frozen):
-      return setup.abstract_frozen         # nothing is frozen: the empty tree itself
+    return self.restore_frozen_into(jax.tree.map(
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+        setup.abstract_frozen, setup.frozen_shardings))
+
+  def restore_frozen_into(self, target: Any):
+    """`restore_frozen` into `target` (ShapeDtypeStructs with shardings)."""
+    if not jax.tree.leaves(target):
+      return target                        # nothing is frozen: the empty tree itself
     if not epath.Path(self.frozen_directory).is_dir():
       return None
-    _filter_restore_noise()
-    target = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                          setup.abstract_frozen, setup.frozen_shardings)
+    restore_noise.install()
     frozen, problem = _load_checked(
         self.frozen_directory, self.frozen_directory, leaf_shapes(target), "frozen/",
         lambda: ocp.StandardCheckpointer().restore(self.frozen_directory, target))

@@ -121,7 +121,7 @@ def stream_train_flops(model: Any, batch_size: int, tokens: int, media: int, fra
 
 
 def contrastive_stream_flops(model: Any, batch_size: int, tokens: int) -> dict[str, float]:
-  """Analytic train-step FLOPs of one contrastive stream (PAPER.md §5), everything trained
+  """Analytic train-step FLOPs of one contrastive stream (docs/paper.md §5), everything trained
   (3x: forward, activation and weight gradients): the NFNet, the text encoder over `tokens`,
   both projections and the [N, N] similarities (whose rows span the global batch)."""
   m, b = model, batch_size
@@ -132,19 +132,3 @@ def contrastive_stream_flops(model: Any, batch_size: int, tokens: int) -> dict[s
   return {"vision": 3 * b * (frame_flops + _linear(1, vision_ch, m.embed_dim)),
           "text": 3 * b * (t.num_layers * block + _linear(1, t.dim, m.embed_dim)),
           "similarity": 3 * 2.0 * b * b * m.embed_dim}
-
-
-def train_step_flops(config: Any) -> dict[str, Any]:
-  """Analytic FLOPs of one accumulate-mode step over every stream: {total, by_stream, by_component}."""
-  by_stream, by_component = {}, {}
-  contrastive = config.get("task", "flamingo") == "contrastive"
-  for name, spec in config.data.streams.items():
-    if contrastive:
-      parts = contrastive_stream_flops(config.model, spec.batch_size, spec.max_tokens)
-    else:
-      parts = stream_train_flops(config.model, spec.batch_size, spec.max_tokens, spec.max_media,
-                                 spec.frames)
-    by_stream[name] = sum(parts.values())
-    for key, value in parts.items():
-      by_component[key] = by_component.get(key, 0.0) + value
-  return {"total": sum(by_stream.values()), "by_stream": by_stream, "by_component": by_component}

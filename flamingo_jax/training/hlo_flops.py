@@ -40,6 +40,7 @@ class _Computation:
     self.shapes: dict[str, tuple[int, ...]] = {}
     self.flops = 0.0
     self.flops_by: dict[str, float] = {}      # by classify(op_name)
+    self.by_instruction: dict[str, float] = {}  # each dot / convolution's
     self.calls: list[tuple[str, float | str]] = []  # (callee, multiplier | condition name)
     self.constants: dict[str, int] = {}
     self.loop_bound: Optional[int] = None    # N of a condition computation `i < N`
@@ -115,6 +116,7 @@ def parse(hlo_text: str) -> dict[str, _Computation]:
       flops = _conv_flops(out, current.shapes[operands[1]], rest)
     if flops:
       current.flops += flops
+      current.by_instruction[name] = flops
       op_name = _OP_NAME.search(rest)
       key = classify(op_name.group(1) if op_name else "")
       current.flops_by[key] = current.flops_by.get(key, 0.0) + flops
@@ -141,6 +143,16 @@ def count(hlo_text: str) -> float:
 def breakdown(hlo_text: str) -> dict[str, float]:
   """Dot + convolution FLOPs by `classify` key ('lm/backward', ...), loops counted."""
   computations = parse(hlo_text)
+  return breakdown_of(computations, computations["__entry__"].name)
+
+
+def instruction_flops(computation: _Computation, name: str) -> float:
+  """One dot's or convolution's FLOPs (0 for anything else)."""
+  return computation.by_instruction.get(name, 0.0)
+
+
+def breakdown_of(computations: dict[str, _Computation], name: str) -> dict[str, float]:
+  """breakdown() of one computation of `parse`'s result and what it calls."""
   memo: dict[str, dict[str, float]] = {}
 
   def trips(multiplier) -> float:
@@ -162,4 +174,4 @@ def breakdown(hlo_text: str) -> dict[str, float]:
     memo[name] = value
     return value
 
-  return total(computations["__entry__"].name)
+  return total(name)

@@ -1,4 +1,4 @@
-"""Per-stream loss (PAPER.md Eq. 2, §10.5): mean token NLL over `loss_mask`; total Σ λ_m L_m."""
+"""Per-stream loss (docs/paper.md Eq. 2, §10.5): mean token NLL over `loss_mask`; total Σ λ_m L_m."""
 
 import jax
 import jax.numpy as jnp

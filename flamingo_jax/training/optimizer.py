@@ -1,13 +1,13 @@
 """Optimizers from `config.optim`.
 
-Flamingo (PAPER.md §4): AdamW, global-norm clipping 1.0, linear warm-up 0 -> 1e-4 over 5000
+Flamingo (docs/paper.md §4): AdamW, global-norm clipping 1.0, linear warm-up 0 -> 1e-4 over 5000
 steps then constant, weight decay 0.1 except on the Perceiver Resampler (0). Decay applies
 to weight matrices and embeddings (`w`, `embeddings`), never to gates, norms, latents or
-temporal embeddings (the paper does not say; PAPER.md §9.8). With `vision.trainable`
-(fine-tuning, PAPER.md §8) the vision encoder has its own learning rate and weight decay
+temporal embeddings (the paper does not say; docs/paper.md §9.8). With `vision.trainable`
+(fine-tuning, docs/paper.md §8) the vision encoder has its own learning rate and weight decay
 (`optim.vision_learning_rate`, `optim.vision_weight_decay`; unset: the others').
 
-Contrastive pretraining (PAPER.md §5): Adam, learning rate decayed linearly to 0, adaptive
+Contrastive pretraining (docs/paper.md §5): Adam, learning rate decayed linearly to 0, adaptive
 gradient clipping (AGC, Brock et al. 2021) on the NFNet, global-norm clipping on the text
 tower (`make_contrastive_optimizer`).
 
@@ -123,7 +123,7 @@ def adaptive_gradient_clipping(clipping: float, eps: float = 1e-3) -> optax.Grad
 
 
 def make_contrastive_optimizer(optim: Any) -> optax.GradientTransformation:
-  """PAPER.md §5: AGC `optim.agc_clipping` on the NFNet, global-norm clipping
+  """docs/paper.md §5: AGC `optim.agc_clipping` on the NFNet, global-norm clipping
   `optim.text_clip_global_norm` on the text tower (encoder + projection); the image projection
   and the temperature are not clipped (AGC spares the final linear layer, as in NFNets);
   then Adam and `optim.schedule`."""

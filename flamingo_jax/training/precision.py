@@ -1,4 +1,4 @@
-"""Mixed precision (PAPER.md §4, DESIGN.md §8).
+"""Mixed precision (docs/paper.md §4, docs/design.md §8).
 
 Trainable parameters and optimizer state: float32. Frozen towers: stored in
 `config.precision.frozen_params` (bfloat16 by default). Compute: every parameter is cast

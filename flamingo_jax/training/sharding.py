@@ -1,4 +1,4 @@
-"""Mesh ('data', 'model'), partition rules (data, not code), ZeRO-1 specs (DESIGN.md §8).
+"""Mesh ('data', 'model'), partition rules (data, not code), ZeRO-1 specs (docs/design.md §8).
 
 Parameters get their PartitionSpec from one ordered table of (regex on "module/param" path,
 spec), first match wins. Specs name the trailing dimensions; leading layer-stack dimensions
@@ -13,8 +13,10 @@ from typing import Any, Iterable, Optional, Sequence
 
 import haiku as hk
 import jax
-import numpy as np
+from jax.experimental import mesh_utils
+from jax.experimental import topologies
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+import numpy as np
 
 DATA, MODEL = "data", "model"
 MESH_AXES = (DATA, MODEL)
@@ -65,7 +67,6 @@ def topology_devices(topology: str) -> list:
   knows its process and coordinates), or "cpu": this machine's devices."""
   if topology == "cpu":
     return jax.devices()
-  from jax.experimental import topologies  # pylint: disable=g-import-not-at-top
   kwargs = {"chip_config_name": "megacore"} if topology.startswith("v4") else {}
   return list(topologies.get_topology_desc(topology_name=topology, platform="tpu",
                                            **kwargs).devices)
@@ -83,7 +84,6 @@ def make_mesh(data: int, model: int, devices: Optional[Sequence[Any]] = None) ->
     raise ValueError(f"mesh data={data} x model={model} = {data * model} but there are "
                      f"{count} devices")
   try:
-    from jax.experimental import mesh_utils  # pylint: disable=g-import-not-at-top
     grid = mesh_utils.create_device_mesh((data, model), devices)
   except (ValueError, NotImplementedError, AssertionError):
     grid = np.asarray(devices).reshape(data, model)

@@ -1,4 +1,4 @@
-"""Pretrained-weight import (DESIGN.md §2): safetensors readers, per-family name maps,
+"""Pretrained-weight import (docs/design.md §2): safetensors readers, per-family name maps,
 loading straight into shardings. Imports `models` only."""
 
 from flamingo_jax.weights.families import FAMILIES, lm_config_from_hf

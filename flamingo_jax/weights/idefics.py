@@ -33,9 +33,13 @@ import os
 import re
 from typing import Any, Optional
 
+import jax
 import numpy as np
 
+from flamingo_jax import config_base
+from flamingo_jax import models
 from flamingo_jax.weights import families
+from flamingo_jax.weights import lm_rules
 from flamingo_jax.weights import loading
 from flamingo_jax.weights import mapping
 from flamingo_jax.weights import vision
@@ -123,7 +127,7 @@ def read_config(source: str) -> dict:
   hf["vision_config"] = _VISION_DEFAULTS | dict(hf.get("vision_config") or {})
   hf["perceiver_config"] = _PERCEIVER_DEFAULTS | dict(hf.get("perceiver_config") or {})
   if hf["tie_word_embeddings"]:
-    raise families.unsupported("tie_word_embeddings", True, "idefics")
+    raise lm_rules.unsupported("tie_word_embeddings", True, "idefics")
   return hf
 
 
@@ -162,9 +166,6 @@ def load_idefics(source: str, *, pad_vocab_multiple: int = 128, vit_activation: 
                  ) -> tuple[dict, dict, dict]:
   """(params {module: {name: array}}, model.json fields, report) of an IDEFICS folder
   (config.json, *.safetensors, tokenizer.json). `dtype`: the frozen towers' (None: as stored)."""
-  from flamingo_jax import config_base  # pylint: disable=g-import-not-at-top
-  from flamingo_jax import models  # pylint: disable=g-import-not-at-top
-  import jax  # pylint: disable=g-import-not-at-top
   hf = read_config(source)
   ckpt = SafetensorsCheckpoint(source)
   base, extra = int(hf["vocab_size"]), int(hf.get("additional_vocab_size", 0))
@@ -184,7 +185,7 @@ def load_idefics(source: str, *, pad_vocab_multiple: int = 128, vit_activation: 
   dim, heads = lm_fields["dim"], lm_fields["num_heads"]
   alpha = hf.get("alpha_type", "float")
   if alpha not in ("float", "vector"):
-    raise families.unsupported("alpha_type", alpha, "idefics")
+    raise lm_rules.unsupported("alpha_type", alpha, "idefics")
   xattn = dict(every=every, offset=0, num_heads=heads, key_size=dim // heads, ffw_mult=4,
                only_attend_immediate_media=True, media_norm=False,
                ffw_activation=lm_fields["activation"], norm="rms",

@@ -16,18 +16,24 @@ the first read: unmapped source tensors, parameters nothing fills, shape mismatc
 
 import collections
 import dataclasses
+import json
+import os
 import sys
 import time
 from typing import Any, Callable, Mapping, Optional
 
+from etils import epath
 import haiku as hk
 import jax
 import jax.numpy as jnp
 import numpy as np
+import orbax.checkpoint as ocp
+from safetensors.numpy import save_file
 
 from flamingo_jax import models
 from flamingo_jax.models import language_model
 from flamingo_jax.weights import families
+from flamingo_jax.weights import lm_rules
 from flamingo_jax.weights import mapping
 from flamingo_jax.weights.safetensors_io import CheckpointError, SafetensorsCheckpoint
 
@@ -107,15 +113,15 @@ class _Item:
   outputs: dict            # logical -> (module, name, index)
 
 
-def _context(model_config: Any) -> families.Context:
+def _context(model_config: Any) -> lm_rules.Context:
   lm = model_config.lm
-  return families.Context(vocab_size=model_config.vocab_size, num_heads=lm.num_heads,
+  return lm_rules.Context(vocab_size=model_config.vocab_size, num_heads=lm.num_heads,
                           num_kv_heads=lm.get("num_kv_heads", 0) or lm.num_heads,
                           key_size=lm.key_size, tied=bool(lm.get("tied_embeddings", False)),
                           new_tokens=len(model_config.get("new_token_ids", ()) or (0, 0)))
 
 
-def plan_tensors(ckpt: SafetensorsCheckpoint, family: families.Family,
+def plan_tensors(ckpt: SafetensorsCheckpoint, family: lm_rules.Family,
                  model_config: Any) -> list[_Item]:
   """Matches every source tensor to our parameters and checks shapes, reading no data."""
   targets = lm_param_shapes(model_config)
@@ -283,9 +289,6 @@ def export_lm(params: hk.Params, model_config: Any, out_dir: str) -> None:
   """Writes the LM of `params` as a "chinchilla" checkpoint (`--kind=chinchilla`): one
   safetensors tensor per layer (`layers.3.self_attention.query.w`, our [in, out] layout)
   and a config.json, so that it re-imports under any `xattn.every`."""
-  import json  # pylint: disable=g-import-not-at-top
-  import os  # pylint: disable=g-import-not-at-top
-  from safetensors.numpy import save_file  # pylint: disable=g-import-not-at-top
   tensors = {}
   for (module, name), _ in lm_param_shapes(model_config).items():
     value = np.asarray(jax.device_get(params[module][name]))
@@ -352,7 +355,6 @@ def check_complete(params: dict, shapes: hk.Params) -> None:
 
 def save_params(path: str, params: hk.Params) -> None:
   """Writes a Haiku params dict as an orbax StandardCheckpointer directory."""
-  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
   checkpointer = ocp.StandardCheckpointer()
   checkpointer.save(path, params)
   checkpointer.wait_until_finished()
@@ -362,8 +364,6 @@ def save_params(path: str, params: hk.Params) -> None:
 def pytree_metadata(path: str) -> Mapping:
   """The tree of an orbax pytree checkpoint directory, from its metadata only (ArrayMetadata
   leaves: shapes and dtypes, no array read); ValueError when it holds none."""
-  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
-  from etils import epath  # pylint: disable=g-import-not-at-top
   tree = getattr(ocp.PyTreeCheckpointHandler().metadata(epath.Path(path)), "tree", None)
   if not isinstance(tree, Mapping):
     raise ValueError(f"no pytree metadata in {path}")
@@ -371,7 +371,6 @@ def pytree_metadata(path: str) -> Mapping:
 
 
 def _stored_tree(path: str) -> Mapping:
-  from etils import epath  # pylint: disable=g-import-not-at-top
   if not epath.Path(path).exists():
     raise CheckpointError(f"parameter checkpoint {path!r} does not exist")
   try:
@@ -393,8 +392,6 @@ def _tower(vision: Mapping) -> str:
 def check_vision_import(params_path: str, vision_config: Mapping) -> None:
   """An import's vision tower (its model.json beside `params/`) is the one the config
   builds: the kind, and the NFNet variant or the ViT's shape; else an error naming both."""
-  import json  # pylint: disable=g-import-not-at-top
-  import os  # pylint: disable=g-import-not-at-top
   model_json = os.path.join(os.path.dirname(os.path.normpath(params_path)), "model.json")
   if not os.path.exists(model_json):
     return                                   # not an import folder: restore_params checks shapes
@@ -425,7 +422,6 @@ def restore_params(path: str, target: hk.Params) -> hk.Params:
   checkpoint written by `save_params` (an import's `params/`; it may hold more, e.g. the
   new-token rows next to the frozen LM): values arrive in the target's dtype and sharding.
   A missing parameter or a shape difference is an error naming it, before anything is read."""
-  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
   stored = _stored_tree(path)
   for module, name, value in hk.data_structures.traverse(target):
     if module not in stored or name not in stored[module]:

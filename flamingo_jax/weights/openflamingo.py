@@ -51,8 +51,13 @@ import os
 import re
 from typing import Any, Mapping, Optional
 
+import jax
+import ml_dtypes
 import numpy as np
+import tokenizers
 
+from flamingo_jax import config_base
+from flamingo_jax import models
 from flamingo_jax.weights import families
 from flamingo_jax.weights import loading
 from flamingo_jax.weights import mapping
@@ -192,7 +197,6 @@ def _torch_state_dict(path: str) -> dict[str, np.ndarray]:
       raise CheckpointError(f"{path}: entry {name!r} is a {type(value).__name__}, not a tensor")
     value = value.detach().contiguous()
     if value.dtype == torch.bfloat16:                # numpy has no bfloat16: via ml_dtypes
-      import ml_dtypes  # pylint: disable=g-import-not-at-top
       out[name] = value.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
     else:
       out[name] = value.numpy()
@@ -269,7 +273,6 @@ def base_vocab(lm_dir: str) -> int:
     raise CheckpointError(f"{lm_dir} has no tokenizer.json to count the base vocabulary "
                           "(pass --base_vocab=N: len(tokenizer) before OpenFlamingo added "
                           "its tokens)")
-  import tokenizers  # pylint: disable=g-import-not-at-top
   return tokenizers.Tokenizer.from_file(path).get_vocab_size(with_added_tokens=True)
 
 
@@ -293,9 +296,6 @@ def load_openflamingo(source: str, lm_dir: str, vision_source: str = "", *,
   the checkpoint holds `vision_encoder.*`). `dim_head`: the resampler's and gated blocks'
   head width (not in the tensors; OpenFlamingo's is 64). `base_vocab_size`: 0 counts
   lm_dir/tokenizer.json. `dtype`: the frozen LM's (None: the source's)."""
-  from flamingo_jax import config_base  # pylint: disable=g-import-not-at-top
-  from flamingo_jax import models  # pylint: disable=g-import-not-at-top
-  import jax  # pylint: disable=g-import-not-at-top
   parts = split_checkpoint(read_checkpoint(source))
   kind, lm_fields = families.lm_config_from_hf(lm_dir)
   family = families.family_for(kind)

@@ -1,5 +1,5 @@
 """Shared by the fixture scripts under tests/data (run in the reference venv of
-../shared/bench/README.md, never by the suite itself)."""
+docs/benchmarks.md, "The reference environment", never by the suite itself)."""
 
 import importlib.abc
 import importlib.machinery

@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
-# The reference venv's python (../shared/bench/README.md) on a machine with no torchvision
+# The reference venv's python (docs/benchmarks.md, "The reference environment") on a machine with no torchvision
 # for its torch (the registries' torch 2.13.0+cpu has none): tests/data/reference_env.py's
 # stand-in, and OpenFlamingo's factory given open_clip's model without its image transforms
 # (as tests/data/openflamingo/make_fixture.py does). Runs a script with its arguments:
 #   REF_PY=tests/data/reference_python.sh JAX_PY=.venv/bin/python \
-#     bash ../shared/bench/run_ab.sh ab.jsonl 3 small
+#     bash benchmarks/openflamingo_ab/run_ab.sh ab.jsonl 3 small
 set -euo pipefail
 HERE=$(cd "$(dirname "$0")" && pwd)
 exec "${REF_VENV:-$HOME/.cache/flamingo-refvenv}/bin/python" -c "

@@ -1,4 +1,4 @@
-"""NFNet-F0…F6 (Brock et al. 2021; PAPER.md §11) in Haiku, plus a tiny variant for CPU.
+"""NFNet-F0…F6 (Brock et al. 2021; docs/paper.md §11) in Haiku, plus a tiny variant for CPU.
 
 Normalizer-free: Scaled Weight Standardisation on every conv (learnable gain), scaled
 activations (unit output variance), residual branches scaled by alpha with beta = 1/expected

@@ -1,5 +1,5 @@
 """Writes cider_fixture.json: captions, pycocoevalcap 1.2's PTB tokens of each, and its CIDEr-D
-scores on those tokens. Run in the reference venv (../shared/bench/README.md) with
+scores on those tokens. Run in the reference venv (docs/benchmarks.md, "The reference environment") with
 `pip install pycocoevalcap==1.2` and Java on the PATH:
 
     $REF tests/data/captions/make_fixtures.py [OUTPUT.json]

@@ -1,5 +1,5 @@
 """Writes the CLIP ViT fixture of tests/test_vision_import.py (run with open_clip installed:
-the reference venv of ../shared/bench/README.md).
+the reference venv of docs/benchmarks.md, "The reference environment").
 
   ~/.cache/flamingo-refvenv/bin/python tests/data/clip_vit/make_fixture.py [OUT_DIR]
 

@@ -1,6 +1,6 @@
 """Writes the Hugging Face reference LMs of tests/test_lm_import.py (run from the repo root):
 
-    REF=~/.cache/flamingo-refvenv/bin/python   # ../shared/bench/README.md, + pillow
+    REF=~/.cache/flamingo-refvenv/bin/python   # docs/benchmarks.md, "The reference environment", + pillow
     $REF tests/data/hf_lms/make_fixtures.py [OUT_DIR]     # default: tests/data/hf_lms
 
 For each family a tiny random model built by the real `transformers` library (every weight

@@ -1,5 +1,5 @@
 """Writes the IDEFICS fixtures of tests/test_idefics.py (run with transformers and torch: the
-reference venv of ../shared/bench/README.md):
+reference venv of docs/benchmarks.md, "The reference environment"):
 
     ~/.cache/flamingo-refvenv/bin/python tests/data/idefics/make_fixtures.py [OUT_DIR]
 

@@ -1,5 +1,5 @@
 """Writes the timm NFNet fixture of tests/test_vision_import.py (run with timm installed:
-the reference venv of ../shared/bench/README.md).
+the reference venv of docs/benchmarks.md, "The reference environment").
 
   ~/.cache/flamingo-refvenv/bin/python tests/data/nfnet_timm/make_fixture.py [OUT_DIR]
   ~/.cache/flamingo-refvenv/bin/python tests/data/nfnet_timm/make_fixture.py OUT_DIR dm_nfnet_f0

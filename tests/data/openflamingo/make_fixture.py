@@ -1,6 +1,6 @@
 """Writes the OpenFlamingo module fixtures of tests/test_openflamingo.py (run with
 open_flamingo 2.0.1 installed, and einops-exts: the reference venv of
-../shared/bench/README.md).
+docs/benchmarks.md, "The reference environment").
 
   ~/.cache/flamingo-refvenv/bin/python tests/data/openflamingo/make_fixture.py [OUT_DIR]
 

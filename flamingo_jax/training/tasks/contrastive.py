@@ -1,6 +1,6 @@
-"""Contrastive vision pretraining (PAPER.md §5): the loss and the train setup.
+"""The contrastive task: vision pretraining (docs/paper.md §5), its loss and its setup.
 
-    setup = contrastive.make_train_setup(config, mesh)   # config.task == "contrastive"
+    setup = tasks.make_train_setup(config, mesh)          # config.task == "contrastive"
     state, metrics = setup.step(state, {}, {stream: batch})
 
 The same TrainSetup as Flamingo's (train_step.py), so the trainer, checkpoints, preemption,
@@ -23,6 +23,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from flamingo_jax.data import schema
 from flamingo_jax.models import contrastive as contrastive_model
+from flamingo_jax.training import flops
 from flamingo_jax.training import optimizer as optimizer_lib
 from flamingo_jax.training import precision
 from flamingo_jax.training import sharding
@@ -32,7 +33,7 @@ from flamingo_jax.training import train_step
 def contrastive_loss(image_emb: jax.Array, text_emb: jax.Array, inverse_temperature: jax.Array,
                      label_smoothing: float = 0.0,
                      logits_sharding: NamedSharding | None = None) -> tuple[jax.Array, dict]:
-  """PAPER.md §5: −(1/N) Σ_i Σ_j y_ij log softmax_j(β L_iᵀV_j), plus the same with images
+  """docs/paper.md §5: −(1/N) Σ_i Σ_j y_ij log softmax_j(β L_iᵀV_j), plus the same with images
   and texts swapped; y = (1 − s)·I + s/N (label smoothing s). Embeddings [N, E] (normalised).
   -> (loss, {"image_to_text", "text_to_image": each direction's term, "accuracy": share of
   images whose own text scores highest}). `logits_sharding`: where the [N, N] similarities
@@ -75,14 +76,39 @@ def _check_config(config: Any) -> None:
                        f"step or more devices")
   if config.model.vision.get("init_checkpoint"):
     raise ValueError("config.model.vision.init_checkpoint is set, but contrastive pretraining "
-                     "trains its NFNet from scratch (PAPER.md §5); continue a contrastive run "
+                     "trains its NFNet from scratch (docs/paper.md §5); continue a contrastive run "
                      "by its --workdir instead")
   if config.train.mixing != "accumulate":
     raise ValueError(f"train.mixing={config.train.mixing!r}; the contrastive stage accumulates "
-                     f"its streams' gradients (PAPER.md §5)")
+                     f"its streams' gradients (docs/paper.md §5)")
 
 
-def make_train_setup(config: Any, mesh: Mesh | None = None, rules=None) -> train_step.TrainSetup:
+NAME = "contrastive"
+
+
+def make_model(model_config: Any, **kwargs) -> hk.Transformed:
+  """`models.contrastive.make_contrastive` (compute_dtype, vision_batching)."""
+  return contrastive_model.make_contrastive(model_config, **kwargs)
+
+
+def init_args(model_config: Any) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """Inputs that shape every parameter: a caption of max_length tokens and one image."""
+  size, length = model_config.image_size, model_config.text.max_length
+  return (jnp.zeros((1, length), jnp.int32), jnp.ones((1, length), jnp.float32),
+          jnp.zeros((1, 1, 1, size, size, 3), jnp.uint8))
+
+
+def split(params: hk.Params, model_config: Any) -> tuple[hk.Params, hk.Params]:
+  """Everything trains (the vision tower from scratch, the text tower): nothing frozen."""
+  del model_config
+  return params, {}
+
+
+def stream_flops(model_config: Any, spec: Any) -> dict[str, float]:
+  return flops.contrastive_stream_flops(model_config, spec.batch_size, spec.max_tokens)
+
+
+def make_setup(config: Any, mesh: Mesh | None = None, rules=None) -> train_step.TrainSetup:
   """Model, optimizer, shardings and the jitted init and step of the contrastive stage."""
   mesh = mesh or sharding.make_mesh(config.mesh.data, config.mesh.model)
   data_axis, model_axis = mesh.shape[sharding.DATA], mesh.shape[sharding.MODEL]
@@ -92,17 +118,13 @@ def make_train_setup(config: Any, mesh: Mesh | None = None, rules=None) -> train
   sharding.check_batches_fit_mesh(config.data.streams, data_axis, {})
   rules = sharding.PARTITION_RULES if rules is None else rules
 
-  model = contrastive_model.make_contrastive(
-      config.model, compute_dtype=precision.dtype(config.precision.compute),
-      vision_batching=train_step.spread_vision_batch(mesh))
+  model = make_model(config.model, compute_dtype=precision.dtype(config.precision.compute),
+                     vision_batching=train_step.spread_vision_batch(mesh))
   tx = optimizer_lib.make_contrastive_optimizer(config.optim)
-  size, length = config.model.image_size, config.model.text.max_length
 
   def init(rng):
     init_rng, state_rng = jax.random.split(rng)
-    params = model.init(init_rng, jnp.zeros((1, length), jnp.int32),
-                        jnp.ones((1, length), jnp.float32),
-                        jnp.zeros((1, 1, 1, size, size, 3), jnp.uint8))
+    params = model.init(init_rng, *init_args(config.model))
     state = train_step.TrainState(step=jnp.int32(0), params=params, opt_state=tx.init(params),
                                   rng=state_rng)
     return state, {}
