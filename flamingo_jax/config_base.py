@@ -111,7 +111,7 @@ def model_config(*, vocab_size: int, image_size: int, vision_variant: str, lm: d
       eoc_token_id=EOC_ID,
       image_size=image_size,          # pixels, square (320 training, 480 fine-tuning)
       remat="none",                   # per LM / xattn block: none | full | dots (language_model.py)
-      attention_impl="einsum",        # einsum | xla | cudnn | auto (models/attention.py)
+      attention_impl="einsum",        # einsum | xla | cudnn | splash | auto (models/attention.py)
       vision=vision_config(vision_variant),
       resampler=RESAMPLER_OPTIONS | dict(resampler or PAPER_RESAMPLER),
       # lm.trainable: False (docs/paper.md), True: the "LM unfrozen" ablation (Table 3 xiii).

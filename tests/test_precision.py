@@ -118,7 +118,7 @@ def test_attention_kernel_resolution():
   assert resolve("auto", jnp.bfloat16, 96 + 4, "gpu") == "einsum"   # not a multiple of 8
   assert resolve("auto", jnp.bfloat16, 256, "gpu") == "einsum"      # wider than 128
   assert resolve("auto", jnp.bfloat16, 128, "cpu") == "einsum"
-  assert resolve("auto", jnp.bfloat16, 128, "tpu") == "einsum"
+  assert resolve("auto", jnp.bfloat16, 128, "tpu") == "einsum"      # no splash-form mask
   assert resolve("xla", jnp.float32, 64, "cpu") == "xla"
   assert resolve("cudnn", jnp.bfloat16, 64, "gpu") == "cudnn"
   assert resolve("cudnn", jnp.float32, 64, "gpu") == "einsum"       # the float32 init's forward

@@ -15,14 +15,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from flamingo_jax.models import splash
+
 # Mask value for logits: finite so that a fully masked row gives a uniform softmax
 # (never NaN); exp(MASK - max) underflows to exactly 0 for any real max.
 MASK_VALUE = float(np.finfo(np.float32).min)
 # How attention is computed (config.model.attention_impl). "einsum": our own einsums, the
 # reference the tests compare against; "xla": jax.nn.dot_product_attention on XLA; "cudnn":
-# its cuDNN flash attention (GPU, bfloat16/float16 only); "auto": cuDNN where it applies,
+# its cuDNN flash attention (GPU, bfloat16/float16 only); "splash": the Pallas TPU kernel
+# (models/splash.py) where the mask has its form; "auto": cuDNN or splash where they apply,
 # else the einsums (resolve_impl). All keep float32 logits and softmax.
-ATTENTION_IMPLS = ("einsum", "xla", "cudnn", "auto")
+ATTENTION_IMPLS = ("einsum", "xla", "cudnn", "splash", "auto")
 
 
 def squared_relu(x: jax.Array) -> jax.Array:
@@ -66,18 +69,23 @@ def _scores_bwd(spec, residuals, g):
 _scores.defvjp(_scores_fwd, _scores_bwd)
 
 
-def resolve_impl(impl: str, dtype: Any, key_size: int, platform: Optional[str] = None) -> str:
+def resolve_impl(impl: str, dtype: Any, key_size: int, platform: Optional[str] = None,
+                 splash_mask: bool = False) -> str:
   """The kernel `impl` means for this call. "auto": cuDNN's flash attention on a GPU for
-  bfloat16 / float16 and head widths it takes (multiples of 8 up to 128), else our einsums.
-  "cudnn" on float32 operands (which cuDNN refuses) runs the einsums: that is the parameter
+  bfloat16 / float16 and head widths it takes (multiples of 8 up to 128); splash on a TPU
+  where the call's mask has splash's form (`splash_mask`); else our einsums. "cudnn" on
+  float32 operands (which cuDNN refuses) runs the einsums: that is the parameter
   initialisation's forward, always float32 (models/flamingo.py); a float32 training config
-  with cudnn is refused up front (training/tasks)."""
-  platform = platform or jax.default_backend()
+  with cudnn is refused up front (training/tasks). "splash" without `splash_mask` runs the
+  einsums too (the resampler, the ViT, ALiBi, a decoding cache)."""
+  platform = platform or splash.platform()
   half = jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
   if impl == "auto":
+    if platform == "tpu" and splash_mask:
+      return "splash"
     fits = platform == "gpu" and half and key_size % 8 == 0 and key_size <= 128
     return "cudnn" if fits else "einsum"
-  if impl == "cudnn" and not half:
+  if (impl == "cudnn" and not half) or (impl == "splash" and not splash_mask):
     return "einsum"
   return impl
 
@@ -307,8 +315,12 @@ class MultiHeadAttention(hk.Module):
                positions: Optional[jax.Array] = None,
                rotary: Optional[Rotary] = None,
                kv: Optional[tuple[jax.Array, jax.Array]] = None,
-               cache: Optional[dict] = None):
+               cache: Optional[dict] = None,
+               splash_mask: Optional[splash.SplashMask] = None):
     """query [B, Lq, D], key_value [B, Lk, Dkv], mask bool [B, 1|H, Lq, Lk] -> [B, Lq, model_size].
+
+    splash_mask: the same mask in the form splash attention takes (models/splash.py), where
+    it has one; the "splash" / "auto" impls use the kernel only then.
 
     kv: precomputed `project_kv(key_value)` instead of key_value. cache (self-attention
     decoding): a layer stack's keys/values {"k", "v": [B, N, Hkv, S, K], "layer": int32 []}
@@ -341,7 +353,12 @@ class MultiHeadAttention(hk.Module):
       k_positions = (jnp.broadcast_to(jnp.arange(k.shape[1]), (b, k.shape[1]))
                      if cache is not None else positions)                  # cache: slot = position
       bias = self._alibi_bias(positions, k_positions)                     # [B, H, Lq, Lk]
-    impl = resolve_impl(self.impl, q.dtype, self.key_size)
+    impl = resolve_impl(self.impl, q.dtype, self.key_size, splash_mask=(
+        splash_mask is not None and bias is None and cache is None))
+    if impl == "splash":
+      attn = splash.attention(q, k, v, splash_mask, scale=float(self.scale))   # [B, Lq, H, K]
+      attn = attn.reshape(b, lq, self.num_heads * self.key_size)
+      return self._linear("output", self.model_size, self.output_bias)(attn)
     if impl != "einsum":
       attn = jax.nn.dot_product_attention(
           q, k.astype(q.dtype), v.astype(q.dtype), mask=mask, scale=float(self.scale),

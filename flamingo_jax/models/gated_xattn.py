@@ -25,7 +25,7 @@ import haiku as hk
 import jax
 import jax.numpy as jnp
 
-from flamingo_jax.models import attention
+from flamingo_jax.models import attention, splash
 
 
 def media_positions(input_ids: jax.Array, image_token_id: int, no_media_after_id: int = -1,
@@ -57,6 +57,11 @@ def media_positions(input_ids: jax.Array, image_token_id: int, no_media_after_id
   return jnp.where(stop_before > last_image, -count, count)
 
 
+def media_index(num_media: int, num_visual_tokens: int) -> jax.Array:
+  """int32 [N*R]: the media (1-based) each visual key belongs to."""
+  return jnp.repeat(jnp.arange(1, num_media + 1, dtype=jnp.int32), num_visual_tokens)
+
+
 def media_attention_mask(phi: jax.Array, num_media: int, num_visual_tokens: int, *,
                          only_attend_immediate_media: bool) -> tuple[jax.Array, jax.Array]:
   """Returns (mask bool [B, 1, L, N*R], row_has_media bool [B, L]).
@@ -64,7 +69,7 @@ def media_attention_mask(phi: jax.Array, num_media: int, num_visual_tokens: int,
   Key j belongs to media j // R + 1 (1-based). Tokens whose φ is 0, or beyond the N media
   slots, attend to nothing and are zeroed by the caller.
   """
-  key_media = jnp.repeat(jnp.arange(1, num_media + 1, dtype=jnp.int32), num_visual_tokens)  # [N*R]
+  key_media = media_index(num_media, num_visual_tokens)                                      # [N*R]
   row_has_media = (phi >= 1) & (phi <= num_media)                                           # [B, L]
   if only_attend_immediate_media:
     mask = phi[:, :, None] == key_media                                                     # [B, L, N*R]
@@ -153,8 +158,11 @@ class GatedCrossAttentionDense(hk.Module):
     mask, row_has_media = media_attention_mask(
         phi, n, r, only_attend_immediate_media=self.only_attend_immediate_media)
     q = self._block_norm("query_norm")(y)
+    # The same mask as segment ids: query φ(t), key its media's index (1-based; models/splash.py).
+    splash_mask = (splash.SplashMask(q_segments=phi, kv_segments=media_index(n, r))
+                   if self.only_attend_immediate_media else None)
     if media_kv is None:
-      attn = self._cross_attention(dim)(q, kv_input, mask=mask)
+      attn = self._cross_attention(dim)(q, kv_input, mask=mask, splash_mask=splash_mask)
     else:
       kv = tuple(x.reshape(b, n * r, *x.shape[3:]) for x in media_kv)     # [B, N*R, H, K]
       attn = self._cross_attention(dim)(q, mask=mask, kv=kv)

@@ -22,7 +22,7 @@ import haiku as hk
 import jax
 import jax.numpy as jnp
 
-from flamingo_jax.models import attention
+from flamingo_jax.models import attention, splash
 from flamingo_jax.models import gated_xattn
 
 
@@ -104,7 +104,11 @@ class DecoderBlock(hk.Module):
                  if o.qk_norm else None),
         alibi=(attention.alibi_slopes(self.num_heads, o.alibi_bias_max)
                if o.alibi_bias_max else None),
-        name="self_attention")(h, h, mask=mask, positions=positions, rotary=rotary, cache=cache)
+        name="self_attention")(
+            h, h, mask=mask, positions=positions, rotary=rotary, cache=cache,
+            # Uncached, `mask` is causal_mask's (LanguageModel): splash's causal form.
+            splash_mask=(splash.SplashMask(causal=True, sliding_window=o.sliding_window)
+                         if cache is None else None))
     if cache is not None:
       attn, cache = attn
     ffw = attention.FeedForward(hidden_size=self.ffw_size, activation=o.activation,

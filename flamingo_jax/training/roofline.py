@@ -4,7 +4,14 @@ Every instruction the device runs on its own (a fusion, a dot or convolution out
 copy or transpose) takes at least max(its FLOPs / peak FLOP/s, the bytes it reads and writes /
 HBM bandwidth); the estimate is the sum over the program, each while loop's body counted
 by its trip count (hlo_flops). FLOPs are the dots' and convolutions' inside the instruction;
-bytes are its operands' and outputs' sizes.
+bytes are its operands' and outputs' sizes, except where a fusion only slices an operand
+(a scanned layer's weights, read one layer at a time out of the whole stack: the slices'
+bytes) or updates it in place (a gradient written into its layer's slot: the update's bytes).
+
+Pallas kernels are custom calls XLA knows no FLOPs of: splash attention's (models/splash.py)
+are counted as dense attention over their operands' padded shapes, 2 matmuls forward, 3 for
+dq and 4 for dk/dv (`kernel_flops`), an upper bound for a causal mask, whose kernels skip the
+blocks above the diagonal; any other custom call counts its bytes only.
 
 What it leaves out, so a lower bound rather than a forecast: collectives (their bytes are
 reported beside, not timed: ICI bandwidth and overlap with compute depend on the topology
@@ -35,6 +42,10 @@ _CALLEE = re.compile(r"\b(calls|body|to_apply|branch_computations)=\{?%?([\w.\-,
 # Instructions that move no data of their own.
 _FREE = {"parameter", "constant", "tuple", "get-tuple-element", "bitcast", "after-all",
          "partition-id", "replica-id", "iota", "opt-barrier"}
+_LAYOUTS = re.compile(r"operand_layout_constraints=\{(.*?)\}, \w+=")
+# Matmuls per splash kernel phase (the backward recomputes the logits).
+_SPLASH_MATMULS = {"fwd": 2, "dq": 3, "dkv": 4}
+_SPLASH = re.compile(r"^splash_m[hq]a_(fwd|dq|dkv)")
 _COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all",
                 "collective-permute", "all-reduce-start", "all-gather-start",
                 "collective-permute-start")
@@ -50,10 +61,25 @@ def _size(text: str) -> int:
   return total
 
 
-def _computations(hlo_text: str) -> tuple[dict[str, list], dict[str, dict[str, int]], str]:
+def splash_kernel_flops(name: str, rest: str) -> float:
+  """Dense-attention FLOPs of one splash kernel call (0 if `name` is not one): q [B, H, Lq, K]
+  and k [B, Hkv, Lk, K] are its first two rank-4 floating operands."""
+  phase, layouts = _SPLASH.match(name), _LAYOUTS.search(rest)
+  if not phase or not layouts:
+    return 0.0
+  arrays = [tuple(int(d) for d in dims.split(",")) for dtype, dims in _ARRAY.findall(
+      layouts.group(1)) if dtype.startswith(("f", "bf")) and dims.count(",") == 3]
+  if len(arrays) < 2:
+    return 0.0
+  (b, h, lq, k), (_, _, lk, _) = arrays[:2]
+  return 2.0 * b * h * lq * lk * k * _SPLASH_MATMULS[phase.group(1)]
+
+
+def _computations(hlo_text: str) -> tuple[dict[str, list], dict[str, dict[str, int]], str,
+                                          dict[str, str]]:
   """({computation: [(name, op, output bytes, operands, rest)]}, {computation: {value:
-  bytes}}, entry name)."""
-  instructions, sizes, current, entry = {}, {}, None, None
+  bytes}}, entry name, {computation: its root's name})."""
+  instructions, sizes, current, entry, roots = {}, {}, None, None, {}
   for line in hlo_text.splitlines():
     header = hlo_flops._HEADER.match(line)  # pylint: disable=protected-access
     if header and not line.startswith(" "):
@@ -68,14 +94,85 @@ def _computations(hlo_text: str) -> tuple[dict[str, list], dict[str, dict[str, i
       sizes[current][name] = _size(shape)
       operands = hlo_flops._operands(rest)  # pylint: disable=protected-access
       instructions[current].append((name, op, sizes[current][name], operands, rest))
-  return instructions, sizes, entry
+      if line.lstrip().startswith("ROOT"):
+        roots[current] = name
+  return instructions, sizes, entry, roots
+
+
+_SLICES = ("dynamic-slice", "slice", "gather")
+
+
+def _fused_traffic(fused: str, instructions: dict[str, list], sizes: dict[str, dict[str, int]],
+                   roots: dict[str, str], memo: dict) -> tuple[dict[int, int], Optional[int]]:
+  """What the fused computation `fused` really moves: ({parameter index: bytes read} for
+  parameters that are only sliced (the slices' sizes; also inside a nested fusion) or only
+  updated in place (0), the bytes its output writes when in-place updates are its root or a
+  root tuple's elements (their updates' sizes), else None)."""
+  if fused in memo:
+    return memo[fused]
+  memo[fused] = ({}, None)                    # a cycle (never in valid HLO) reads as unknown
+  params, uses, by_name = {}, {}, {}
+  for name, op, out, operands, rest in instructions.get(fused, []):
+    by_name[name] = (op, operands)
+    if op == "parameter":
+      params[name] = int(rest.split(")", 1)[0])
+    callee = _CALLEE.search(rest) if op == "fusion" else None
+    for position, operand in enumerate(operands):
+      uses.setdefault(operand, []).append(
+          (name, op, out, position, callee.group(2).split(",")[0].strip().lstrip("%")
+           if callee else None))
+
+  def read(value: str, depth: int = 0) -> Optional[int]:
+    """Bytes read of `value` if every use slices it or updates it in place (through
+    bitcasts and nested fusions), else None."""
+    if value not in uses or depth > 8:
+      return None
+    total = 0
+    for user, op, out, position, callee in uses[value]:
+      if op == "bitcast":
+        inner = read(user, depth + 1)
+      elif op == "fusion" and callee:
+        inner = _fused_traffic(callee, instructions, sizes, roots, memo)[0].get(position)
+      elif op in _SLICES and position == 0:
+        inner = out
+      elif op == "dynamic-update-slice" and position == 0:
+        inner = 0
+      else:
+        inner = None
+      if inner is None:
+        return None
+      total += inner
+    return total
+
+  reads = {index: r for name, index in params.items() if (r := read(name)) is not None}
+  table = sizes.get(fused, {})
+
+  def written(value: str) -> Optional[int]:
+    op, operands = by_name.get(value, (None, []))
+    if op == "dynamic-update-slice":
+      return table.get(operands[1], 0)
+    if op == "tuple":
+      parts = [written(o) for o in operands]
+      if any(p is not None for p in parts):
+        return sum(table.get(o, 0) if p is None else p for o, p in zip(operands, parts))
+    return None
+  memo[fused] = reads, (written(roots[fused]) if fused in roots else None)
+  return memo[fused]
 
 
 def estimate(hlo_text: str, peak_flops: float, peak_bytes_per_second: float) -> dict:
   """{"seconds": the estimate, "compute_seconds" / "memory_seconds": the instructions bound by
-  each, "flops", "bytes", "collective_bytes" (not timed)}, per chip."""
-  instructions, sizes, entry = _computations(hlo_text)
+  each, "flops" (of which "kernel_flops" Pallas kernels'), "bytes", "collective_bytes" (not
+  timed)}, per chip."""
+  instructions, sizes, entry, roots = _computations(hlo_text)
   flops_of = hlo_flops.parse(hlo_text)
+  traffic = {}
+
+  def fusion_bytes(computation: str, fused: str, out_bytes: int, operands: list) -> int:
+    reads, written = _fused_traffic(fused, instructions, sizes, roots, traffic)
+    return ((out_bytes if written is None else written)
+            + sum(reads.get(i, sizes[computation].get(o, 0)) for i, o in enumerate(operands)))
+
   loop_bound = lambda cond: (flops_of[cond].loop_bound if cond in flops_of
                              and flops_of[cond].loop_bound else 1)
   memo: dict[str, dict[str, float]] = {}
@@ -88,7 +185,7 @@ def estimate(hlo_text: str, peak_flops: float, peak_bytes_per_second: float) -> 
     if computation in memo:
       return memo[computation]
     totals = dict(seconds=0.0, compute_seconds=0.0, memory_seconds=0.0, flops=0.0, bytes=0.0,
-                  collective_bytes=0.0)
+                  collective_bytes=0.0, kernel_flops=0.0)
     if depth > 200:
       return totals
     for name, op, out_bytes, operands, rest in instructions.get(computation, []):
@@ -110,7 +207,14 @@ def estimate(hlo_text: str, peak_flops: float, peak_bytes_per_second: float) -> 
           for key, value in part.items():
             totals[key] += value
         continue
-      moved = out_bytes + sum(sizes[computation].get(o, 0) for o in operands)
+      if op == "fusion" and callees:
+        moved = fusion_bytes(computation, callees[0], out_bytes, operands)
+      elif op == "dynamic-update-slice":            # in place: the update read and written
+        moved = 2 * sizes[computation].get(operands[1], 0)
+      elif op in _SLICES:
+        moved = 2 * out_bytes
+      else:
+        moved = out_bytes + sum(sizes[computation].get(o, 0) for o in operands)
       if op.startswith(_COLLECTIVES):
         totals["collective_bytes"] += moved
         continue
@@ -121,6 +225,9 @@ def estimate(hlo_text: str, peak_flops: float, peak_bytes_per_second: float) -> 
         flops = dot_flops(callees[0])
       elif op in ("dot", "convolution"):
         flops = hlo_flops.instruction_flops(flops_of[computation], name)
+      elif op == "custom-call":
+        flops = splash_kernel_flops(name, rest)
+        totals["kernel_flops"] += flops
       compute, memory = flops / peak_flops, moved / peak_bytes_per_second
       totals["seconds"] += max(compute, memory)
       totals["compute_seconds" if compute >= memory else "memory_seconds"] += max(compute, memory)

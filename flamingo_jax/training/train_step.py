@@ -12,6 +12,7 @@ when the loss, the gradients or the new state are not finite) and the jitted ini
 """
 
 import dataclasses
+import functools
 from typing import Any, Callable, NamedTuple
 
 import haiku as hk
@@ -147,16 +148,28 @@ def jit_setup(config: Any, mesh: Mesh, model: Any, tx: optax.GradientTransformat
   # differ from an optimised compile in the last bit; every CPU init uses this setting.)
   init_options = ({"xla_backend_optimization_level": 0} if mesh.devices.flat[0].platform == "cpu"
                   else None)
-  jit_init = jax.jit(init, out_shardings=(shardings.state, shardings.frozen),
+  jit_init = jax.jit(in_mesh(mesh, init), out_shardings=(shardings.state, shardings.frozen),
                      compiler_options=init_options)
-  jit_step = jax.jit(step_fn, in_shardings=(shardings.state, shardings.frozen, batch_shardings),
+  jit_step = jax.jit(in_mesh(mesh, step_fn),
+                     in_shardings=(shardings.state, shardings.frozen, batch_shardings),
                      out_shardings=(shardings.state, replicated), donate_argnums=(0,))
   return TrainSetup(config=config, mesh=mesh, model=model, optimizer=tx,
                     param_specs=shardings.specs, state_shardings=shardings.state,
                     frozen_shardings=shardings.frozen, batch_shardings=batch_shardings,
                     abstract_state=abstract_state, abstract_frozen=abstract_frozen,
                     abstract_batches=abstract_batches, init=jit_init, step=jit_step,
-                    gradients=jax.jit(gradients))
+                    gradients=jax.jit(in_mesh(mesh, gradients)))
+
+
+def in_mesh(mesh: Mesh, fn: Callable) -> Callable:
+  """`fn` traced with `mesh` as the abstract mesh: what models/splash.py shard_maps its
+  kernel over, and whose platform (the target's, under an AOT compile) `attention_impl=auto`
+  decides by. GSPMD's partitioning of everything else is unchanged (the axes stay Auto)."""
+  @functools.wraps(fn)
+  def traced(*args):
+    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+      return fn(*args)
+  return traced
 
 
 def all_finite(tree) -> jax.Array:
