@@ -12,21 +12,24 @@ Other attentions (the resampler, the ViT, ALiBi, decoding against a cache) keep 
 their masks are not of these forms or their queries are too short to gain (docs/precision.md).
 
 Sharding: the kernel is one custom call that GSPMD cannot split, so it runs under `shard_map`
-over the mesh the step is traced in (`jax.sharding.use_abstract_mesh`, set by
-training/train_step.jit_setup): the batch over every axis but `HEAD_AXIS`, the heads over
-`HEAD_AXIS` (Megatron's column-parallel queries already are), each replicated instead when it
-does not divide. Off a TPU (tests on CPU) the same kernel runs in Pallas' interpreter.
+over the mesh the step is traced for (`traced_on`, entered by training/train_step.in_mesh
+while the step traces; a trace-time setting only, unlike `jax.set_mesh` it changes no array's
+type): the batch over every axis but `HEAD_AXIS`, the heads over `HEAD_AXIS` (Megatron's
+column-parallel queries already are), each replicated instead when it does not divide. Off a
+TPU (tests on CPU) the same kernel runs in Pallas' interpreter.
 """
 
+import contextlib
+import contextvars
 import math
-from typing import NamedTuple, Optional
+from typing import Iterator, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as kernel_lib
 from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as mask_lib
-from jax.sharding import PartitionSpec as P
+from jax.sharding import Mesh, PartitionSpec as P
 
 # The tensor-parallel mesh axis (training/sharding.MODEL; tests/test_splash.py holds them equal).
 HEAD_AXIS = "model"
@@ -48,13 +51,26 @@ class SplashMask(NamedTuple):
   kv_segments: Optional[jax.Array] = None     # [B, Lk] int32
 
 
+_TRACE_MESH: contextvars.ContextVar[Optional[Mesh]] = contextvars.ContextVar(
+    "splash_trace_mesh", default=None)
+
+
+@contextlib.contextmanager
+def traced_on(mesh: Mesh) -> Iterator[None]:
+  """Code traced inside runs on `mesh`: the kernels shard_map over it, and `platform()` is
+  its devices' (for an AOT compile, the target's)."""
+  token = _TRACE_MESH.set(mesh)
+  try:
+    yield
+  finally:
+    _TRACE_MESH.reset(token)
+
+
 def platform() -> str:
-  """The platform the code is being traced for: the step's mesh's (which, for an AOT compile,
-  is the target's), else the default backend's."""
-  mesh = jax.sharding.get_abstract_mesh()
-  if not mesh.empty and mesh.abstract_device is not None:
-    return mesh.abstract_device.platform
-  return jax.default_backend()
+  """The platform the code is being traced for: the `traced_on` mesh's, else the default
+  backend's."""
+  mesh = _TRACE_MESH.get()
+  return mesh.devices.flat[0].platform if mesh is not None else jax.default_backend()
 
 
 def _padded(length: int) -> int:
@@ -117,11 +133,11 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, structure: SplashMask, *
           qi, ki)))(qh, kh, vh, q_ids, kv_ids)
     return jax.vmap(run)(qh, kh, vh)
 
-  mesh = jax.sharding.get_abstract_mesh()
-  if mesh.empty:
+  mesh = _TRACE_MESH.get()
+  if mesh is None or mesh.size == 1:
     out = local(qh, kh, vh, q_ids, kv_ids)
   else:
-    sizes = dict(zip(mesh.axis_names, mesh.axis_sizes))
+    sizes = dict(mesh.shape)
     batch_axes = tuple(a for a in mesh.axis_names if a != HEAD_AXIS)
     batch = batch_axes if b % math.prod(sizes[a] for a in batch_axes) == 0 else None
     tp = sizes.get(HEAD_AXIS, 1)

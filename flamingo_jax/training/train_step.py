@@ -22,6 +22,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from flamingo_jax import models
+from flamingo_jax.models import splash
 from flamingo_jax.training import optimizer as optimizer_lib
 from flamingo_jax.training import sharding
 
@@ -162,12 +163,12 @@ def jit_setup(config: Any, mesh: Mesh, model: Any, tx: optax.GradientTransformat
 
 
 def in_mesh(mesh: Mesh, fn: Callable) -> Callable:
-  """`fn` traced with `mesh` as the abstract mesh: what models/splash.py shard_maps its
+  """`fn` traced for `mesh` (models/splash.traced_on): what splash attention shard_maps its
   kernel over, and whose platform (the target's, under an AOT compile) `attention_impl=auto`
-  decides by. GSPMD's partitioning of everything else is unchanged (the axes stay Auto)."""
+  decides by. Everything else is partitioned by GSPMD as before."""
   @functools.wraps(fn)
   def traced(*args):
-    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+    with splash.traced_on(mesh):
       return fn(*args)
   return traced
 
