@@ -102,6 +102,13 @@ def _computations(hlo_text: str) -> tuple[dict[str, list], dict[str, dict[str, i
 _SLICES = ("dynamic-slice", "slice", "gather")
 
 
+def _callees(rest: str) -> list[str]:
+  """The computations an instruction runs (a fusion's, a loop's body, a call's, a
+  conditional's branches), not the reducers it applies (`to_apply`)."""
+  return [c.strip().lstrip("%") for kind, names in _CALLEE.findall(rest)
+          for c in re.split(r"[,\s]+", names) if c.strip() and kind != "to_apply"]
+
+
 def _fused_traffic(fused: str, instructions: dict[str, list], sizes: dict[str, dict[str, int]],
                    roots: dict[str, str], memo: dict) -> tuple[dict[int, int], Optional[int]]:
   """What the fused computation `fused` really moves: ({parameter index: bytes read} for
@@ -116,11 +123,9 @@ def _fused_traffic(fused: str, instructions: dict[str, list], sizes: dict[str, d
     by_name[name] = (op, operands)
     if op == "parameter":
       params[name] = int(rest.split(")", 1)[0])
-    callee = _CALLEE.search(rest) if op == "fusion" else None
+    callee = (_callees(rest) or [None])[0] if op == "fusion" else None
     for position, operand in enumerate(operands):
-      uses.setdefault(operand, []).append(
-          (name, op, out, position, callee.group(2).split(",")[0].strip().lstrip("%")
-           if callee else None))
+      uses.setdefault(operand, []).append((name, op, out, position, callee))
 
   def read(value: str, depth: int = 0) -> Optional[int]:
     """Bytes read of `value` if every use slices it or updates it in place (through
@@ -189,8 +194,7 @@ def estimate(hlo_text: str, peak_flops: float, peak_bytes_per_second: float) -> 
     if depth > 200:
       return totals
     for name, op, out_bytes, operands, rest in instructions.get(computation, []):
-      callees = [c.strip().lstrip("%") for kind, names in _CALLEE.findall(rest)
-                 for c in re.split(r"[,\s]+", names) if c.strip() and kind != "to_apply"]
+      callees = _callees(rest)
       if op == "while":
         trip = hlo_flops._TRIP.search(rest)  # pylint: disable=protected-access
         condition = hlo_flops._CONDITION.search(rest)  # pylint: disable=protected-access
